@@ -1,0 +1,54 @@
+"""The one console script. A table of subcommands; each module adds its parser and calls a library function.
+
+No computing here: every subcommand module (cli/<name>.py) only parses arguments, calls the library and
+prints. Library errors (ggufkit.errors.GgufkitError) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ..errors import GgufkitError
+
+# name -> module under ggufkit.cli; each module defines add_parser(subparsers) that sets `func`.
+COMMANDS = {
+    "report": "report",
+    "quantize": "quantize",
+    "eval": "evaluate",
+    "ram": "ram",
+    "pick": "pick",
+    "inspect": "inspect",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ggufkit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ggufkit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        mod = importlib.import_module(f"{__name__}.{module}")
+        mod.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GgufkitError as e:
+        print(f"ggufkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ggufkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

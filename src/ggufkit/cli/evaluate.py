@@ -1,0 +1,6 @@
+"""`ggufkit evaluate` (placeholder until its issue lands)."""
+
+
+def add_parser(sub):
+    p = sub.add_parser("eval", help="(not yet available)")
+    p.set_defaults(func=lambda args: 2)

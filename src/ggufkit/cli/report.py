@@ -1,0 +1,6 @@
+"""`ggufkit report` (placeholder until its issue lands)."""
+
+
+def add_parser(sub):
+    p = sub.add_parser("report", help="(not yet available)")
+    p.set_defaults(func=lambda args: 2)
