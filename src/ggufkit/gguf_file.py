@@ -1,0 +1,449 @@
+"""Open and validate GGUF files: the one reader every ggufkit command uses.
+
+GGUF files come from strangers, so the reader trusts nothing it reads. Every length, count, type, shape
+and offset is checked against the file size and the format's rules *before* anything is allocated or
+indexed; any violation raises `GGUFError` with the byte offset where reading failed and the reason.
+Opening reads only the header, the metadata (KVs) and the tensor table; tensor bytes are mapped lazily
+by `TensorInfo.data()`.
+
+Layout (little-endian, versions 2 and 3; version 1 used 32-bit counts and is refused):
+    "GGUF"  u32 version  u64 n_tensors  u64 n_kv
+    n_kv x     KV:     string key, u32 value type, value
+    n_tensors x info:  string name, u32 n_dims, u64 ne[n_dims], u32 ggml type, u64 offset
+    zero padding to `general.alignment` (default 32), then the data section; offsets are relative to it.
+A string is a u64 byte length and that many UTF-8 bytes; an array value is u32 element type, u64 count,
+then the elements. The checks mirror ggml's own gguf.cpp (duplicate keys and names, alignment must be a
+u32 power of two, <= 4 dims, rows a whole number of blocks, names < 64 bytes) and add what a lazy reader
+needs: every tensor aligned, inside the file, and not overlapping another.
+
+gguf-py's GGUFReader is not used for parsing: on hostile input it raises assorted exceptions
+(ValueError, IndexError, OverflowError, KeyError...) and builds a numpy view per field, which makes it
+slow on 49k-token vocabularies. gguf-py's constants (value types, ggml types, block sizes) are the source
+of truth for what is known.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from .errors import GGUFError
+
+__all__ = ["GGUFError", "GGUFModel", "KV", "TensorInfo", "open_gguf", "GGUF_MAGIC", "DEFAULT_ALIGNMENT"]
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME = 64  # GGML_MAX_NAME: tensor names must be shorter (ggml stores them NUL-terminated in 64 bytes)
+INT64_MAX = (1 << 63) - 1
+
+# Fixed-size scalar types: struct format (little-endian) and numpy dtype of arrays.
+_SCALAR = {
+    GGUFValueType.UINT8: ("<B", np.dtype("<u1")),
+    GGUFValueType.INT8: ("<b", np.dtype("<i1")),
+    GGUFValueType.UINT16: ("<H", np.dtype("<u2")),
+    GGUFValueType.INT16: ("<h", np.dtype("<i2")),
+    GGUFValueType.UINT32: ("<I", np.dtype("<u4")),
+    GGUFValueType.INT32: ("<i", np.dtype("<i4")),
+    GGUFValueType.FLOAT32: ("<f", np.dtype("<f4")),
+    GGUFValueType.BOOL: ("<B", np.dtype("<u1")),
+    GGUFValueType.UINT64: ("<Q", np.dtype("<u8")),
+    GGUFValueType.INT64: ("<q", np.dtype("<i8")),
+    GGUFValueType.FLOAT64: ("<d", np.dtype("<f8")),
+}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_I64 = struct.Struct("<q")
+_MIN_KV_BYTES = 8 + 1 + 4 + 1  # key length, a 1-byte key, value type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, 1-byte name, n_dims, one dim, type, offset
+
+
+def _show(name: str, limit: int = 80) -> str:
+    """A name from the file, safe to put in a one-line message (quoted, escaped, shortened)."""
+    text = repr(name[:limit] if len(name) > limit else name)
+    return text + ("..." if len(name) > limit else "")
+
+
+@dataclass
+class KV:
+    """One metadata entry. `raw` is its exact serialized bytes in the file (key included)."""
+
+    key: str
+    type: GGUFValueType
+    value: object
+    sub_type: GGUFValueType | None = None
+    raw: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class TensorInfo:
+    """One tensor table entry. `shape` is in ggml order: shape[0] = ne0 = row length."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    offset: int  # relative to the data section
+    nbytes: int
+    n_elements: int
+    _model: GGUFModel | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def abs_offset(self) -> int:
+        return self._model.data_offset + self.offset
+
+    def data(self) -> np.ndarray:
+        """The tensor's bytes: a read-only uint8 1-D view (np.memmap) of the file, mapped on first use."""
+        if self._model is None:
+            raise GGUFError(f"tensor {_show(self.name)} is not attached to an open file")
+        return self._model._tensor_bytes(self)
+
+
+class GGUFModel:
+    """A validated GGUF file: header facts, metadata (`kv`, file order) and tensor table (file order)."""
+
+    def __init__(
+        self,
+        path,
+        version: int,
+        alignment: int,
+        data_offset: int,
+        file_size: int,
+        kv: dict[str, KV],
+        tensors: list[TensorInfo],
+    ):
+        self.path = path
+        self.version = version
+        self.alignment = alignment
+        self.data_offset = data_offset
+        self.file_size = file_size
+        self.kv = kv
+        self.tensors = tensors
+        self._by_name = {t.name: t for t in tensors}
+        self._map: np.memmap | None = None
+        self._closed = False
+        for t in tensors:
+            t._model = self
+
+    def tensor(self, name: str) -> TensorInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def get(self, key: str, default=None):
+        kv = self.kv.get(key)
+        return default if kv is None else kv.value
+
+    @property
+    def architecture(self) -> str | None:
+        arch = self.get("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    def _tensor_bytes(self, t: TensorInfo) -> np.ndarray:
+        if self._closed:
+            raise GGUFError(f"tensor {_show(t.name)}: the file is closed", path=self.path)
+        if self._map is None:
+            try:
+                size = os.path.getsize(self.path)
+            except OSError as e:
+                raise GGUFError(f"cannot reopen the file: {e.strerror or e}", path=self.path) from None
+            if size != self.file_size:
+                raise GGUFError(
+                    f"the file changed size since it was opened ({self.file_size} -> {size} bytes)",
+                    path=self.path,
+                )
+            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.file_size,))
+        start = self.data_offset + t.offset
+        return self._map[start : start + t.nbytes]
+
+    def close(self) -> None:
+        """Drop the file mapping (views already handed out stay valid until they are released)."""
+        self._map = None
+        self._closed = True
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"GGUFModel({str(self.path)!r}, v{self.version}, {len(self.kv)} KVs, {len(self.tensors)} tensors)"
+        )
+
+
+class _Parser:
+    """Reads GGUF structures from a buffer, checking every size against what is left before using it."""
+
+    def __init__(self, buf, size: int, path):
+        self.buf = buf
+        self.size = size
+        self.path = path
+        self.pos = 0
+
+    def fail(self, reason: str, offset: int | None = None):
+        raise GGUFError(reason, offset=self.pos if offset is None else offset, path=self.path)
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            self.fail(f"{what} needs {n} bytes but only {self.size - self.pos} remain (file truncated?)")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def i64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _I64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def string(self, what: str, *, strict: bool) -> str:
+        """A u64-length-prefixed UTF-8 string. Keys and names are strict; values keep undecodable bytes
+        as lone surrogates (errors="surrogateescape") so they re-encode to the exact bytes."""
+        start = self.pos
+        n = self.u64(f"{what} length")
+        if n > self.size - self.pos:
+            self.fail(f"{what} length {n} exceeds the {self.size - self.pos} bytes left in the file", start)
+        raw = self.buf[self.pos : self.pos + n]
+        try:
+            text = raw.decode("utf-8", "strict" if strict else "surrogateescape")
+        except UnicodeDecodeError as e:
+            self.fail(f"{what} is not valid UTF-8 ({e.reason})", self.pos + e.start)
+        self.pos += n
+        return text
+
+    def value_type(self, what: str) -> GGUFValueType:
+        start = self.pos
+        t = self.u32(what)
+        try:
+            return GGUFValueType(t)
+        except ValueError:
+            self.fail(f"{what} {t} is not a known GGUF value type", start)
+
+    def scalar(self, vtype: GGUFValueType, what: str):
+        if vtype == GGUFValueType.STRING:
+            return self.string(what, strict=False)
+        fmt, dtype = _SCALAR[vtype]
+        self.need(dtype.itemsize, what)
+        (v,) = struct.unpack_from(fmt, self.buf, self.pos)
+        if vtype == GGUFValueType.BOOL:
+            if v > 1:
+                self.fail(f"{what} is a bool stored as {v} (must be 0 or 1)")
+            v = bool(v)
+        self.pos += dtype.itemsize
+        return v
+
+    def array(self, what: str) -> tuple[GGUFValueType, object]:
+        sub = self.value_type(f"{what} element type")
+        if sub == GGUFValueType.ARRAY:
+            self.fail(f"{what} is an array of arrays (not supported by ggml)", self.pos - 4)
+        count_at = self.pos
+        count = self.u64(f"{what} count")
+        left = self.size - self.pos
+        if sub == GGUFValueType.STRING:
+            if count > left // 8:  # each element has at least its 8-byte length
+                self.fail(f"{what} has {count} strings but only {left} bytes remain", count_at)
+            return sub, self._string_array(count, what)
+        dtype = _SCALAR[sub][1]
+        if count > left // dtype.itemsize:
+            self.fail(
+                f"{what} has {count} x {dtype.itemsize}-byte elements but only {left} bytes remain", count_at
+            )
+        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        if sub == GGUFValueType.BOOL:
+            bad = np.flatnonzero(values > 1)
+            if bad.size:
+                self.fail(
+                    f"{what} element {bad[0]} is a bool stored as {values[bad[0]]} (must be 0 or 1)",
+                    self.pos + int(bad[0]),
+                )
+            values = values.astype(bool)
+        self.pos += count * dtype.itemsize
+        return sub, values
+
+    def _string_array(self, count: int, what: str) -> list[str]:
+        # The hot loop for tokenizer vocabularies (~50k-250k strings): locals only, one check per string.
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        out = []
+        append = out.append
+        for i in range(count):
+            if size - pos < 8:
+                self.pos = pos
+                self.fail(f"{what} element {i} length needs 8 bytes but only {size - pos} remain")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > size - pos:
+                self.fail(
+                    f"{what} element {i} length {n} exceeds the {size - pos} bytes left in the file", pos - 8
+                )
+            append(buf[pos : pos + n].decode("utf-8", "surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
+
+
+def _parse(buf, size: int, path) -> GGUFModel:
+    p = _Parser(buf, size, path)
+
+    # Header.
+    p.need(4, "magic")
+    magic = bytes(buf[0:4])
+    if magic != GGUF_MAGIC:
+        p.fail(f"not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    p.pos = 4
+    version = p.u32("version")
+    if version == 1:
+        p.fail("GGUF version 1 is no longer supported (ggml dropped it); convert the model again", 4)
+    if version != 0 and version & 0xFFFF == 0 and (version >> 24) in (2, 3):
+        p.fail(
+            f"big-endian GGUF file (version field {version:#010x}); only little-endian files are supported", 4
+        )
+    if version not in (2, 3):
+        p.fail(f"unsupported GGUF version {version} (supported: 2, 3)", 4)
+    n_tensors = p.u64("tensor count")
+    if n_tensors > (size - p.pos) // _MIN_TENSOR_INFO_BYTES:
+        p.fail(f"tensor count {n_tensors} cannot fit in a {size}-byte file", 8)
+    n_kv = p.u64("KV count")
+    if n_kv > (size - p.pos) // _MIN_KV_BYTES:
+        p.fail(f"KV count {n_kv} cannot fit in a {size}-byte file", 16)
+
+    # Metadata.
+    kv: dict[str, KV] = {}
+    kv_at: dict[str, int] = {}
+    for i in range(n_kv):
+        start = p.pos
+        key = p.string(f"KV {i} key", strict=True)
+        if not key:
+            p.fail(f"KV {i} has an empty key", start)
+        if key in kv:
+            p.fail(f"duplicate key {_show(key)} (KV {i})", start)
+        what = f"KV {_show(key)}"
+        vtype = p.value_type(f"{what} value type")
+        sub = None
+        if vtype == GGUFValueType.ARRAY:
+            sub, value = p.array(what)
+        else:
+            value = p.scalar(vtype, f"{what} value")
+        kv[key] = KV(key, vtype, value, sub, bytes(buf[start : p.pos]))
+        kv_at[key] = start
+
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in kv:
+        a = kv["general.alignment"]
+        if a.type != GGUFValueType.UINT32:
+            p.fail(f"general.alignment must be UINT32, not {a.type.name}", kv_at[a.key])
+        if a.value == 0 or a.value & (a.value - 1):
+            p.fail(f"general.alignment {a.value} is not a power of two", kv_at[a.key])
+        alignment = a.value
+
+    # Tensor table.
+    tensors: list[TensorInfo] = []
+    offset_at: dict[str, int] = {}  # where each tensor's offset field is, for placement errors
+    names: set[str] = set()
+    for i in range(n_tensors):
+        start = p.pos
+        name = p.string(f"tensor {i} name", strict=True)
+        if len(name.encode()) >= MAX_NAME:
+            p.fail(
+                f"tensor {i} name {_show(name)} is {len(name.encode())} bytes (ggml allows < {MAX_NAME})",
+                start,
+            )
+        if name in names:
+            p.fail(f"duplicate tensor name {_show(name)} (tensor {i})", start)
+        names.add(name)
+        what = f"tensor {_show(name)}"
+        dims_at = p.pos
+        n_dims = p.u32(f"{what} dimension count")
+        if not 1 <= n_dims <= MAX_DIMS:
+            p.fail(f"{what} has {n_dims} dimensions (must be 1..{MAX_DIMS})", dims_at)
+        shape = []
+        n_elements = 1
+        for d in range(n_dims):
+            at = p.pos
+            ne = p.i64(f"{what} dimension {d}")
+            if ne < 1:
+                p.fail(f"{what} dimension {d} is {ne} (must be positive)", at)
+            n_elements *= ne
+            if n_elements > INT64_MAX:
+                p.fail(f"{what} has more than 2^63-1 elements (shape overflows)", at)
+            shape.append(ne)
+        type_at = p.pos
+        t = p.u32(f"{what} type")
+        try:
+            ggml_type = GGMLQuantizationType(t)
+            block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        except (ValueError, KeyError):
+            p.fail(f"{what} has unknown ggml type {t}", type_at)
+        if block_size < 1 or shape[0] % block_size:
+            p.fail(
+                f"{what} of type {ggml_type.name} has rows of {shape[0]} elements, not a multiple of "
+                f"the block size {block_size}",
+                dims_at + 4,
+            )
+        nbytes = n_elements // block_size * type_size
+        off_at = p.pos
+        offset = p.u64(f"{what} data offset")
+        if offset % alignment:
+            p.fail(f"{what} data offset {offset} is not a multiple of the alignment {alignment}", off_at)
+        tensors.append(TensorInfo(name, tuple(shape), ggml_type, offset, nbytes, n_elements))
+        offset_at[name] = off_at
+
+    # Data section: starts at the next alignment boundary (ggml pads only when there are tensors).
+    data_offset = p.pos
+    if n_tensors and data_offset % alignment:
+        data_offset += alignment - data_offset % alignment
+    data_size = size - data_offset
+    end = 0
+    for t in sorted(tensors, key=lambda t: t.offset):
+        if t.offset < end:
+            p.fail(
+                f"tensor {_show(t.name)} data [{t.offset}, {t.offset + t.nbytes}) overlaps the previous "
+                f"tensor's (which ends at {end})",
+                offset_at[t.name],
+            )
+        if t.offset > data_size or t.nbytes > data_size - t.offset:
+            p.fail(
+                f"tensor {_show(t.name)} data [{t.offset}, {t.offset + t.nbytes}) extends past the end of "
+                f"the data section ({max(data_size, 0)} bytes; file truncated?)",
+                offset_at[t.name],
+            )
+        end = t.offset + t.nbytes
+
+    return GGUFModel(path, version, alignment, data_offset, size, kv, tensors)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Open and validate a GGUF file; reads the header, metadata and tensor table, not the tensor data.
+
+    Raises GGUFError (with the byte offset and the reason) for anything malformed or unsupported,
+    including files that cannot be opened. Usable as a context manager.
+    """
+    path = os.fspath(path)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device could block or never end
+            raise GGUFError("not a regular file", path=path)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise GGUFError("empty file, not a GGUF file", offset=0, path=path)
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _parse(mm, size, path)
+    except OSError as e:
+        raise GGUFError(f"cannot read the file: {e.strerror or e}", path=path) from None
