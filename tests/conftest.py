@@ -16,3 +16,34 @@ def smollm2_path() -> Path:
     from ggufkit.models import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_path) -> Path:
+    """SmolLM2 dequantized to F32 by llama.cpp itself (llama_model_quantize, allow_requantize)."""
+    from llamacpp import base_model
+
+    return base_model(smollm2_path, "F32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2_path) -> Path:
+    """SmolLM2 dequantized to F16 by llama.cpp itself."""
+    from llamacpp import base_model
+
+    return base_model(smollm2_path, "F16")
+
+
+@pytest.fixture(scope="session")
+def synthetic_f32(smollm2_path) -> Path:
+    """Seeded synthetic llama (256-wide, 4 layers, GQA 4, untied output), F32 weights, SmolLM2's vocab."""
+    from synthetic import synthetic_llama
+
+    return synthetic_llama(smollm2_path, seed=0, dtype="F32")
+
+
+@pytest.fixture(scope="session")
+def synthetic_f16(smollm2_path) -> Path:
+    from synthetic import synthetic_llama
+
+    return synthetic_llama(smollm2_path, seed=0, dtype="F16")

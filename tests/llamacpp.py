@@ -85,3 +85,44 @@ def tool(name: str) -> Path:
 if __name__ == "__main__":  # prebuild: python tests/llamacpp.py
     for t in TARGETS:
         print(tool(t))
+
+
+# llama_ftype values (include/llama.h) by llama-quantize's type names.
+FTYPES = {
+    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
+    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32,
+}
+
+
+def llama_model_quantize(src, dst, ftype: str, *, nthread: int = 2, allow_requantize: bool = False,
+                         pure: bool = False, leave_output_tensor: bool = False,
+                         output_tensor_type: int | None = None, token_embedding_type: int | None = None) -> Path:
+    """llama.cpp's own llama_model_quantize (what llama-quantize runs), through llama-cpp-python."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = FTYPES[ftype.upper()]
+    params.allow_requantize = allow_requantize
+    params.pure = pure
+    params.quantize_output_tensor = not leave_output_tensor
+    if output_tensor_type is not None:
+        params.output_tensor_type = output_tensor_type
+    if token_embedding_type is not None:
+        params.token_embedding_type = token_embedding_type
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {ftype}) failed with {rc}")
+    return Path(dst)
+
+
+def base_model(src, ftype: str) -> Path:
+    """`src` requantized by llama.cpp to F32/F16/BF16 (a full-precision base), cached by source and type."""
+    src = Path(src)
+    target = cache_dir("bases") / f"{src.stem}-{ftype.upper()}.gguf"
+    if not target.exists():
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        llama_model_quantize(src, tmp, ftype, allow_requantize=True)
+        os.replace(tmp, target)
+    return target
