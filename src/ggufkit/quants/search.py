@@ -1,0 +1,422 @@
+"""The scale searches shared by the K-quants, the legacy imatrix paths and (via fp16) every super-scale.
+
+Each function mirrors one helper of llama.cpp's ggml/src/ggml-quants.c bit for bit: float32 arithmetic
+in the C source's association order, sequential sums from 0 (or from element 0 where C starts there),
+round-half-to-even `nearest_int`, strict `<`/`>` tie rules, uint8 wrap of stored levels.
+
+They are numba scalar kernels over 1-D float32 slices, callable from other @njit code (and from Python
+for tests). Where the C helper tries many candidate scales one after another, the kernels here evaluate
+all candidates together, one SIMD lane per candidate: every lane still sums over the elements strictly in
+order, so each candidate's sums are the same float32 values C computes, and the winner is then chosen by
+C's sequential strict comparison. That is where the speed over libggml comes from.
+
+Conventions for every function below:
+  - x: float32 1-D (C-contiguous slice), n = x.shape[0] elements.
+  - L: uint8 1-D of length >= n, output levels (C's int8/uint8 L; values are the same bits).
+  - "no weights" is passed as an EMPTY float32 array (shape (0,)), never None.
+  - work: float32 scratch from `search_work()`, reused across calls (no allocation in the kernels).
+  - Integer arguments (nmax, nstep) are Python/numba ints; float arguments (rmin, rdelta) are converted
+    to float32 inside (np.float32(-0.9) == -0.9f etc.).
+
+Non-finite inputs: nothing here raises or converts NaN to an integer. Levels of candidates are clamped in
+float before the conversion, NaN clamping to the lower bound (C's nearest_int(NaN) is 0 then clamped, so
+this agrees for NaN where the lower bound is 0); `nearest_int` itself follows C's bit trick for every
+float32 including NaN (-> 0 for the default NaN) and inf (-> -4194304).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
+MAX_LANES = 64  # candidates evaluated together; nstep + 2 must not exceed this
+_WORK_ROWS = 8
+
+
+def search_work() -> np.ndarray:
+    """Scratch for the searches: float32 [8, 64]. Allocate one per thread (or per chunk) and reuse it."""
+    return np.empty((_WORK_ROWS, MAX_LANES), dtype=np.float32)
+
+
+@njit(cache=True)
+def _nearest_int_wide(f):
+    # C: bits(f + 12582912.f) & 0x7fffff - 0x400000, for arguments outside |f| <= 4194303 (or NaN).
+    val = F32(f + F32(12582912.0))
+    if val != val:
+        return 0  # default quiet NaN 0x7fc00000 -> mantissa field 0x400000
+    if val == 0 or math.isinf(val):
+        return -0x400000
+    fr, _ = math.frexp(abs(float(val)))
+    mant = int(fr * 16777216.0) - 0x800000  # the 23 stored mantissa bits of a normal float32
+    return mant - 0x400000
+
+
+@njit(cache=True)
+def nearest_int(f):
+    """nearest_int(f: float32) -> int: C's nearest_int for every float32.
+
+    For |f| <= 4194303 this is round-half-to-even (np.rint); beyond that (and for NaN/inf) it reproduces
+    C's bit trick (no assert in release builds), so results agree even on hostile data.
+    """
+    if abs(f) <= F32(4194303.0):
+        return int(np.rint(f))
+    return _nearest_int_wide(f)
+
+
+@njit(cache=True)
+def f32_to_f16_bits(f):
+    """f32_to_f16_bits(f: float32) -> int in [0, 65535]: IEEE binary16 round-to-nearest-even, as
+    GGML_FP32_TO_FP16 (and numpy astype(float16)): subnormals kept, |f| >= 65520 -> inf, NaN -> 0x7E00
+    with the sign kept, -0.0 -> 0x8000."""
+    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0
+    if f != f:
+        return sign | 0x7E00
+    a = abs(float(f))
+    if a >= 65520.0:
+        return sign | 0x7C00
+    if a < 6.103515625e-05:  # 2**-14: subnormal half, steps of 2**-24
+        return sign | int(np.rint(a * 16777216.0))
+    fr, ex = math.frexp(a)  # a = fr * 2**ex, fr in [0.5, 1)
+    # (exponent field << 10) + rounded 11-bit significand - implicit bit; a carry rolls into the exponent
+    return sign | (((ex + 14) << 10) + int(np.rint(fr * 2048.0)) - 1024)
+
+
+@njit(cache=True)
+def f16_bits_to_f32(h):
+    """f16_bits_to_f32(h: int in [0, 65535]) -> float32, exact (GGML_FP16_TO_FP32)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = math.ldexp(float(m), -24)
+    elif e == 31:
+        v = math.inf if m == 0 else math.nan
+    else:
+        v = math.ldexp(float(m + 1024), e - 25)
+    if h & 0x8000:
+        v = -v
+    return F32(v)
+
+
+@njit(cache=True)
+def make_qx_quants(x, nmax, L, qw, work):
+    """make_qx_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n] | f32[0], work) -> float32 scale.
+
+    ggml's make_qx_quants with rmse_type = 1 (the only one llama.cpp's quantizers use): signed levels
+    l in [-nmax, nmax-1] for the scale that best fits x under weights qw (qw empty -> w = x*x), tried at
+    iscale = -nmax/max and -(nmax + 0.1*is)/max for is = -9..9 (is != 0), strict improvement rule.
+    Writes L[i] = l + nmax (0..2*nmax-1). max |x| < 1e-15: L = 0, returns 0. The returned scale is
+    usually negative (max maps to -nmax). nmax <= 127.
+    """
+    n = x.shape[0]
+    mx = F32(0.0)
+    amax = F32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    fn = F32(nmax)
+    lo = -fn
+    hi = fn - F32(1.0)
+    isc = work[0]
+    slx = work[1]
+    sl2 = work[2]
+    # lane 0: the first pass; lanes 1..18: is = -9..-1, 1..9 (C's order)
+    isc[0] = F32(-nmax) / mx
+    nc = 1
+    for s in range(-9, 10):
+        if s != 0:
+            isc[nc] = -(fn + F32(0.1) * F32(s)) / mx
+            nc += 1
+    for c in range(nc):
+        slx[c] = F32(0.0)
+        sl2[c] = F32(0.0)
+    noweights = qw.shape[0] == 0
+    for i in range(n):
+        xi = x[i]
+        wi = xi * xi if noweights else qw[i]
+        wx = wi * xi
+        for c in range(nc):
+            l = np.rint(isc[c] * xi)
+            l = l if l >= lo else lo
+            l = l if l <= hi else hi
+            slx[c] += wx * l
+            sl2[c] += (wi * l) * l
+    scale = slx[0] / sl2[0] if sl2[0] != 0 else F32(0.0)
+    best = scale * slx[0]
+    bc = 0
+    for c in range(1, nc):
+        if sl2[c] > 0 and slx[c] * slx[c] > best * sl2[c]:
+            scale = slx[c] / sl2[c]
+            best = scale * slx[c]
+            bc = c
+    ib = isc[bc]
+    for i in range(n):
+        l = np.rint(ib * x[i])
+        l = l if l >= lo else lo
+        l = l if l <= hi else hi
+        L[i] = np.uint8(l + fn)
+    return scale
+
+
+@njit(cache=True)
+def make_q3_quants(x, nmax, L):
+    """make_q3_quants(x: f32[n], nmax: int, L: u8[n] out) -> float32 scale.
+
+    ggml's make_q3_quants with do_rmse = true (Q3_K ref, nmax = 4): w = x*x, levels l in [-nmax, nmax-1]
+    from iscale = -nmax/max, then up to 5 sweeps of coordinate-wise re-rounding with strict acceptance.
+    Writes L[i] = l + nmax. max |x| < 1e-15: L = 0 (NOT offset by nmax, as in C), returns 0.
+    """
+    n = x.shape[0]
+    mx = F32(0.0)
+    amax = F32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    iscale = F32(-nmax) / mx
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):  # L holds l + nmax throughout (C keeps signed l and adds nmax at the end)
+        l = nearest_int(iscale * x[i])
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        w = x[i] * x[i]
+        fl = F32(l)
+        sumlx += (w * x[i]) * fl
+        suml2 += (w * fl) * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = x[i] * x[i]
+            li = F32(np.int64(L[i]) - nmax)
+            slx = sumlx - (w * x[i]) * li
+            if slx > 0:
+                sl2 = suml2 - (w * li) * li
+                new_l = nearest_int((x[i] * sl2) / slx)
+                new_l = max(-nmax, min(nmax - 1, new_l))
+                if new_l != np.int64(L[i]) - nmax:
+                    fnew = F32(new_l)
+                    slx += (w * x[i]) * fnew
+                    sl2 += (w * fnew) * fnew
+                    if sl2 > 0 and (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
+                        L[i] = new_l + nmax
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else F32(0.0)
+
+
+@njit(cache=True)
+def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenerate):
+    n = x.shape[0]
+    noweights = w.shape[0] == 0
+    mn = x[0]
+    mx = x[0]
+    sum_w = x[0] * x[0] if noweights else w[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        xi = x[i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        wi = xi * xi if noweights else w[i]
+        sum_w += wi
+        sum_x += wi * xi
+    if mn > 0:
+        mn = F32(0.0)
+    if (mx == mn) if strict_degenerate else (mx <= mn):
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0), -mn
+    fn = F32(nmax)
+    rng = mx - mn
+    iscale0 = fn / rng
+    isc = work[0]
+    sl = work[1]
+    sl2 = work[2]
+    sxl = work[3]
+    ts = work[4]
+    tm = work[5]
+    dd = work[6]
+    err = work[7]
+    # lane 0: the first guess (iscale = nmax/(max-min), scale = 1/iscale, min); lanes 1..: is = 0..nstep
+    isc[0] = iscale0
+    nc = 1
+    if nstep >= 1:
+        frmin = F32(rmin)
+        frdelta = F32(rdelta)
+        for s in range(nstep + 1):
+            isc[nc] = (frmin + frdelta * F32(s) + fn) / rng
+            nc += 1
+    for c in range(nc):
+        sl[c] = F32(0.0)
+        sl2[c] = F32(0.0)
+        sxl[c] = F32(0.0)
+        err[c] = F32(0.0)
+    for i in range(n):
+        xm = x[i] - mn
+        xi = x[i]
+        wi = xi * xi if noweights else w[i]
+        for c in range(1, nc):
+            l = np.rint(isc[c] * xm)
+            l = l if l >= F32(0.0) else F32(0.0)
+            l = l if l <= fn else fn
+            wl = wi * l
+            sl[c] += wl
+            sl2[c] += wl * l
+            sxl[c] += wl * xi
+    ts[0] = F32(1.0) / iscale0
+    tm[0] = mn
+    dd[0] = F32(1.0)
+    for c in range(1, nc):
+        d = sum_w * sl2[c] - sl[c] * sl[c]
+        this_scale = (sum_w * sxl[c] - sum_x * sl[c]) / d
+        this_min = (sl2[c] * sum_x - sl[c] * sxl[c]) / d
+        if this_min > 0:
+            this_min = F32(0.0)
+            this_scale = sxl[c] / sl2[c]
+        ts[c] = this_scale
+        tm[c] = this_min
+        dd[c] = d
+    for i in range(n):
+        xm = x[i] - mn
+        xi = x[i]
+        wi = xi * xi if noweights else w[i]
+        if use_mad:
+            for c in range(nc):
+                l = np.rint(isc[c] * xm)
+                l = l if l >= F32(0.0) else F32(0.0)
+                l = l if l <= fn else fn
+                err[c] += wi * abs(ts[c] * l + tm[c] - xi)
+        else:
+            for c in range(nc):
+                l = np.rint(isc[c] * xm)
+                l = l if l >= F32(0.0) else F32(0.0)
+                l = l if l <= fn else fn
+                diff = ts[c] * l + tm[c] - xi
+                err[c] += wi * (diff * diff)
+    best = err[0]
+    bc = 0
+    for c in range(1, nc):
+        if dd[c] > 0 and err[c] < best:
+            best = err[c]
+            bc = c
+    ib = isc[bc]
+    for i in range(n):
+        l = np.rint(ib * (x[i] - mn))
+        l = l if l >= F32(0.0) else F32(0.0)
+        l = l if l <= fn else fn
+        L[i] = np.uint8(l)
+    return ts[bc], -tm[bc]
+
+
+@njit(cache=True)
+def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
+    """make_qkx2_quants(x: f32[n], w: f32[n], nmax: int, L: u8[n] out, rmin: float, rdelta: float,
+    nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
+
+    ggml's make_qkx2_quants (the K-quant ref paths): asymmetric levels 0..nmax with x ~ scale*L - the_min,
+    min = min(0, min x). Candidates iscale = (rmin + rdelta*is + nmax)/(max-min), is = 0..nstep, each
+    least-squares fitted (scale, min<=0), kept if its weighted error (|d| if use_mad else d*d) is
+    strictly smaller. max == min: L = 0, returns (0, -min). the_min is >= 0 (may be -0.0). nstep <= 62.
+    """
+    return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, True)
+
+
+@njit(cache=True)
+def make_qkx3_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
+    """make_qkx3_quants(x: f32[n], w: f32[n] | f32[0], nmax: int, L: u8[n] out, rmin: float,
+    rdelta: float, nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
+
+    ggml's make_qkx3_quants (the imatrix paths, called with rmin=-0.9, rdelta=0.05, nstep=36,
+    use_mad=False): as make_qkx2_quants, except w empty -> w = x*x and the degenerate test is max <= min.
+    """
+    return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, False)
+
+
+@njit(cache=True)
+def make_qp_quants(x, nmax, L, qw):
+    """make_qp_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n]) -> float32 scale.
+
+    ggml's make_qp_quants: unsigned levels (<= nmax) for non-negative values (the sub-block scales and
+    mins of the imatrix K-quant paths) x ~ scale*L under weights qw: best of iscale = (nmax + 0.1*is)/max,
+    is = -4..4, then up to 5 sweeps of coordinate re-rounding. A negative level wraps mod 256 when stored
+    into L, and C's later arithmetic reads the wrapped value back; both are reproduced.
+    max x < 1e-15: L = 0, returns 0.
+    """
+    n = x.shape[0]
+    mx = F32(0.0)
+    for i in range(n):
+        mx = mx if mx > x[i] else x[i]
+    if mx < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    fn = F32(nmax)
+    iscale = fn / mx
+    for i in range(n):
+        L[i] = np.uint8(nearest_int(iscale * x[i]) & 0xFF)
+    scale = F32(1.0) / iscale
+    best_mse = F32(0.0)
+    for i in range(n):
+        diff = x[i] - scale * F32(L[i])
+        best_mse += (qw[i] * diff) * diff
+    for s in range(-4, 5):
+        if s == 0:
+            continue
+        iscale_is = (F32(0.1) * F32(s) + fn) / mx
+        scale_is = F32(1.0) / iscale_is
+        mse = F32(0.0)
+        for i in range(n):
+            l = min(nmax, nearest_int(iscale_is * x[i]))
+            diff = x[i] - scale_is * F32(l)
+            mse += (qw[i] * diff) * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        l = min(nmax, nearest_int(iscale * x[i]))
+        L[i] = np.uint8(l & 0xFF)
+        fl = F32(l)
+        sumlx += (qw[i] * x[i]) * fl
+        suml2 += (qw[i] * fl) * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = qw[i]
+            li = F32(L[i])
+            slx = sumlx - (w * x[i]) * li
+            sl2 = suml2 - (w * li) * li
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, nearest_int((x[i] * sl2) / slx))
+                if new_l != np.int64(L[i]):
+                    fnew = F32(new_l)
+                    slx += (w * x[i]) * fnew
+                    sl2 += (w * fnew) * fnew
+                    if (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
+                        L[i] = np.uint8(new_l & 0xFF)
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > 0 else F32(0.0)
