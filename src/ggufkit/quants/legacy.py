@@ -1,1 +1,312 @@
-"""placeholder: filled by the block-format work."""
+"""Legacy 32-element block formats Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (ggml-quants.c).
+
+Block layouts (little-endian, d/m are fp16):
+  Q4_0  d | qs[16]            x = d*(q-8)     q in 0..15, byte j = q[j] | q[j+16] << 4
+  Q4_1  d | m | qs[16]        x = d*q + m
+  Q5_0  d | qh u32 | qs[16]   x = d*(q-16)    q in 0..31: low nibbles as Q4_0, bit 4 of q[j] is bit j of qh
+  Q5_1  d | m | qh | qs[16]   x = d*q + m
+  Q8_0  d | qs int8[32]       x = d*q
+
+Two algorithms per type, chosen as ggml_quantize_chunk chooses them:
+- without importance, the reference quantizers (quantize_row_*_ref): one pass per block from its
+  max-abs (Q4_0, Q5_0: d = max/-8 or max/-16, signed) or from its min and max (Q4_1, Q5_1);
+- with importance, Q4_0/Q5_0 run make_qx_quants and Q4_1/Q5_1 run make_qkx3_quants (search.py) with
+  weights qw[j]*sqrt(sigma2 + x[j]^2), sigma2 = mean of x^2 over the whole row (quantize_row_*_impl).
+  Q8_0 has no such algorithm: importance is accepted and ignored.
+
+Quirks kept on purpose: the ref paths quantize with 1/d of the unrounded float32 d; `(int8_t)(v + 8.5f)`
+is a float32 add and then a truncation; Q8_0 rounds half away from zero (roundf); an all-zero Q4_0/Q5_0
+block stores d = -0.0 (0x8000).
+
+Non-finite input (compared with libggml in tests/test_quants_legacy.py): it flows through the same float32
+operations as in libggml, and the float -> integer conversions behave as the x86-64 build does
+(cvttss2si: NaN or out of int32 range -> INT_MIN, of which the low byte is kept, i.e. 0). So for these
+ref paths:
+- a NaN is never picked as the block's max-abs, min or max (strict comparisons are false for it);
+  in Q8_0, where amax = MAX(amax, |x|), a NaN replaces the running max, and the next element replaces it;
+- an inf becomes the max: d = inf (or -inf), 1/d = 0, every finite element gets the middle level and the
+  inf itself x*0 = NaN -> level 0 (Q4_0: q = 0; Q8_0: q = 0); d is stored as fp16 inf, NaN as 0x7E00.
+The output is therefore deterministic and equal to libggml's bytes; dequantizing such a block gives NaN or
+inf where libggml does. The importance paths go through search.py's helpers with the same rules.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, prange
+
+from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
+from .registry import register
+
+QK = 32  # elements per block, the same for all five types
+_F0 = np.float32(0.0)
+_F1 = np.float32(1.0)
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@njit(inline="always")
+def _cvt_i32(v):
+    """C float -> int as x86-64 does it (cvttss2si): truncation; NaN or out of int32 range -> INT_MIN."""
+    if v >= -2147483648.0 and v < 2147483648.0:
+        return np.int64(v)
+    return np.int64(-2147483648)
+
+
+@njit(inline="always")
+def _to_i8(v):
+    """(int8_t)v for a float v: the low byte of the int32 conversion, as a signed value."""
+    b = _cvt_i32(v) & 0xFF
+    return b - 256 if b >= 128 else b
+
+
+@njit(inline="always")
+def _roundf(v):
+    """C roundf (half away from zero) of a float32, exact through float64."""
+    f = np.float64(v)
+    return np.trunc(f + np.copysign(0.5, f))
+
+
+@njit(inline="always")
+def _put_fp16(out, b, off, value):
+    h = fp32_to_fp16_bits(value)
+    out[b, off] = np.uint8(h & np.uint16(0xFF))
+    out[b, off + 1] = np.uint8(h >> np.uint16(8))
+
+
+@njit(inline="always")
+def _get_fp16(data, b, off):
+    return fp16_bits_to_fp32(np.uint16(data[b, off]) | (np.uint16(data[b, off + 1]) << np.uint16(8)))
+
+
+@njit(inline="always")
+def _signed_max(x, b):
+    """The signed value of the first element with the largest |x| (strict <: NaN never wins), and 1/d."""
+    amax = _F0
+    mx = _F0
+    for j in range(QK):
+        v = x[b, j]
+        av = np.abs(v)
+        if amax < av:
+            amax = av
+            mx = v
+    return mx
+
+
+@njit(inline="always")
+def _min_max(x, b):
+    mn = _FLT_MAX
+    mx = -_FLT_MAX
+    for j in range(QK):
+        v = x[b, j]
+        if v < mn:
+            mn = v
+        if v > mx:
+            mx = v
+    return mn, mx
+
+
+@njit(inline="always")
+def _put_qh(out, b, off, qh):
+    for k in range(4):
+        out[b, off + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+# ---------------------------------------------------------------- reference quantizers (one block each)
+
+
+@njit(parallel=True, cache=True)
+def _q4_0_ref(x, out):
+    for b in prange(x.shape[0]):
+        d = _signed_max(x, b) / np.float32(-8.0)
+        inv = _F1 / d if d != 0 else _F0
+        _put_fp16(out, b, 0, d)
+        for j in range(16):
+            q0 = min(15, _to_i8(x[b, j] * inv + np.float32(8.5))) & 0xFF
+            q1 = min(15, _to_i8(x[b, j + 16] * inv + np.float32(8.5))) & 0xFF
+            out[b, 2 + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+
+
+@njit(parallel=True, cache=True)
+def _q4_1_ref(x, out):
+    for b in prange(x.shape[0]):
+        mn, mx = _min_max(x, b)
+        d = (mx - mn) / np.float32(15.0)
+        inv = _F1 / d if d != 0 else _F0
+        _put_fp16(out, b, 0, d)
+        _put_fp16(out, b, 2, mn)
+        for j in range(16):
+            q0 = min(15, _to_i8((x[b, j] - mn) * inv + np.float32(0.5))) & 0xFF
+            q1 = min(15, _to_i8((x[b, j + 16] - mn) * inv + np.float32(0.5))) & 0xFF
+            out[b, 4 + j] = np.uint8((q0 | (q1 << 4)) & 0xFF)
+
+
+@njit(parallel=True, cache=True)
+def _q5_0_ref(x, out):
+    for b in prange(x.shape[0]):
+        d = _signed_max(x, b) / np.float32(-16.0)
+        inv = _F1 / d if d != 0 else _F0
+        _put_fp16(out, b, 0, d)
+        qh = np.uint32(0)
+        for j in range(16):
+            q0 = min(31, _to_i8(x[b, j] * inv + np.float32(16.5))) & 0xFF
+            q1 = min(31, _to_i8(x[b, j + 16] * inv + np.float32(16.5))) & 0xFF
+            out[b, 6 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+            qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+            qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+        _put_qh(out, b, 2, qh)
+
+
+@njit(parallel=True, cache=True)
+def _q5_1_ref(x, out):
+    for b in prange(x.shape[0]):
+        mn, mx = _min_max(x, b)
+        d = (mx - mn) / np.float32(31.0)
+        inv = _F1 / d if d != 0 else _F0
+        _put_fp16(out, b, 0, d)
+        _put_fp16(out, b, 2, mn)
+        qh = np.uint32(0)
+        for j in range(16):
+            q0 = _cvt_i32((x[b, j] - mn) * inv + np.float32(0.5)) & 0xFF  # (uint8_t), no clamp
+            q1 = _cvt_i32((x[b, j + 16] - mn) * inv + np.float32(0.5)) & 0xFF
+            out[b, 8 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+            qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+            qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+        _put_qh(out, b, 4, qh)
+
+
+@njit(parallel=True, cache=True)
+def _q8_0_ref(x, out):
+    for b in prange(x.shape[0]):
+        amax = _F0
+        for j in range(QK):
+            av = np.abs(x[b, j])
+            amax = amax if amax > av else av  # MAX(amax, |x|): a NaN |x| replaces the running max
+        d = amax / np.float32(127.0)
+        inv = _F1 / d if d != 0 else _F0
+        _put_fp16(out, b, 0, d)
+        for j in range(QK):
+            out[b, 2 + j] = np.uint8(_cvt_i32(_roundf(x[b, j] * inv)) & 0xFF)
+
+
+# ---------------------------------------------------------------- dequantizers
+
+
+@njit(parallel=True, cache=True)
+def _q4_0_deq(data, y):
+    for b in prange(data.shape[0]):
+        d = _get_fp16(data, b, 0)
+        for j in range(16):
+            q = data[b, 2 + j]
+            y[b, j] = np.float32(np.int32(q & 0x0F) - 8) * d
+            y[b, j + 16] = np.float32(np.int32(q >> 4) - 8) * d
+
+
+@njit(parallel=True, cache=True)
+def _q4_1_deq(data, y):
+    for b in prange(data.shape[0]):
+        d = _get_fp16(data, b, 0)
+        m = _get_fp16(data, b, 2)
+        for j in range(16):
+            q = data[b, 4 + j]
+            y[b, j] = np.float32(q & 0x0F) * d + m
+            y[b, j + 16] = np.float32(q >> 4) * d + m
+
+
+@njit(inline="always")
+def _get_qh(data, b, off):
+    qh = np.uint32(0)
+    for k in range(4):
+        qh |= np.uint32(data[b, off + k]) << np.uint32(8 * k)
+    return qh
+
+
+@njit(parallel=True, cache=True)
+def _q5_0_deq(data, y):
+    for b in prange(data.shape[0]):
+        d = _get_fp16(data, b, 0)
+        qh = _get_qh(data, b, 2)
+        for j in range(16):
+            q = np.int32(data[b, 6 + j])
+            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            y[b, j] = np.float32(((q & 0x0F) | h0) - 16) * d
+            y[b, j + 16] = np.float32(((q >> 4) | h1) - 16) * d
+
+
+@njit(parallel=True, cache=True)
+def _q5_1_deq(data, y):
+    for b in prange(data.shape[0]):
+        d = _get_fp16(data, b, 0)
+        m = _get_fp16(data, b, 2)
+        qh = _get_qh(data, b, 4)
+        for j in range(16):
+            q = np.int32(data[b, 8 + j])
+            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            y[b, j] = np.float32((q & 0x0F) | h0) * d + m
+            y[b, j + 16] = np.float32((q >> 4) | h1) * d + m
+
+
+@njit(parallel=True, cache=True)
+def _q8_0_deq(data, y):
+    for b in prange(data.shape[0]):
+        d = _get_fp16(data, b, 0)
+        for j in range(QK):
+            q = np.int32(data[b, 2 + j])
+            y[b, j] = np.float32(q - 256 if q >= 128 else q) * d
+
+
+# ---------------------------------------------------------------- registry glue
+
+
+def _blocks(x: np.ndarray) -> np.ndarray:
+    return x.reshape(-1, QK)
+
+
+def _quantizer(ref_kernel, impl, type_size: int):
+    def quantize_rows(x: np.ndarray, importance) -> np.ndarray:
+        n_rows, n_per_row = x.shape
+        out = np.empty((n_rows * (n_per_row // QK), type_size), dtype=np.uint8)
+        if out.shape[0]:
+            if importance is None:
+                ref_kernel(_blocks(x), out)
+            else:
+                impl(x, importance, out.reshape(n_rows, -1, type_size))
+        return out.reshape(n_rows, -1)
+
+    return quantize_rows
+
+
+def _dequantizer(kernel, type_size: int):
+    def dequantize_rows(data: np.ndarray, n_per_row: int) -> np.ndarray:
+        n_rows = data.shape[0]
+        y = np.empty((n_rows * (n_per_row // QK), QK), dtype=np.float32)
+        if y.shape[0]:
+            kernel(data.reshape(-1, type_size), y)
+        return y.reshape(n_rows, n_per_row)
+
+    return dequantize_rows
+
+
+def _no_impl(x, importance, out):
+    raise NotImplementedError("importance-weighted path not implemented yet")
+
+
+_TYPES = {  # name: (ref quantizer, importance quantizer or None, dequantizer)
+    "Q4_0": (_q4_0_ref, _no_impl, _q4_0_deq),
+    "Q4_1": (_q4_1_ref, _no_impl, _q4_1_deq),
+    "Q5_0": (_q5_0_ref, _no_impl, _q5_0_deq),
+    "Q5_1": (_q5_1_ref, _no_impl, _q5_1_deq),
+    "Q8_0": (_q8_0_ref, None, _q8_0_deq),
+}
+
+for _name, (_ref, _impl, _deq) in _TYPES.items():
+    _block, _size = GGML_QUANT_SIZES[GGMLQuantizationType[_name]]
+    assert _block == QK, _name
+    register(
+        _name,
+        quantize_rows=_quantizer(_ref, _impl, _size),
+        dequantize_rows=_dequantizer(_deq, _size),
+        uses_importance=_impl is not None,
+    )
