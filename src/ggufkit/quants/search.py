@@ -42,7 +42,7 @@ def search_work() -> np.ndarray:
     return np.empty((_WORK_ROWS, MAX_LANES), dtype=np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nearest_int_wide(f):
     # C: bits(f + 12582912.f) & 0x7fffff - 0x400000, for arguments outside |f| <= 4194303 (or NaN).
     val = F32(f + F32(12582912.0))
@@ -55,7 +55,7 @@ def _nearest_int_wide(f):
     return mant - 0x400000
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def nearest_int(f):
     """nearest_int(f: float32) -> int: C's nearest_int for every float32.
 
@@ -67,7 +67,7 @@ def nearest_int(f):
     return _nearest_int_wide(f)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def f32_to_f16_bits(f):
     """f32_to_f16_bits(f: float32) -> int in [0, 65535]: IEEE binary16 round-to-nearest-even, as
     GGML_FP32_TO_FP16 (and numpy astype(float16)): subnormals kept, |f| >= 65520 -> inf, NaN -> 0x7E00
@@ -85,7 +85,7 @@ def f32_to_f16_bits(f):
     return sign | (((ex + 14) << 10) + int(np.rint(fr * 2048.0)) - 1024)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def f16_bits_to_f32(h):
     """f16_bits_to_f32(h: int in [0, 65535]) -> float32, exact (GGML_FP16_TO_FP32)."""
     e = (h >> 10) & 0x1F
@@ -101,7 +101,7 @@ def f16_bits_to_f32(h):
     return F32(v)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(x, nmax, L, qw, work):
     """make_qx_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n] | f32[0], work) -> float32 scale.
 
@@ -167,7 +167,7 @@ def make_qx_quants(x, nmax, L, qw, work):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(x, nmax, L):
     """make_q3_quants(x: f32[n], nmax: int, L: u8[n] out) -> float32 scale.
 
@@ -222,7 +222,70 @@ def make_q3_quants(x, nmax, L):
     return sumlx / suml2 if suml2 > 0 else F32(0.0)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
+def _qkx_lanes(x, w, noweights, use_mad, fn, mn, start, nc, sum_w, sum_x, work):
+    """Candidates start..nc-1 (iscales already in work[0]) evaluated with the current min `mn`: their
+    least-squares (scale, min) in work[4], work[5], D in work[6] and weighted error in work[7]."""
+    n = x.shape[0]
+    isc = work[0]
+    sl = work[1]
+    sl2 = work[2]
+    sxl = work[3]
+    ts = work[4]
+    tm = work[5]
+    dd = work[6]
+    err = work[7]
+    for c in range(start, nc):
+        sl[c] = F32(0.0)
+        sl2[c] = F32(0.0)
+        sxl[c] = F32(0.0)
+        err[c] = F32(0.0)
+    for i in range(n):
+        xm = x[i] - mn
+        xi = x[i]
+        wi = xi * xi if noweights else w[i]
+        for c in range(start, nc):
+            l = np.rint(isc[c] * xm)
+            l = l if l >= F32(0.0) else F32(0.0)
+            l = l if l <= fn else fn
+            wl = wi * l
+            sl[c] += wl
+            sl2[c] += wl * l
+            sxl[c] += wl * xi
+    for c in range(start, nc):
+        d = sum_w * sl2[c] - sl[c] * sl[c]
+        this_scale = (sum_w * sxl[c] - sum_x * sl[c]) / d
+        this_min = (sl2[c] * sum_x - sl[c] * sxl[c]) / d
+        if this_min > 0:
+            this_min = F32(0.0)
+            this_scale = sxl[c] / sl2[c]
+        ts[c] = this_scale
+        tm[c] = this_min
+        dd[c] = d
+    if start == 0:  # lane 0 is the first guess: scale = 1/iscale, min as found
+        ts[0] = F32(1.0) / isc[0]
+        tm[0] = mn
+        dd[0] = F32(1.0)
+    for i in range(n):
+        xm = x[i] - mn
+        xi = x[i]
+        wi = xi * xi if noweights else w[i]
+        if use_mad:
+            for c in range(start, nc):
+                l = np.rint(isc[c] * xm)
+                l = l if l >= F32(0.0) else F32(0.0)
+                l = l if l <= fn else fn
+                err[c] += wi * abs(ts[c] * l + tm[c] - xi)
+        else:
+            for c in range(start, nc):
+                l = np.rint(isc[c] * xm)
+                l = l if l >= F32(0.0) else F32(0.0)
+                l = l if l <= fn else fn
+                diff = ts[c] * l + tm[c] - xi
+                err[c] += wi * (diff * diff)
+
+
+@njit(cache=True, error_model="numpy")
 def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenerate):
     n = x.shape[0]
     noweights = w.shape[0] == 0
@@ -246,88 +309,51 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
             L[i] = 0
         return F32(0.0), -mn
     fn = F32(nmax)
-    rng = mx - mn
-    iscale0 = fn / rng
+    frmin = F32(rmin)
+    frdelta = F32(rdelta)
     isc = work[0]
-    sl = work[1]
-    sl2 = work[2]
-    sxl = work[3]
     ts = work[4]
     tm = work[5]
     dd = work[6]
     err = work[7]
-    # lane 0: the first guess (iscale = nmax/(max-min), scale = 1/iscale, min); lanes 1..: is = 0..nstep
-    isc[0] = iscale0
-    nc = 1
-    if nstep >= 1:
-        frmin = F32(rmin)
-        frdelta = F32(rdelta)
-        for s in range(nstep + 1):
-            isc[nc] = (frmin + frdelta * F32(s) + fn) / rng
-            nc += 1
-    for c in range(nc):
-        sl[c] = F32(0.0)
-        sl2[c] = F32(0.0)
-        sxl[c] = F32(0.0)
-        err[c] = F32(0.0)
-    for i in range(n):
-        xm = x[i] - mn
-        xi = x[i]
-        wi = xi * xi if noweights else w[i]
-        for c in range(1, nc):
-            l = np.rint(isc[c] * xm)
-            l = l if l >= F32(0.0) else F32(0.0)
-            l = l if l <= fn else fn
-            wl = wi * l
-            sl[c] += wl
-            sl2[c] += wl * l
-            sxl[c] += wl * xi
-    ts[0] = F32(1.0) / iscale0
-    tm[0] = mn
-    dd[0] = F32(1.0)
+    # Lane 0: the first guess (iscale = nmax/(max-min)); lane c >= 1: candidate is = c-1, is = 0..nstep.
+    # C updates `min` whenever a candidate wins, and later candidates use it (in x - min and in
+    # max - min), so lanes are evaluated speculatively with the current min and, after a win that
+    # changes min, the remaining lanes are evaluated again.
+    nc = nstep + 2 if nstep >= 1 else 1
+    isc[0] = fn / (mx - mn)
     for c in range(1, nc):
-        d = sum_w * sl2[c] - sl[c] * sl[c]
-        this_scale = (sum_w * sxl[c] - sum_x * sl[c]) / d
-        this_min = (sl2[c] * sum_x - sl[c] * sxl[c]) / d
-        if this_min > 0:
-            this_min = F32(0.0)
-            this_scale = sxl[c] / sl2[c]
-        ts[c] = this_scale
-        tm[c] = this_min
-        dd[c] = d
-    for i in range(n):
-        xm = x[i] - mn
-        xi = x[i]
-        wi = xi * xi if noweights else w[i]
-        if use_mad:
-            for c in range(nc):
-                l = np.rint(isc[c] * xm)
-                l = l if l >= F32(0.0) else F32(0.0)
-                l = l if l <= fn else fn
-                err[c] += wi * abs(ts[c] * l + tm[c] - xi)
-        else:
-            for c in range(nc):
-                l = np.rint(isc[c] * xm)
-                l = l if l >= F32(0.0) else F32(0.0)
-                l = l if l <= fn else fn
-                diff = ts[c] * l + tm[c] - xi
-                err[c] += wi * (diff * diff)
+        isc[c] = (frmin + frdelta * F32(c - 1) + fn) / (mx - mn)
+    _qkx_lanes(x, w, noweights, use_mad, fn, mn, 0, nc, sum_w, sum_x, work)
     best = err[0]
-    bc = 0
-    for c in range(1, nc):
+    scale = ts[0]
+    best_isc = isc[0]
+    best_mn = mn
+    c = 1
+    while c < nc:
         if dd[c] > 0 and err[c] < best:
             best = err[c]
-            bc = c
-    ib = isc[bc]
+            scale = ts[c]
+            best_isc = isc[c]
+            best_mn = mn
+            new_mn = tm[c]
+            c += 1
+            if new_mn != mn and c < nc:  # (0.0 vs -0.0 gives the same x - min and max - min)
+                for k in range(c, nc):
+                    isc[k] = (frmin + frdelta * F32(k - 1) + fn) / (mx - new_mn)
+                _qkx_lanes(x, w, noweights, use_mad, fn, new_mn, c, nc, sum_w, sum_x, work)
+            mn = new_mn
+        else:
+            c += 1
     for i in range(n):
-        l = np.rint(ib * (x[i] - mn))
+        l = np.rint(best_isc * (x[i] - best_mn))
         l = l if l >= F32(0.0) else F32(0.0)
         l = l if l <= fn else fn
         L[i] = np.uint8(l)
-    return ts[bc], -tm[bc]
+    return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     """make_qkx2_quants(x: f32[n], w: f32[n], nmax: int, L: u8[n] out, rmin: float, rdelta: float,
     nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
@@ -340,7 +366,7 @@ def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, True)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx3_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     """make_qkx3_quants(x: f32[n], w: f32[n] | f32[0], nmax: int, L: u8[n] out, rmin: float,
     rdelta: float, nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
@@ -351,7 +377,7 @@ def make_qkx3_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, False)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qp_quants(x, nmax, L, qw):
     """make_qp_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n]) -> float32 scale.
 
