@@ -32,12 +32,14 @@ inf where libggml does. The importance paths go through search.py's helpers with
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import get_thread_id, njit, prange
 
 from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
 from .registry import register
+from .search import make_qkx3_quants, make_qx_quants, search_work
 
 QK = 32  # elements per block, the same for all five types
 _F0 = np.float32(0.0)
@@ -189,6 +191,62 @@ def _q8_0_ref(x, out):
             out[b, 2 + j] = np.uint8(_cvt_i32(_roundf(x[b, j] * inv)) & 0xFF)
 
 
+# ---------------------------------------------------------------- importance paths (one row each)
+
+
+@njit(parallel=True, cache=True)
+def _impl_kernel(x, qw, nmax, with_min, out, works):
+    """quantize_row_q{4,5}_{0,1}_impl: x [n_rows, n_per_row], out [n_rows, n_blocks, type_size].
+
+    nmax 8/16 without min (Q4_0/Q5_0: make_qx_quants, levels 0..2*nmax-1), 15/31 with min
+    (Q4_1/Q5_1: make_qkx3_quants(-0.9, 0.05, 36), m = -the_min). works: per-thread search scratch.
+    """
+    n_rows, n = x.shape
+    five_bit = nmax == 16 or nmax == 31
+    qs_at = 2 + (2 if with_min else 0) + (4 if five_bit else 0)
+    for r in prange(n_rows):
+        work = works[get_thread_id()]
+        w = np.empty(QK, dtype=np.float32)
+        L = np.empty(QK, dtype=np.uint8)
+        sum_x2 = _F0
+        for j in range(n):
+            sum_x2 += x[r, j] * x[r, j]
+        sigma2 = sum_x2 / np.float32(n)
+        for ib in range(n // QK):
+            xb = x[r, ib * QK : (ib + 1) * QK]
+            for j in range(QK):
+                w[j] = qw[ib * QK + j] * np.float32(np.sqrt(sigma2 + xb[j] * xb[j]))
+            blk = out[r, ib]
+            if with_min:
+                d, the_min = make_qkx3_quants(xb, w, nmax, L, -0.9, 0.05, 36, False, work)
+                h = fp32_to_fp16_bits(-the_min)
+                blk[2] = np.uint8(h & np.uint16(0xFF))
+                blk[3] = np.uint8(h >> np.uint16(8))
+            else:
+                d = make_qx_quants(xb, nmax, L, w, work)
+            h = fp32_to_fp16_bits(d)
+            blk[0] = np.uint8(h & np.uint16(0xFF))
+            blk[1] = np.uint8(h >> np.uint16(8))
+            qh = np.uint32(0)
+            for j in range(16):
+                q0 = np.int32(L[j])
+                q1 = np.int32(L[j + 16])
+                blk[qs_at + j] = np.uint8(((q0 & 0x0F) | (q1 << 4)) & 0xFF)
+                qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
+                qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+            if five_bit:
+                for k in range(4):
+                    blk[qs_at - 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+def _impl_path(nmax: int, with_min: bool):
+    def quantize_importance(x, importance, out):
+        works = np.stack([search_work() for _ in range(numba.config.NUMBA_NUM_THREADS)])
+        _impl_kernel(x, importance, nmax, with_min, out, works)
+
+    return quantize_importance
+
+
 # ---------------------------------------------------------------- dequantizers
 
 
@@ -202,6 +260,17 @@ def _q4_0_deq(data, y):
             y[b, j + 16] = np.float32(np.int32(q >> 4) - 8) * d
 
 
+@njit(inline="always")
+def _scale_add(q, d, m):
+    """q*d + m in float32 with x86 SSE's NaN rule (the first NaN operand's payload wins); LLVM may swap
+    the operands of the add, which would pick m's payload when both are NaN."""
+    t = np.float32(q) * d
+    r = t + m
+    if r != r and t != t:
+        return t
+    return r
+
+
 @njit(parallel=True, cache=True)
 def _q4_1_deq(data, y):
     for b in prange(data.shape[0]):
@@ -209,8 +278,8 @@ def _q4_1_deq(data, y):
         m = _get_fp16(data, b, 2)
         for j in range(16):
             q = data[b, 4 + j]
-            y[b, j] = np.float32(q & 0x0F) * d + m
-            y[b, j + 16] = np.float32(q >> 4) * d + m
+            y[b, j] = _scale_add(q & 0x0F, d, m)
+            y[b, j + 16] = _scale_add(q >> 4, d, m)
 
 
 @njit(inline="always")
@@ -244,8 +313,8 @@ def _q5_1_deq(data, y):
             q = np.int32(data[b, 8 + j])
             h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
             h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
-            y[b, j] = np.float32((q & 0x0F) | h0) * d + m
-            y[b, j + 16] = np.float32((q >> 4) | h1) * d + m
+            y[b, j] = _scale_add((q & 0x0F) | h0, d, m)
+            y[b, j + 16] = _scale_add((q >> 4) | h1, d, m)
 
 
 @njit(parallel=True, cache=True)
@@ -289,15 +358,11 @@ def _dequantizer(kernel, type_size: int):
     return dequantize_rows
 
 
-def _no_impl(x, importance, out):
-    raise NotImplementedError("importance-weighted path not implemented yet")
-
-
 _TYPES = {  # name: (ref quantizer, importance quantizer or None, dequantizer)
-    "Q4_0": (_q4_0_ref, _no_impl, _q4_0_deq),
-    "Q4_1": (_q4_1_ref, _no_impl, _q4_1_deq),
-    "Q5_0": (_q5_0_ref, _no_impl, _q5_0_deq),
-    "Q5_1": (_q5_1_ref, _no_impl, _q5_1_deq),
+    "Q4_0": (_q4_0_ref, _impl_path(8, False), _q4_0_deq),
+    "Q4_1": (_q4_1_ref, _impl_path(15, True), _q4_1_deq),
+    "Q5_0": (_q5_0_ref, _impl_path(16, False), _q5_0_deq),
+    "Q5_1": (_q5_1_ref, _impl_path(31, True), _q5_1_deq),
     "Q8_0": (_q8_0_ref, None, _q8_0_deq),
 }
 
