@@ -1,0 +1,314 @@
+"""Forward pass of llama-family GGUF models in numpy: llama (also Mistral, SmolLM), qwen2, qwen3.
+
+The graph follows llama.cpp's (src/models/llama.cpp, qwen2.cpp, qwen3.cpp):
+    x = token_embd[ids]
+    per layer:  h = rms_norm(x) * attn_norm
+                q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv)      (qwen3: rms_norm per head on q and k)
+                q, k = rope(q), rope(k)                            (llama: "normal" adjacent pairs;
+                                                                    qwen2/qwen3: NeoX halves)
+                x += softmax(q k^T / sqrt(head_dim) + causal) v  Wo
+                h = rms_norm(x) * ffn_norm
+                x += (silu(h Wgate) * h Wup) Wdown
+    logits = (rms_norm(x) * output_norm) Woutput    (Woutput = token_embd when the file has no output.weight)
+
+Evaluation is LAYER-MAJOR: the residual stream of every chunk goes through layer 0, then layer 1, ...
+so each layer's weights are dequantized once per evaluation (any block type the registry knows, into
+float32) and dropped before the next layer: memory stays near the file size plus one layer in float32.
+Matmuls are float32 BLAS (numpy @) on as many threads as asked; attention runs per chunk, causal
+within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity).
+
+Numerics: llama.cpp rounds activations to the weight's "vec_dot type" (F16 for F16 weights, Q8_0/Q8_K
+for quantized ones) and keeps the KV cache in F16; this engine keeps float32 everywhere. The result
+differs from llama.cpp's logits by rounding noise only (see tests/test_engine.py for the measured
+agreement).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import EvalError
+from ..gguf_file import GGUFModel
+from ..quants import dequantize
+
+log = logging.getLogger(__name__)
+
+# Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
+ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
+SUPPORTED = tuple(ARCHITECTURES)
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters from GGUF metadata ({arch}.* keys). Unknown keys are ignored."""
+
+    architecture: str
+    block_count: int
+    embedding_length: int
+    feed_forward_length: int
+    head_count: int
+    head_count_kv: int = 0
+    key_length: int = 0  # head dim; 0 -> embedding_length // head_count
+    value_length: int = 0
+    rope_dimension_count: int = 0  # 0 -> key_length
+    rope_freq_base: float = 10000.0
+    rope_scaling_type: str = "none"
+    rope_scaling_factor: float = 1.0
+    layer_norm_rms_epsilon: float = 1e-5
+    vocab_size: int = 0
+    rope_neox: bool = False
+
+    def __post_init__(self):
+        if not self.head_count_kv:
+            self.head_count_kv = self.head_count
+        if not self.key_length:
+            self.key_length = self.embedding_length // self.head_count
+        if not self.value_length:
+            self.value_length = self.key_length
+        if not self.rope_dimension_count:
+            self.rope_dimension_count = self.key_length
+
+    @classmethod
+    def from_gguf(cls, model: GGUFModel) -> ModelArgs:
+        arch = model.architecture
+        if arch not in ARCHITECTURES:
+            raise EvalError(
+                f"{model.path}: architecture {arch!r} is not supported by the built-in engine "
+                f"(supported: {', '.join(SUPPORTED)})"
+            )
+        prefix = f"{arch}."
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, object] = {"architecture": arch, "rope_neox": ARCHITECTURES[arch]}
+        for key, kv in model.kv.items():
+            if not key.startswith(prefix):
+                continue
+            name = key[len(prefix) :].replace(".", "_").replace("attention_", "")
+            if name in fields and not isinstance(kv.value, (list, np.ndarray)):
+                values[name] = kv.value
+        if "vocab_size" not in values:
+            tokens = model.get("tokenizer.ggml.tokens")
+            embd = model.tensor("token_embd.weight").shape[1] if "token_embd.weight" in model._by_name else 0
+            values["vocab_size"] = len(tokens) if tokens is not None else embd
+        missing = [
+            n
+            for n in ("block_count", "embedding_length", "feed_forward_length", "head_count")
+            if n not in values
+        ]
+        if missing:
+            raise EvalError(f"{model.path}: metadata lacks {', '.join(prefix + m for m in missing)}")
+        return cls(**values)
+
+    @property
+    def freq_scale(self) -> float:
+        if self.rope_scaling_type == "linear" and self.rope_scaling_factor:
+            return 1.0 / self.rope_scaling_factor
+        if self.rope_scaling_type not in ("none", "linear"):
+            raise EvalError(
+                f"rope scaling {self.rope_scaling_type!r} is not supported by the built-in engine "
+                "(supported: none, linear)"
+            )
+        return 1.0
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
+    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * weight
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+class LlamaModel:
+    """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
+
+    def __init__(self, model: GGUFModel):
+        self.gguf = model
+        self.args = ModelArgs.from_gguf(model)
+        a = self.args
+        self._tensors = {t.name: t for t in model.tensors}
+        need = ["token_embd.weight", "output_norm.weight"]
+        for i in range(a.block_count):
+            need += [
+                f"blk.{i}.{n}.weight"
+                for n in ("attn_norm", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+            ]
+        missing = [n for n in need if n not in self._tensors]
+        if missing:
+            raise EvalError(f"{model.path}: missing tensor(s) {', '.join(missing[:4])}")
+        self.n_vocab = self._tensors["token_embd.weight"].shape[1]
+        self._rope_freqs = self._weight("rope_freqs.weight") if "rope_freqs.weight" in self._tensors else None
+
+    # -- weights ------------------------------------------------------------------------------------
+    def _weight(self, name: str) -> np.ndarray:
+        """A tensor dequantized to float32, numpy order (rows = ggml's ne1, columns = ne0)."""
+        t = self._tensors[name]
+        shape = tuple(reversed(t.shape))
+        return dequantize(t.data(), t.ggml_type, shape)
+
+    def _maybe(self, name: str) -> np.ndarray | None:
+        return self._weight(name) if name in self._tensors else None
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        """Rows of token_embd for `ids`, dequantizing only the rows used."""
+        t = self._tensors["token_embd.weight"]
+        n_embd, n_rows = t.shape
+        raw = t.data().reshape(n_rows, -1)
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        rows = dequantize(np.ascontiguousarray(raw[uniq]), t.ggml_type, (len(uniq), n_embd))
+        return rows[inverse.ravel()]
+
+    def _layer(self, i: int) -> dict[str, np.ndarray | None]:
+        p = f"blk.{i}."
+        w = {
+            n: self._maybe(p + n + ".weight")
+            for n in (
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "attn_q_norm",
+                "attn_k_norm",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            )
+        }
+        for n in ("attn_q", "attn_k", "attn_v"):
+            w[n + "_b"] = self._maybe(p + n + ".bias")
+        if w["attn_q"] is None:  # fused QKV (some converters write one attn_qkv tensor)
+            a = self.args
+            qkv = self._maybe(p + "attn_qkv.weight")
+            if qkv is None:
+                raise EvalError(f"{self.gguf.path}: layer {i} has neither attn_q nor attn_qkv")
+            nq, nk = a.head_count * a.key_length, a.head_count_kv * a.key_length
+            w["attn_q"], w["attn_k"], w["attn_v"] = qkv[:nq], qkv[nq : nq + nk], qkv[nq + nk :]
+        return w
+
+    # -- rope ---------------------------------------------------------------------------------------
+    def _rope_tables(self, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin [n_pos, rope_dim/2]. Angles as ggml makes them: theta_i = pos * freq_scale * s^i,
+        s = base^(-2/n_dims), the powers accumulated in float32 (ggml multiplies theta by s each step)."""
+        a = self.args
+        half = a.rope_dimension_count // 2
+        s = np.float32(np.power(np.float32(a.rope_freq_base), np.float32(-2.0 / a.rope_dimension_count)))
+        powers = np.empty(half, np.float32)
+        acc = np.float32(1.0)
+        for i in range(half):
+            powers[i] = acc
+            acc = np.float32(acc * s)
+        theta = np.arange(n_pos, dtype=np.float32)[:, None] * powers[None, :]
+        theta = theta * np.float32(a.freq_scale)
+        if self._rope_freqs is not None:
+            theta = theta / self._rope_freqs.reshape(-1)[:half]
+        return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+    def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x [..., T, heads, head_dim] rotated in place over its first rope_dim dims."""
+        a = self.args
+        nd = a.rope_dimension_count
+        c, s = cos[:, None, :], sin[:, None, :]
+        if a.rope_neox:
+            x0, x1 = x[..., : nd // 2].copy(), x[..., nd // 2 : nd].copy()
+            x[..., : nd // 2] = x0 * c - x1 * s
+            x[..., nd // 2 : nd] = x0 * s + x1 * c
+        else:
+            x0, x1 = x[..., 0:nd:2].copy(), x[..., 1:nd:2].copy()
+            x[..., 0:nd:2] = x0 * c - x1 * s
+            x[..., 1:nd:2] = x0 * s + x1 * c
+        return x
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv]."""
+        a = self.args
+        C, T, H, d = q.shape
+        hkv = a.head_count_kv
+        g = H // hkv
+        # Query head h attends with kv head h // g (ggml's broadcast in mul_mat). Contiguous operands keep
+        # numpy's stacked matmul on BLAS.
+        qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 3, 1, 4))
+        qh = qh.reshape(C, hkv, g * T, d)
+        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
+        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
+        s = np.matmul(qh, kh.swapaxes(-1, -2))  # [C, Hkv, g*T, T]
+        s = s.reshape(C, hkv, g, T, T)
+        s *= np.float32(1.0 / np.sqrt(d))
+        s += mask
+        s -= s.max(axis=-1, keepdims=True)
+        np.exp(s, out=s)
+        s /= s.sum(axis=-1, keepdims=True)
+        o = np.matmul(s.reshape(C, hkv, g * T, T), vh)  # [C, Hkv, g*T, dv]
+        dv = o.shape[-1]
+        return o.reshape(C, hkv, g, T, dv).transpose(0, 3, 1, 2, 4).reshape(C * T, H * dv)
+
+    def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
+        """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence).
+
+        Layer-major: every chunk goes through layer i before any goes through layer i+1; the work inside a
+        layer runs `group` chunks at a time to bound the temporary memory."""
+        a = self.args
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [chunks, ctx], got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.n_vocab):
+            raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
+        C, T = tokens.shape
+        D = a.embedding_length
+        x = self._embed(tokens.reshape(-1)).reshape(C * T, D)  # the residual stream of every chunk
+        cos, sin = self._rope_tables(T)
+        mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
+        eps = a.layer_norm_rms_epsilon
+        H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
+        for il in range(a.block_count):
+            w = self._layer(il)
+            for c0 in range(0, C, group):
+                n = min(group, C - c0)
+                xs = x[c0 * T : (c0 + n) * T]  # a view: updated in place
+                h = _rms_norm(xs, w["attn_norm"], eps)
+                q = h @ w["attn_q"].T
+                k = h @ w["attn_k"].T
+                v = h @ w["attn_v"].T
+                if w["attn_q_b"] is not None:
+                    q += w["attn_q_b"]
+                if w["attn_k_b"] is not None:
+                    k += w["attn_k_b"]
+                if w["attn_v_b"] is not None:
+                    v += w["attn_v_b"]
+                q = q.reshape(n, T, H, dk)
+                k = k.reshape(n, T, Hkv, dk)
+                v = v.reshape(n, T, Hkv, -1)
+                if w["attn_q_norm"] is not None:
+                    q = _rms_norm(q, w["attn_q_norm"], eps)
+                if w["attn_k_norm"] is not None:
+                    k = _rms_norm(k, w["attn_k_norm"], eps)
+                self._rope(q, cos, sin)
+                self._rope(k, cos, sin)
+                xs += self._attention(q, k, v, mask) @ w["attn_output"].T
+                h = _rms_norm(xs, w["ffn_norm"], eps)
+                xs += (_silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+            del w
+        return _rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+
+    def output_weight(self) -> np.ndarray:
+        """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""
+        name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
+        return self._weight(name)
+
+    def chunk_logits(self, tokens: np.ndarray, *, first: int = 0, group: int = 8) -> Iterator[np.ndarray]:
+        """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1."""
+        h = self.hidden(tokens, group=group)
+        out = self.output_weight()
+        for c in range(h.shape[0]):
+            yield h[c, first:] @ out.T
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits [T, n_vocab] of one sequence of token ids."""
+        return next(self.chunk_logits(np.asarray(tokens)[None, :]))
