@@ -1,5 +1,6 @@
 """The built-in engine: a numpy forward pass of llama-family GGUFs and their tokenizer."""
 
 from .llama import SUPPORTED, LlamaModel, ModelArgs
+from .tokenizer import GGUFTokenizer, load_tokenizer
 
-__all__ = ["SUPPORTED", "LlamaModel", "ModelArgs"]
+__all__ = ["SUPPORTED", "GGUFTokenizer", "LlamaModel", "ModelArgs", "load_tokenizer"]

@@ -92,7 +92,7 @@ class ModelArgs:
                 values[name] = kv.value
         if "vocab_size" not in values:
             tokens = model.get("tokenizer.ggml.tokens")
-            embd = model.tensor("token_embd.weight").shape[1] if "token_embd.weight" in model._by_name else 0
+            embd = next((t.shape[1] for t in model.tensors if t.name == "token_embd.weight"), 0)
             values["vocab_size"] = len(tokens) if tokens is not None else embd
         missing = [
             n
