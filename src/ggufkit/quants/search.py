@@ -33,7 +33,7 @@ from numba import njit
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
-MAX_LANES = 64  # candidates evaluated together; nstep + 2 must not exceed this
+MAX_LANES = 64  # make_qx_quants candidates evaluated together (19 used); qkx searches: n <= 64
 _WORK_ROWS = 8
 
 
@@ -223,69 +223,6 @@ def make_q3_quants(x, nmax, L):
 
 
 @njit(cache=True, error_model="numpy")
-def _qkx_lanes(x, w, noweights, use_mad, fn, mn, start, nc, sum_w, sum_x, work):
-    """Candidates start..nc-1 (iscales already in work[0]) evaluated with the current min `mn`: their
-    least-squares (scale, min) in work[4], work[5], D in work[6] and weighted error in work[7]."""
-    n = x.shape[0]
-    isc = work[0]
-    sl = work[1]
-    sl2 = work[2]
-    sxl = work[3]
-    ts = work[4]
-    tm = work[5]
-    dd = work[6]
-    err = work[7]
-    for c in range(start, nc):
-        sl[c] = F32(0.0)
-        sl2[c] = F32(0.0)
-        sxl[c] = F32(0.0)
-        err[c] = F32(0.0)
-    for i in range(n):
-        xm = x[i] - mn
-        xi = x[i]
-        wi = xi * xi if noweights else w[i]
-        for c in range(start, nc):
-            l = np.rint(isc[c] * xm)
-            l = l if l >= F32(0.0) else F32(0.0)
-            l = l if l <= fn else fn
-            wl = wi * l
-            sl[c] += wl
-            sl2[c] += wl * l
-            sxl[c] += wl * xi
-    for c in range(start, nc):
-        d = sum_w * sl2[c] - sl[c] * sl[c]
-        this_scale = (sum_w * sxl[c] - sum_x * sl[c]) / d
-        this_min = (sl2[c] * sum_x - sl[c] * sxl[c]) / d
-        if this_min > 0:
-            this_min = F32(0.0)
-            this_scale = sxl[c] / sl2[c]
-        ts[c] = this_scale
-        tm[c] = this_min
-        dd[c] = d
-    if start == 0:  # lane 0 is the first guess: scale = 1/iscale, min as found
-        ts[0] = F32(1.0) / isc[0]
-        tm[0] = mn
-        dd[0] = F32(1.0)
-    for i in range(n):
-        xm = x[i] - mn
-        xi = x[i]
-        wi = xi * xi if noweights else w[i]
-        if use_mad:
-            for c in range(start, nc):
-                l = np.rint(isc[c] * xm)
-                l = l if l >= F32(0.0) else F32(0.0)
-                l = l if l <= fn else fn
-                err[c] += wi * abs(ts[c] * l + tm[c] - xi)
-        else:
-            for c in range(start, nc):
-                l = np.rint(isc[c] * xm)
-                l = l if l >= F32(0.0) else F32(0.0)
-                l = l if l <= fn else fn
-                diff = ts[c] * l + tm[c] - xi
-                err[c] += wi * (diff * diff)
-
-
-@njit(cache=True, error_model="numpy")
 def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenerate):
     n = x.shape[0]
     noweights = w.shape[0] == 0
@@ -309,47 +246,82 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
             L[i] = 0
         return F32(0.0), -mn
     fn = F32(nmax)
-    frmin = F32(rmin)
-    frdelta = F32(rdelta)
-    isc = work[0]
-    ts = work[4]
-    tm = work[5]
-    dd = work[6]
-    err = work[7]
-    # Lane 0: the first guess (iscale = nmax/(max-min)); lane c >= 1: candidate is = c-1, is = 0..nstep.
-    # C updates `min` whenever a candidate wins, and later candidates use it (in x - min and in
-    # max - min), so lanes are evaluated speculatively with the current min and, after a win that
-    # changes min, the remaining lanes are evaluated again.
-    nc = nstep + 2 if nstep >= 1 else 1
-    isc[0] = fn / (mx - mn)
-    for c in range(1, nc):
-        isc[c] = (frmin + frdelta * F32(c - 1) + fn) / (mx - mn)
-    _qkx_lanes(x, w, noweights, use_mad, fn, mn, 0, nc, sum_w, sum_x, work)
-    best = err[0]
-    scale = ts[0]
-    best_isc = isc[0]
-    best_mn = mn
-    c = 1
-    while c < nc:
-        if dd[c] > 0 and err[c] < best:
-            best = err[c]
-            scale = ts[c]
-            best_isc = isc[c]
-            best_mn = mn
-            new_mn = tm[c]
-            c += 1
-            if new_mn != mn and c < nc:  # (0.0 vs -0.0 gives the same x - min and max - min)
-                for k in range(c, nc):
-                    isc[k] = (frmin + frdelta * F32(k - 1) + fn) / (mx - new_mn)
-                _qkx_lanes(x, w, noweights, use_mad, fn, new_mn, c, nc, sum_w, sum_x, work)
-            mn = new_mn
-        else:
-            c += 1
+    zero = F32(0.0)
+    lv = work[0]  # levels of the candidate being tried (as float32)
+    xm = work[1]  # x - min for the current min
+    wv = work[2]  # the weights
+    nonneg = True  # all weights >= 0: partial error sums only grow, so a candidate can be dropped early
     for i in range(n):
-        l = np.rint(best_isc * (x[i] - best_mn))
-        l = l if l >= F32(0.0) else F32(0.0)
+        wv[i] = x[i] * x[i] if noweights else w[i]
+        nonneg = nonneg and wv[i] >= 0
+        xm[i] = x[i] - mn
+    iscale = fn / (mx - mn)
+    scale = F32(1.0) / iscale
+    best = zero
+    for i in range(n):
+        l = np.rint(iscale * xm[i])
+        l = l if l >= zero else zero
         l = l if l <= fn else fn
         L[i] = np.uint8(l)
+        diff = scale * l + mn - x[i]
+        best += wv[i] * (abs(diff) if use_mad else diff * diff)
+    if nstep < 1:
+        return scale, -mn
+    frmin = F32(rmin)
+    frdelta = F32(rdelta)
+    for s in range(nstep + 1):
+        # C's `min` is updated whenever a candidate wins, and the next candidates use it
+        iscale = (frmin + frdelta * F32(s) + fn) / (mx - mn)
+        changed = 0 if s > 0 else 1
+        for i in range(n):
+            l = np.rint(iscale * xm[i])
+            l = l if l >= zero else zero
+            l = l if l <= fn else fn
+            changed |= l != lv[i]
+            lv[i] = l
+        if changed == 0:
+            # Same levels as the previous candidate: same sums, same fit, same error; that error did
+            # not beat (or already is) the best, and the test is a strict <, so C keeps its state.
+            continue
+        sum_l = zero
+        sum_l2 = zero
+        sum_xl = zero
+        for i in range(n):
+            wl = wv[i] * lv[i]
+            sum_l += wl
+            sum_l2 += wl * lv[i]
+            sum_xl += wl * x[i]
+        d = sum_w * sum_l2 - sum_l * sum_l
+        if not d > 0:
+            continue
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
+        if this_min > 0:
+            this_min = zero
+            this_scale = sum_xl / sum_l2
+        cur = zero
+        i = 0
+        while i < n:
+            end = min(n, i + 8)
+            if use_mad:
+                for k in range(i, end):
+                    cur += wv[k] * abs(this_scale * lv[k] + this_min - x[k])
+            else:
+                for k in range(i, end):
+                    diff = this_scale * lv[k] + this_min - x[k]
+                    cur += wv[k] * (diff * diff)
+            if nonneg and cur >= best:
+                break
+            i = end
+        if cur < best:
+            for k in range(n):
+                L[k] = np.uint8(lv[k])
+            best = cur
+            scale = this_scale
+            if this_min != mn:
+                for k in range(n):
+                    xm[k] = x[k] - this_min
+            mn = this_min
     return scale, -mn
 
 
@@ -361,7 +333,8 @@ def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     ggml's make_qkx2_quants (the K-quant ref paths): asymmetric levels 0..nmax with x ~ scale*L - the_min,
     min = min(0, min x). Candidates iscale = (rmin + rdelta*is + nmax)/(max-min), is = 0..nstep, each
     least-squares fitted (scale, min<=0), kept if its weighted error (|d| if use_mad else d*d) is
-    strictly smaller. max == min: L = 0, returns (0, -min). the_min is >= 0 (may be -0.0). nstep <= 62.
+    strictly smaller; a winning candidate's min is used by the later candidates (as in C).
+    max == min: L = 0, returns (0, -min). the_min is >= 0 (may be -0.0). n <= 64.
     """
     return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, True)
 
