@@ -239,38 +239,27 @@ def _set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
     return use, lambda: numba.set_num_threads(old)
 
 
-def _load_imatrix(path, model, include_weights, exclude_weights):
+def _load_imatrix(path, include_weights, exclude_weights):
     """(vectors by tensor name, metadata for quantize.imatrix.*), through ggufkit.imatrix."""
     from . import imatrix as imx
 
     return imx.load_for_quantize(path, include=tuple(include_weights), exclude=tuple(exclude_weights))
 
 
-def _check_imatrix(vectors: dict, model: GGUFModel, plan, path) -> None:
-    """The imatrix must belong to this model: llama-quantize stops when a vector's size differs from the
-    tensor's row length (except token_embd); ggufkit also stops when no entry names any tensor."""
-    names = {t.name: t for t in model.tensors}
+def _check_imatrix(vectors: dict, model: GGUFModel, path) -> None:
+    """An imatrix none of whose entries names a tensor of the model was made for another model. (Entries
+    whose size differs from their tensor's rows are refused by the plan, as llama-quantize refuses them.)"""
+    names = {t.name for t in model.tensors}
     if vectors and not any(n in names for n in vectors):
         some = ", ".join(sorted(vectors)[:3])
         raise QuantizeError(
-            f"imatrix {path} does not match this model: none of its entries ({some}, ...) "
-            f"is a tensor of {model.path}"
+            f"imatrix {path} was made for another model: none of its entries ({some}, ...) is a tensor "
+            f"of {model.path}"
         )
-    for tp in plan.tensors:
-        vec = vectors.get(tp.name)
-        if vec is None or not tp.quantize:
-            continue
-        shape = tp.shape
-        want = shape[0] * (shape[2] if len(shape) > 2 else 1)
-        if vec.size != want and tp.name != "token_embd.weight":
-            raise QuantizeError(
-                f"imatrix {path} was made for another model: its entry for {tp.name} has "
-                f"{vec.size} values, the tensor has rows of {want}"
-            )
 
 
 def _fallbacks(plan) -> list:
-    return [tp for tp in plan.tensors if "fallback" in str(getattr(tp, "reason", "")).lower()]
+    return [tp for tp in plan.tensors if tp.kind == "fallback"]
 
 
 def quantize_file(
@@ -322,7 +311,8 @@ def quantize_file(
     with open_gguf(src) as model:
         vectors, imeta = {}, None
         if imatrix is not None:
-            vectors, imeta = _load_imatrix(imatrix, model, include_weights, exclude_weights)
+            vectors, imeta = _load_imatrix(imatrix, include_weights, exclude_weights)
+            _check_imatrix(vectors, model, imatrix)
         plan = recipes.plan_for_gguf(
             model,
             level.name,
@@ -334,8 +324,9 @@ def quantize_file(
             leave_output_tensor=leave_output_tensor,
         )
         if vectors:
-            _check_imatrix(vectors, model, plan, imatrix)
             overrides += _imatrix_overrides(imeta)
+        if not dry_run:
+            plan.check_imatrix_requirement()
         if not allow_requantize:
             for tp in plan.tensors:
                 if tp.quantize and GGMLQuantizationType(tp.src_type) not in _FLOAT_TYPES:

@@ -1,6 +1,210 @@
-"""`ggufkit quantize` (placeholder until its issue lands)."""
+"""`ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]`: llama-quantize's command line.
+
+Thin: parses, calls ggufkit.quantize.quantize_file, prints the plan (--dry-run) or a progress bar (on a
+terminal only) and the final summary. Errors come back as GgufkitError: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+
+from ..errors import QuantizeError
+
+USAGE = "ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
 
 def add_parser(sub):
-    p = sub.add_parser("quantize", help="(not yet available)")
-    p.set_defaults(func=lambda args: 2)
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a GGUF file to a llama-quantize level, byte-identical to llama.cpp",
+        usage=USAGE,
+        description="Quantize INPUT.gguf to TYPE (Q2_K, Q3_K_S, Q3_K_M, Q3_K_L, Q4_0, Q4_1, Q4_K_S, Q4_K_M, "
+        "Q5_0, Q5_1, Q5_K_S, Q5_K_M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, F16, BF16, F32; case-insensitive). "
+        "OUTPUT defaults to <input stem>-<TYPE>.gguf beside the input; THREADS to all cores.",
+    )
+    p.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [THREADS]")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or legacy .dat)")
+    p.add_argument(
+        "--include-weights",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="use imatrix entries whose name contains NAME only (repeatable)",
+    )
+    p.add_argument(
+        "--exclude-weights",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="ignore imatrix entries whose name contains NAME (repeatable)",
+    )
+    p.add_argument("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
+    p.add_argument("--token-embedding-type", metavar="TYPE", help="ggml type for token_embd.weight")
+    p.add_argument(
+        "--tensor-type",
+        action="append",
+        default=[],
+        metavar="REGEX=TYPE",
+        help="type for tensors whose name matches REGEX (repeatable; first match wins)",
+    )
+    p.add_argument("--pure", action="store_true", help="no mixture rules: every tensor gets the default type")
+    p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight unquantized")
+    p.add_argument(
+        "--allow-requantize",
+        action="store_true",
+        help="allow a quantized input (dequantized first; loses quality)",
+    )
+    p.add_argument(
+        "--override-kv",
+        action="append",
+        default=[],
+        metavar="KEY=TYPE:VALUE",
+        help="set metadata in the output (TYPE: int, float, bool, str; repeatable)",
+    )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="quantize tensors holding NaN/Inf instead of refusing them",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the per-tensor plan and sizes, write nothing"
+    )
+    p.set_defaults(func=run)
+
+
+def _is_type(name: str) -> bool:
+    from .. import recipes
+
+    try:
+        recipes.level(name)
+    except Exception:
+        return False
+    return True
+
+
+def _positionals(args: list[str]) -> tuple[str, str | None, str, int | None]:
+    if len(args) < 2:
+        raise QuantizeError(f"expected INPUT [OUTPUT] TYPE [THREADS]; usage: {USAGE}")
+    src, rest = args[0], args[1:]
+    dst = None
+    if not _is_type(rest[0]):
+        if len(rest) < 2:
+            raise QuantizeError(f"unknown quantization type {rest[0]!r} (or missing TYPE after OUTPUT)")
+        dst, rest = rest[0], rest[1:]
+    qtype, rest = rest[0], rest[1:]
+    if len(rest) > 1:
+        raise QuantizeError(f"unexpected arguments after THREADS: {' '.join(rest[1:])}")
+    threads = None
+    if rest:
+        try:
+            threads = int(rest[0])
+        except ValueError:
+            raise QuantizeError(f"invalid THREADS {rest[0]!r} (expected a number)") from None
+    return src, dst, qtype, threads
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+class _Bar:
+    """A tqdm progress bar over input bytes, on stderr; only when stderr is a terminal."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, p) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=p.bytes_total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                leave=False,
+                dynamic_ncols=True,
+            )
+        self.bar.set_description_str(f"[{p.index + 1}/{p.n_tensors}] {p.name}", refresh=False)
+        self.bar.update(p.bytes_done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _print_plan(s) -> None:
+    rows = []
+    for i, tp in enumerate(s.plan.tensors):
+        shape = "x".join(str(d) for d in tp.shape)
+        src, dst = _type_name(tp.src_type), _type_name(tp.dst_type)
+        rows.append((f"[{i + 1}/{len(s.plan.tensors)}]", tp.name, shape, f"{src} -> {dst}", str(tp.reason)))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)] if rows else [0] * 4
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in range(4)) + "  " + r[4])
+
+
+def _type_name(t) -> str:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType(int(t)).name
+
+
+def _print_summary(s) -> None:
+    if s.dry_run:
+        print(f"{s.src} as {s.level} (dry run, nothing written)")
+    else:
+        print(f"{s.src} -> {s.dst} as {s.level} ({s.threads} threads)")
+    print(
+        f"  size:  {_mib(s.size_before)} -> {_mib(s.size_after)} "
+        f"({s.bits_per_weight_before:.2f} -> {s.bits_per_weight:.2f} bits per weight)"
+    )
+    if s.file_size is not None:
+        print(f"  file:  {s.file_size} bytes")
+    if s.imatrix_entries:
+        print(f"  imatrix: {s.imatrix_entries} entries")
+    print(f"  time:  {s.seconds:.2f} s")
+    if s.fallbacks:
+        print(f"  fallbacks: {len(s.fallbacks)} of {s.n_tensors} tensors")
+        groups = defaultdict(list)
+        for tp in s.fallbacks:
+            groups[str(tp.reason)].append(tp.name)
+        for reason, names in groups.items():
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            print(f"    {len(names):4d} x {reason}: {', '.join(names[:3])}{more}")
+
+
+def run(args) -> int:
+    from ..quantize import quantize_file
+
+    src, dst, qtype, threads = _positionals(args.args)
+    bar = _Bar() if sys.stderr.isatty() and not args.dry_run else None
+    try:
+        summary = quantize_file(
+            src,
+            dst,
+            qtype,
+            threads=threads,
+            imatrix=args.imatrix,
+            include_weights=args.include_weights,
+            exclude_weights=args.exclude_weights,
+            output_tensor_type=args.output_tensor_type,
+            token_embedding_type=args.token_embedding_type,
+            tensor_types=args.tensor_type,
+            pure=args.pure,
+            leave_output_tensor=args.leave_output_tensor,
+            allow_requantize=args.allow_requantize,
+            override_kv=args.override_kv,
+            allow_nonfinite=args.allow_nonfinite,
+            dry_run=args.dry_run,
+            progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.dry_run:
+        _print_plan(summary)
+    _print_summary(summary)
+    return 0
