@@ -126,3 +126,104 @@ def base_model(src, ftype: str) -> Path:
         llama_model_quantize(src, tmp, ftype, allow_requantize=True)
         os.replace(tmp, target)
     return target
+
+
+# --- llama-quantize as a program: cached reference outputs and --dry-run plans ------------------------------
+
+
+def _quantize_args(*, imatrix=None, include_weights=(), exclude_weights=(), output_tensor_type=None,
+                   token_embedding_type=None, tensor_types=(), pure=False, leave_output_tensor=False,
+                   allow_requantize=False, override_kv=()) -> list[str]:
+    """llama-quantize options, in the order given here (options must precede the positionals)."""
+    args: list[str] = []
+    if imatrix is not None:
+        args += ["--imatrix", str(imatrix)]
+    for w in include_weights:
+        args += ["--include-weights", w]
+    for w in exclude_weights:
+        args += ["--exclude-weights", w]
+    if output_tensor_type is not None:
+        args += ["--output-tensor-type", str(output_tensor_type)]
+    if token_embedding_type is not None:
+        args += ["--token-embedding-type", str(token_embedding_type)]
+    for tt in tensor_types:
+        args += ["--tensor-type", tt if isinstance(tt, str) else f"{tt[0]}={tt[1]}"]
+    if pure:
+        args.append("--pure")
+    if leave_output_tensor:
+        args.append("--leave-output-tensor")
+    if allow_requantize:
+        args.append("--allow-requantize")
+    for kv in override_kv:
+        args += ["--override-kv", kv]
+    return args
+
+
+def _file_id(path) -> list:
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def reference_quantized(src, level: str, *, nthread: int = 2, **opts) -> Path:
+    """`src` quantized by the real llama-quantize at `level`, cached in ~/.cache/ggufkit/quantized.
+
+    opts: imatrix (path; passed as given, so quantize.imatrix.file holds that exact string), include_weights,
+    exclude_weights, output_tensor_type, token_embedding_type, tensor_types ("PATTERN=TYPE" or pairs), pure,
+    leave_output_tensor, allow_requantize, override_kv ("KEY=TYPE:VALUE"). The cache key covers the source
+    (path, size, mtime), the imatrix file, the level and every option. Thread count does not change bytes.
+    """
+    import hashlib
+    import json
+
+    args = _quantize_args(**opts)
+    ident = {"src": _file_id(src), "level": level.upper(), "args": args}
+    if opts.get("imatrix") is not None:
+        ident["imatrix"] = _file_id(opts["imatrix"])
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir("quantized") / f"{Path(src).stem}-{level.upper()}-{key}.gguf"
+    if target.exists():
+        return target
+    tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
+    cmd = [str(tool("llama-quantize")), *args, str(src), str(tmp), level, str(nthread)]
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    if run.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama-quantize failed ({run.returncode}): {' '.join(cmd)}\n{run.stderr[-2000:]}")
+    os.replace(tmp, target)
+    return target
+
+
+class DryRun:
+    """What `llama-quantize --dry-run` printed: per tensor (name, ne, source type, destination type), in its
+    order; the total quantized size as printed (MiB, 2 decimals); the fallback count; the raw log."""
+
+    def __init__(self, tensors, quant_size_mib: str, n_fallback: int, log: str):
+        self.tensors = tensors
+        self.quant_size_mib = quant_size_mib
+        self.n_fallback = n_fallback
+        self.log = log
+
+
+def llama_quantize_dry_run(src, level: str, **opts) -> DryRun:
+    """Run `llama-quantize --dry-run` (milliseconds: it reads only the metadata) and parse its plan."""
+    import re
+
+    from gguf import GGMLQuantizationType
+
+    cmd = [str(tool("llama-quantize")), "--dry-run", *_quantize_args(**opts), str(src), level, "1"]
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"llama-quantize --dry-run failed ({run.returncode}): {' '.join(cmd)}\n"
+                           f"{log[-3000:]}")
+    line = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s+(\w+), size =\s+[\d.]+ MiB"
+                      r"(?: ->\s+[\d.]+ MiB \((\w+)\))?", re.M)
+    tensors = []
+    for m in line.finditer(log):
+        ne = tuple(int(x) for x in m.group(2).split(","))
+        src_t = GGMLQuantizationType[m.group(3).upper()]
+        dst_t = GGMLQuantizationType[m.group(4).upper()] if m.group(4) else src_t
+        tensors.append((m.group(1), ne, src_t, dst_t))
+    size = re.search(r"quant size\s+=\s+([\d.]+) MiB", log)
+    fb = re.search(r"WARNING: (\d+) of \d+ tensor\(s\) required fallback", log)
+    return DryRun(tensors, size.group(1) if size else "", int(fb.group(1)) if fb else 0, log)
