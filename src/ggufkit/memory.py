@@ -98,7 +98,9 @@ class ModelInfo:
     n_expert_used: int = 0
     n_ff_exp: int = 0
     tensors: list = field(default_factory=list, repr=False)  # recipes.TensorSpec, source types
-    file_tensors: list = field(default_factory=list, repr=False)  # a GGUF's (name, shape, type, nbytes)
+    file_tensors: list = field(
+        default_factory=list, repr=False
+    )  # a GGUF's (name, shape, type, nbytes, offset)
     file_type: str = "F16"  # what the tensors are as given ("as is")
     path: Path | None = None
     note: str = ""  # how a bare size was resolved
@@ -205,7 +207,7 @@ def _info_from_gguf(path: Path) -> ModelInfo:
         tensors=specs,
         file_type=file_type,
         path=path,
-        file_tensors=[(t.name, tuple(t.shape), T(t.ggml_type), t.nbytes) for t in model.tensors],
+        file_tensors=[(t.name, tuple(t.shape), T(t.ggml_type), t.nbytes, t.offset) for t in model.tensors],
     )
 
 
@@ -524,12 +526,19 @@ class Estimate:
     kv_type: str
     n_ubatch: int
     weights_bytes: int
+    weights_mapped_bytes: int  # part of weights_bytes: the file span that stays mapped
     weights_repacked_bytes: int  # part of weights_bytes: CPU repack copies
+    reclaimable_bytes: int  # mapped pages of repacked tensors: resident, never read again, droppable
     kv_bytes: int
     compute_bytes: int
-    compute_reserved_bytes: int  # what the scheduler reserves (virtual; not all of it is ever touched)
+    compute_reserved_bytes: int  # the scheduler's reservation + work buffer (not all of it is ever touched)
     output_bytes: int
     overhead_bytes: int
+
+    @property
+    def needed_bytes(self) -> int:
+        """What must fit in RAM: the peak resident size less the reclaimable pages."""
+        return self.total_bytes - self.reclaimable_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -538,7 +547,7 @@ class Estimate:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "total_bytes": self.total_bytes, "needed_bytes": self.needed_bytes}
 
 
 _KV_TYPES = {"f16": T.F16, "f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
@@ -581,15 +590,34 @@ def cpu_repack_types() -> frozenset:
     return frozenset()
 
 
-def _weights(tensors, repack: frozenset) -> tuple[int, int]:
-    """(resident weight bytes, of which repacked copies). tensors: (name, shape, type, nbytes)."""
-    mapped = repacked = 0
-    for name, shape, qtype, nbytes in tensors:
-        mapped += _pad(nbytes, GGUF_ALIGNMENT)
+def _weights(tensors, repack: frozenset) -> tuple[int, int, int, int]:
+    """(resident, mapped, repacked, reclaimable) weight bytes; tensors: (name, shape, type, nbytes, offset).
+
+    llama-model-loader.cpp maps the file, reads every tensor through the mapping (repacked ones are copied
+    out), then unmaps the head and tail outside the span of the tensors that stay in the mapped buffer. So
+    the resident file pages are that span (the "CPU_Mapped model buffer"), including any repacked tensor
+    inside it, plus the repacked copies (the "CPU_REPACK model buffer")."""
+    first, last, repacked, inside = None, 0, 0, []
+    for name, shape, qtype, nbytes, offset in tensors:
         is_matmul = len(shape) >= 2 and name.endswith(".weight") and not name.startswith("token_embd")
         if qtype in repack and is_matmul and shape[1] % 8 == 0:
             repacked += nbytes
-    return mapped + repacked, repacked
+            inside.append((offset, nbytes))
+        else:
+            first = offset if first is None else min(first, offset)
+            last = max(last, offset + nbytes)
+    mapped = last - first if first is not None else 0
+    reclaimable = sum(n for off, n in inside if first is not None and first <= off and off + n <= last)
+    return mapped + repacked, mapped, repacked, reclaimable
+
+
+def _in_file_order(tensors) -> list:
+    """(name, shape, type, nbytes) in the order llama-quantize writes them -> with their data offsets."""
+    out, offset = [], 0
+    for name, shape, qtype, nbytes in tensors:
+        out.append((name, shape, qtype, nbytes, offset))
+        offset += _pad(nbytes, GGUF_ALIGNMENT)
+    return out
 
 
 def _compute(m: ModelInfo, *, n: int, kv_cells: int, swa_cells: int, weight_types: set, flash_attn: bool):
@@ -615,7 +643,7 @@ def _compute(m: ModelInfo, *, n: int, kv_cells: int, swa_cells: int, weight_type
     tokens = n * (4 + 4 + 8 + 8)  # token ids, positions, K and V cell indices
     out1 = (d + m.n_vocab) * f32  # one output row
     resident = mask + max(attn, ffn) + work + tokens + out1
-    reserved = mask + max(attn, ffn, n * (d + m.n_vocab) * f32) + tokens
+    reserved = mask + max(attn, ffn, n * (d + m.n_vocab) * f32) + tokens + work
     return resident, reserved
 
 
@@ -657,9 +685,9 @@ def estimate(
             plan = plan_quantization(model.tensors, model.hparams(), level)
         except GgufkitError as e:
             raise MemoryEstimateError(f"{model.name} at {level}: {e}") from None
-        tensors = [(t.name, t.shape, t.dst_type, t.nbytes) for t in plan.tensors]
+        tensors = _in_file_order([(t.name, t.shape, t.dst_type, t.nbytes) for t in plan.tensors])
         level = level_of(level).name
-    weights, repacked = _weights(tensors, repack)
+    weights, mapped, repacked, reclaimable = _weights(tensors, repack)
 
     cells = _pad(n_ctx, KV_PAD)
     n_ub = min(n_ubatch, n_batch)
@@ -689,7 +717,9 @@ def estimate(
         kv_type=kv_t.name.lower(),
         n_ubatch=n,
         weights_bytes=weights,
+        weights_mapped_bytes=mapped,
         weights_repacked_bytes=repacked,
+        reclaimable_bytes=reclaimable,
         kv_bytes=kv,
         compute_bytes=compute,
         compute_reserved_bytes=reserved,
@@ -710,7 +740,7 @@ class FitTable:
     ram_bytes: int | None
 
     def fits(self, est: Estimate) -> bool | None:
-        return None if self.ram_bytes is None else est.total_bytes <= self.ram_bytes
+        return None if self.ram_bytes is None else est.needed_bytes <= self.ram_bytes
 
     def to_dict(self) -> dict:
         return {
@@ -728,7 +758,48 @@ class FitTable:
 def fit_table(model: ModelInfo, *, levels, contexts, ram_bytes: int | None = None, **options) -> FitTable:
     """Estimates for every level x context. A level may be None: a GGUF as it is."""
     cells = [[estimate(model, n_ctx=c, level=lv, **options) for c in contexts] for lv in levels]
-    return FitTable(model.name, [row[0].level for row in cells], list(contexts), cells, ram_bytes)
+    names = [f"{row[0].level} file" if lv is None else row[0].level for lv, row in zip(levels, cells)]
+    return FitTable(model.name, names, list(contexts), cells, ram_bytes)
+
+
+def format_table(table: FitTable) -> str:
+    """The what-fits-where table as text: rows = levels, columns = contexts, cells = GiB, marked against
+    the budget (fits / does not) when there is one."""
+    head = "what fits where (GiB"
+    if table.ram_bytes is not None:
+        head += f"; budget {table.ram_bytes / GIB:.2f} GiB: + fits, x does not"
+    lines = [head + ")", f"{'level':<12}" + "".join(f"{'n_ctx ' + str(c):>14}" for c in table.contexts)]
+    for name, row in zip(table.levels, table.cells):
+        cells = []
+        for e in row:
+            fits = table.fits(e)
+            mark = "" if fits is None else (" +" if fits else " x")
+            cells.append(f"{e.needed_bytes / GIB:.2f}{mark}".rjust(14))
+        lines.append(f"{name:<12}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def default_contexts(model: ModelInfo) -> list[int]:
+    """The table's columns when none are asked: 2048, 8192, 32768 up to the trained context (and it)."""
+    train = model.n_ctx_train
+    if not train:
+        return list(DEFAULT_CONTEXTS)
+    cols = [c for c in DEFAULT_CONTEXTS if c < train]
+    return cols + [train] if train <= 131072 else cols + [131072]
+
+
+def describe(model: ModelInfo) -> str:
+    """One line of the model facts the estimate used."""
+    kv = sorted(set(model.n_head_kv))
+    kv_text = "/".join(map(str, kv))
+    swa = f", SWA {model.n_swa} on {sum(model.is_swa)} layers" if model.n_swa and any(model.is_swa) else ""
+    moe = f", {model.n_expert} experts ({model.n_expert_used} used)" if model.n_expert else ""
+    how = f" [{model.note}]" if model.note else ""
+    return (
+        f"{model.name}{how}: {model.arch}, {model.n_params / 1e9:.2f}B params, {model.n_layer} layers, "
+        f"{model.n_embd} wide, {model.n_head} heads / {kv_text} KV x {model.head_dim_k}, ffn {model.n_ff}, "
+        f"vocab {model.n_vocab}{swa}{moe}; tensors {model.file_type}"
+    )
 
 
 # -- sizes --------------------------------------------------------------------------------------------------
