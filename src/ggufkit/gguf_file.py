@@ -310,7 +310,7 @@ def _parse(buf, size: int, path) -> GGUFModel:
     p.pos = 4
     version = p.u32("version")
     if version == 1:
-        p.fail("GGUF version 1 is no longer supported (ggml dropped it); convert the model again", 4)
+        p.fail("GGUF version 1 is no longer supported (ggml dropped it; convert the model again)", 4)
     if version != 0 and version & 0xFFFF == 0 and (version >> 24) in (2, 3):
         p.fail(
             f"big-endian GGUF file (version field {version:#010x}); only little-endian files are supported", 4
