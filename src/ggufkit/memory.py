@@ -104,6 +104,8 @@ class ModelInfo:
     file_type: str = "F16"  # what the tensors are as given ("as is")
     path: Path | None = None
     note: str = ""  # how a bare size was resolved
+    plans: dict = field(default_factory=dict, repr=False)  # level -> planned tensors (cache)
+    weights_cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_params(self) -> int:
@@ -611,6 +613,23 @@ def _weights(tensors, repack: frozenset) -> tuple[int, int, int, int]:
     return mapped + repacked, mapped, repacked, reclaimable
 
 
+def _planned(model: ModelInfo, level: str) -> tuple[str, list]:
+    """(level name, tensors in file order with offsets) of llama-quantize's plan for this model."""
+    from .recipes import level as level_of
+    from .recipes import plan_quantization
+
+    try:
+        name = level_of(level).name
+        if name not in model.plans:
+            plan = plan_quantization(model.tensors, model.hparams(), name)
+            model.plans[name] = _in_file_order(
+                [(t.name, t.shape, t.dst_type, t.nbytes) for t in plan.tensors]
+            )
+    except GgufkitError as e:
+        raise MemoryEstimateError(f"{model.name} at {level}: {e}") from None
+    return name, model.plans[name]
+
+
 def _in_file_order(tensors) -> list:
     """(name, shape, type, nbytes) in the order llama-quantize writes them -> with their data offsets."""
     out, offset = [], 0
@@ -678,16 +697,11 @@ def estimate(
         else:
             tensors = model.file_tensors
     if level is not None:
-        from .recipes import level as level_of
-        from .recipes import plan_quantization
-
-        try:
-            plan = plan_quantization(model.tensors, model.hparams(), level)
-        except GgufkitError as e:
-            raise MemoryEstimateError(f"{model.name} at {level}: {e}") from None
-        tensors = _in_file_order([(t.name, t.shape, t.dst_type, t.nbytes) for t in plan.tensors])
-        level = level_of(level).name
-    weights, mapped, repacked, reclaimable = _weights(tensors, repack)
+        level, tensors = _planned(model, level)
+    key = (level, repack)
+    if key not in model.weights_cache:
+        model.weights_cache[key] = _weights(tensors, repack), {t[2] for t in tensors}
+    (weights, mapped, repacked, reclaimable), weight_types = model.weights_cache[key]
 
     cells = _pad(n_ctx, KV_PAD)
     n_ub = min(n_ubatch, n_batch)
