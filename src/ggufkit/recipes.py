@@ -35,23 +35,6 @@ from gguf import GGMLQuantizationType as T
 
 from .errors import QuantizeError
 
-__all__ = [
-    "LEVELS",
-    "Level",
-    "level",
-    "TensorSpec",
-    "Hparams",
-    "hparams_from_gguf",
-    "TensorPlan",
-    "Plan",
-    "plan_quantization",
-    "plan_for_gguf",
-    "parse_ggml_type",
-    "SUPPORTED_ARCHS",
-    "TARGET_TYPES",
-]
-
-
 # -- levels -----------------------------------------------------------------------------------------------
 
 
@@ -112,23 +95,7 @@ def level(name: str) -> Level:
 # Tensor types a plan may target: those the levels above produce, plus what the override options can name
 # among the formats ggufkit implements (the block kernels in ggufkit.quants).
 TARGET_TYPES = frozenset(
-    {
-        T.F32,
-        T.F16,
-        T.BF16,
-        T.Q4_0,
-        T.Q4_1,
-        T.Q5_0,
-        T.Q5_1,
-        T.Q8_0,
-        T.Q2_K,
-        T.Q3_K,
-        T.Q4_K,
-        T.Q5_K,
-        T.Q6_K,
-        T.IQ4_NL,
-        T.IQ4_XS,
-    }
+    T[n] for n in "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS".split()
 )
 _FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
@@ -337,60 +304,43 @@ def _n_dims(shape: Sequence[int]) -> int:
     return max(n, 1)
 
 
-# substrings that keep a tensor out of quantization (tensor_allows_quantization), with the reason shown
-_NEVER = (
-    ("_norm.weight", "norm"),
-    ("ffn_gate_inp.weight", "expert router"),
-    ("ffn_gate_tid2eid.weight", "router"),
-    ("altup", "altup"),
-    ("laurel", "laurel"),
-    ("per_layer_model_proj", "per-layer projection"),
-    ("ssm_conv1d", "conv1d"),
-    ("shortconv.conv.weight", "conv"),
-    ("indexer.k_proj.weight", "indexer"),
-    ("indexer.q_proj.weight", "indexer"),
-    ("time_mix_first.weight", "rwkv"),
-    ("time_mix_w0.weight", "rwkv"),
-    ("time_mix_w1.weight", "rwkv"),
-    ("time_mix_w2.weight", "rwkv"),
-    ("time_mix_v0.weight", "rwkv"),
-    ("time_mix_v1.weight", "rwkv"),
-    ("time_mix_v2.weight", "rwkv"),
-    ("time_mix_a0.weight", "rwkv"),
-    ("time_mix_a1.weight", "rwkv"),
-    ("time_mix_a2.weight", "rwkv"),
-    ("time_mix_g1.weight", "rwkv"),
-    ("time_mix_g2.weight", "rwkv"),
-    ("time_mix_decay_w1.weight", "rwkv"),
-    ("time_mix_decay_w2.weight", "rwkv"),
-    ("time_mix_lerp_fused.weight", "rwkv"),
-    ("attn_rel_b.weight", "relative position bias"),
-    (".position_embd", "multimodal"),
-    ("sam.pos_embd", "multimodal"),
-    ("sam.neck.", "multimodal"),
-    ("sam.net_", "multimodal"),
-    (".rel_pos", "multimodal"),
-    (".patch_embd", "multimodal"),
-    (".patch_merger", "multimodal"),
-    ("a.rvq.codebook", "audio codebook"),
-    ("mm.a.code_embd", "audio codebook"),
-)
+# Substrings that keep a tensor out of quantization (tensor_allows_quantization), by the reason shown.
+_NEVER = {
+    "norm": "_norm.weight",
+    "expert router": "ffn_gate_inp.weight ffn_gate_tid2eid.weight",
+    "small": "altup laurel per_layer_model_proj ssm_conv1d shortconv.conv.weight indexer.k_proj.weight "
+    "indexer.q_proj.weight attn_rel_b.weight",
+    "rwkv": " ".join(
+        f"time_mix_{s}.weight"
+        for s in "first w0 w1 w2 v0 v1 v2 a0 a1 a2 g1 g2 decay_w1 decay_w2 lerp_fused".split()
+    ),
+    "multimodal": ".position_embd sam.pos_embd sam.neck. sam.net_ .rel_pos .patch_embd .patch_merger "
+    "a.rvq.codebook mm.a.code_embd",
+}
+_NEVER_NEEDLES = [(needle, why) for why, needles in _NEVER.items() for needle in needles.split()]
 
 
 def _not_quantized_reason(spec: TensorSpec, leave_output_tensor: bool) -> str | None:
     name = spec.name
     if _n_dims(spec.shape) < 2:
         return "1-D"
-    if not name.endswith("weight"):
+    if not name.endswith("weight") and len(name) != 5:  # C: rfind("weight") == size() - 6, npos for size 5
         return "not a weight"
     if leave_output_tensor and name == "output.weight":
         return "--leave-output-tensor"
     if name in ("position_embd.weight", "token_types.weight"):
         return "positional embedding"
-    for needle, why in _NEVER:
+    for needle, why in _NEVER_NEEDLES:
         if needle in name:
             return why
     return None
+
+
+# (substring, category) in tensor_get_category's order: the first match wins.
+_CATEGORIES = [
+    (f"{c}.weight" if c.startswith("attn") else c, c)
+    for c in "attn_qkv attn_kv_b attn_v attn_k attn_q attn_output ffn_up ffn_gate ffn_down".split()
+]
 
 
 def _category(name: str) -> str:
@@ -399,17 +349,7 @@ def _category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for needle, cat in (
-        ("attn_qkv.weight", "attn_qkv"),
-        ("attn_kv_b.weight", "attn_kv_b"),
-        ("attn_v.weight", "attn_v"),
-        ("attn_k.weight", "attn_k"),
-        ("attn_q.weight", "attn_q"),
-        ("attn_output.weight", "attn_output"),
-        ("ffn_up", "ffn_up"),
-        ("ffn_gate", "ffn_gate"),
-        ("ffn_down", "ffn_down"),
-    ):
+    for needle, cat in _CATEGORIES:
         if needle in name:
             return cat
     return "other"
