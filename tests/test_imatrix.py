@@ -501,3 +501,27 @@ def test_quantize_kvs_nothing_when_empty(real_imatrix):
         "quantize.imatrix.chunks_count",
     ]
     assert kvs[2][1] == V.UINT32 and kvs[2][2] == 210
+
+
+def test_cli_imatrix_for_another_model(synthetic_f16, real_imatrix):
+    """Issue 3 item 5 end to end: one line on stderr, exit status 2, nothing written."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ggufkit",
+            "quantize",
+            "--dry-run",
+            "--imatrix",
+            str(real_imatrix[0]),
+            str(synthetic_f16),
+            "Q4_K_M",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another model" in lines[0] and "blk.0.attn_k.weight" in lines[0], run.stderr

@@ -491,3 +491,13 @@ def test_plan_quantization_direct():
     assert plan.bits_per_weight == pytest.approx(8 * plan.total_bytes / plan.n_elements)
     with pytest.raises(QuantizeError, match="q9_9"):
         plan_quantization(specs, Hparams("llama", 11, 8, 2), "Q8_0", tensor_types=["attn=q9_9"])
+
+
+@pytest.mark.parametrize("level_name", ["Q4_1", "Q4_K_M", "Q8_0", "Q6_K", "F16"])
+def test_quantized_source(smollm2_path, level_name):
+    """SmolLM2 as shipped (a Q4_1 mix): tensors already of the planned type are copied, not requantized."""
+    plan, _ = assert_plan_matches_llama(smollm2_path, level_name)
+    copies = [t for t in plan.tensors if not t.quantize]
+    assert all(t.dst_type == t.src_type and t.kind == "copy" for t in copies)
+    if level_name == "Q4_1":
+        assert any(t.src_type == T.Q4_1 and t.reason.startswith("copy: already Q4_1") for t in copies)
