@@ -25,7 +25,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }
 TOKENS = ["<unk>", "<s>", "</s>", "hello", " world", "é", "日本"]
 
 
-def write_small_gguf(path: Path, *, alignment: int | None = None) -> bytes:
+def write_small_gguf(
+    path: Path, *, alignment: int | None = None, file_type: int | None = 7, name: str | None = None
+) -> bytes:
     """A small valid GGUF: KVs of every value type (scalars and arrays), four tensors (F32, F16, Q8_0,
     Q4_K). Returns the file's bytes."""
     rng = np.random.default_rng(7)
@@ -51,7 +53,10 @@ def write_small_gguf(path: Path, *, alignment: int | None = None) -> bytes:
     w.add_context_length(128)
     w.add_embedding_length(64)
     w.add_head_count(4)
-    w.add_file_type(7)  # Q8_0
+    if file_type is not None:
+        w.add_file_type(file_type)  # 7 = Q8_0
+    if name is not None:
+        w.add_name(name)
     w.add_tokenizer_model("gpt2")
     w.add_token_list(TOKENS)
     w.add_token_types([2, 3, 3, 1, 1, 1, 1])

@@ -220,7 +220,7 @@ def _clean(text: str, *, keep_newlines: bool = False) -> str:
 
 def _show(v) -> str:
     if isinstance(v, str):
-        return repr(_clean(v))
+        return "'" + _clean(v) + "'"
     if isinstance(v, float):
         return f"{v:.9g}"
     return _clean(str(v))
