@@ -1,0 +1,99 @@
+"""ggufkit ram's estimate vs llama.cpp's measured peak resident memory, for the record (docs/benchmarks.md).
+
+For SmolLM2-135M at F16 (llama.cpp's own conversion), Q8_0 and Q4_K_M (llama-quantize) and contexts 512,
+2048 and 8192, and for a synthetic llama whose rows are multiples of 256: llama-bench (built from the
+llama-cpp-python 0.3.36 tree) runs a prompt of n_ctx - 16 tokens and 16 generated in one context of n_ctx
+(-pg), 2 threads, and its peak RSS is read from the kernel. Printed: the estimate and its terms, the
+measured peak, the error, and a naive "file size + KV cache" estimate for comparison; then the time of
+one estimate vs one llama-bench run (the only other way to know).
+
+    python benchmarks/bench_memory.py [--quick]     # --quick: skip the 8192-token runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+
+from llamacpp import base_model, reference_quantized  # noqa: E402
+from synthetic import synthetic_llama  # noqa: E402
+from test_memory import llama_bench_peak_rss  # noqa: E402
+
+from ggufkit import memory  # noqa: E402
+from ggufkit.models import default_model_path  # noqa: E402
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="skip n_ctx 8192")
+    args = ap.parse_args()
+
+    src = default_model_path()
+    f16 = base_model(src, "F16")
+    files = {
+        ("SmolLM2-135M", "F16"): f16,
+        ("SmolLM2-135M", "Q8_0"): reference_quantized(f16, "Q8_0"),
+        ("SmolLM2-135M", "Q4_K_M"): reference_quantized(f16, "Q4_K_M"),
+    }
+    syn = synthetic_llama(src, seed=0, dtype="F16")
+    files[("synthetic 256-row", "F16")] = syn
+    files[("synthetic 256-row", "Q4_K_M")] = reference_quantized(syn, "Q4_K_M")
+    contexts = (512, 2048) if args.quick else (512, 2048, 8192)
+
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
+    )
+    print(
+        f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} {cpu}, "
+        f"{os.cpu_count()} cores, llama-bench -pg (n_ctx-16),16 -t 2 -r 1 --no-warmup"
+    )
+    print(
+        "| model | level | n_ctx | weights | KV | compute | overhead | estimate MiB | measured MiB | error "
+        "| naive file+KV | naive error |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    errors, t_est, t_run = [], 0.0, 0.0
+    for (name, level), path in files.items():
+        for n_ctx in contexts:
+            if name.startswith("synthetic") and n_ctx != 2048:
+                continue
+            t0 = time.perf_counter()
+            est = memory.estimate(memory.load_source(path), n_ctx=n_ctx)
+            t1 = time.perf_counter()
+            measured = llama_bench_peak_rss(path, n_ctx)
+            t2 = time.perf_counter()
+            t_est += t1 - t0
+            t_run += t2 - t1
+            err = est.total_bytes / measured - 1
+            naive = os.path.getsize(path) + est.kv_bytes
+            errors.append(abs(err))
+            print(
+                f"| {name} | {level} | {n_ctx} | {mib(est.weights_bytes)} | {mib(est.kv_bytes)} | "
+                f"{mib(est.compute_bytes + est.output_bytes)} | {mib(est.overhead_bytes)} | "
+                f"{mib(est.total_bytes)} | {mib(measured)} | {err:+.1%} | {mib(naive)} | "
+                f"{naive / measured - 1:+.1%} |",
+                flush=True,
+            )
+    print()
+    print(f"max |error| {max(errors):.1%}, mean |error| {sum(errors) / len(errors):.1%}, {len(errors)} cases")
+    print(
+        f"time: ggufkit estimates {t_est:.2f} s in all, llama-bench runs {t_run:.0f} s "
+        f"(ratio {t_run / max(t_est, 1e-9):.0f}x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
