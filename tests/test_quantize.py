@@ -1,0 +1,486 @@
+"""quantize_file and `ggufkit quantize` against the real llama.cpp: whole-file sha256 identity, errors, CLI.
+
+References, made inside the tests and cached in ~/.cache/ggufkit by input identity:
+  - without an imatrix: llama_model_quantize from llama-cpp-python==0.3.36 (what llama-quantize runs);
+  - with an imatrix or command-line options: the llama-quantize program built from the same source tree
+    (tests/llamacpp.py reference_quantized); imatrices are made by llama-imatrix on a short text.
+Default run: every TYPE on the synthetic 256-wide model (F32), every TYPE but the two slow IQ4 ones on
+SmolLM2 F16, a few on SmolLM2 F32 / synthetic F16, and every quantized TYPE with an imatrix on the
+synthetic model. The full cross product (4 bases x 19 TYPEs x with/without imatrix) runs with
+GGUFKIT_FULL_MATRIX=1 (it takes about half an hour on 2 cores: IQ4 on SmolLM2 is ~1 min per file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from llamacpp import llama_model_quantize, llama_quantize_dry_run, reference_quantized, tool
+
+import ggufkit
+from ggufkit.cli import main as cli_main
+from ggufkit.errors import GgufkitError, QuantizeError
+from ggufkit.gguf_file import open_gguf
+from ggufkit.models import cache_dir, sha256_file
+from ggufkit.quantize import parse_override_kv, quantize_file
+
+LEVELS = [
+    "Q2_K",
+    "Q3_K_S",
+    "Q3_K_M",
+    "Q3_K_L",
+    "Q4_0",
+    "Q4_1",
+    "Q4_K_S",
+    "Q4_K_M",
+    "Q5_0",
+    "Q5_1",
+    "Q5_K_S",
+    "Q5_K_M",
+    "Q6_K",
+    "Q8_0",
+    "IQ4_NL",
+    "IQ4_XS",
+    "F16",
+    "BF16",
+    "F32",
+]
+QUANTIZED = [lv for lv in LEVELS if lv not in ("F16", "BF16", "F32")]
+SLOW_ON_SMOLLM2 = ("IQ4_NL", "IQ4_XS")  # ~1 minute per file on 2 cores, in llama.cpp as in ggufkit
+FULL = os.environ.get("GGUFKIT_FULL_MATRIX") == "1"
+full_only = pytest.mark.skipif(not FULL, reason="full cross product: set GGUFKIT_FULL_MATRIX=1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- references -------------------------------------------------------------------------------------------
+
+
+def _file_key(*parts) -> str:
+    ident = []
+    for p in parts:
+        if isinstance(p, Path):
+            st = p.stat()
+            ident.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        else:
+            ident.append(p)
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+
+
+def lmq_reference(src: Path, level: str, **opts) -> Path:
+    """src quantized by llama-cpp-python's llama_model_quantize, cached by (src identity, level, opts)."""
+    target = cache_dir("reference-lmq") / f"{src.stem}-{level}-{_file_key(src, level, opts)}.gguf"
+    if not target.exists():
+        tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
+        llama_model_quantize(src, tmp, level, **opts)
+        os.replace(tmp, target)
+    return target
+
+
+def make_imatrix(model: Path, fmt: str = "gguf") -> Path:
+    """An imatrix of `model` made by llama-imatrix on Python's own pydoc topics text (4 chunks of 128)."""
+    folder = cache_dir("imatrix")
+    text = folder / "pydoc-topics.txt"
+    if not text.exists():
+        from pydoc_data.topics import topics
+
+        tmp = text.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text("\n\n".join(topics[k] for k in sorted(topics))[:60000])
+        os.replace(tmp, text)
+    ext = "gguf" if fmt == "gguf" else "dat"
+    target = folder / f"{model.stem}-{_file_key(model, fmt)}.imatrix.{ext}"
+    if not target.exists():
+        tmp = target.with_name(f"tmp{os.getpid()}-{target.name}")
+        cmd = [
+            str(tool("llama-imatrix")),
+            "-m",
+            str(model),
+            "-f",
+            str(text),
+            "-o",
+            str(tmp),
+            "--output-format",
+            fmt,
+            "-c",
+            "128",
+            "--chunks",
+            "4",
+            "-b",
+            "512",
+            "-t",
+            "2",
+            "--no-ppl",
+        ]
+        run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+        if run.returncode != 0 or not tmp.exists():
+            raise RuntimeError(f"llama-imatrix failed: {' '.join(cmd)}\n{run.stderr[-2000:]}")
+        os.replace(tmp, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def bases(smollm2_f16, smollm2_f32, synthetic_f32, synthetic_f16) -> dict[str, Path]:
+    return {
+        "smollm2_f16": smollm2_f16,
+        "smollm2_f32": smollm2_f32,
+        "synthetic_f32": synthetic_f32,
+        "synthetic_f16": synthetic_f16,
+    }
+
+
+@pytest.fixture(scope="session")
+def imatrices(bases) -> dict[str, Path]:
+    """One GGUF imatrix per model (SmolLM2's from its F16 base, the synthetic model's from its F32 one)."""
+    smol = make_imatrix(bases["smollm2_f16"])
+    syn = make_imatrix(bases["synthetic_f32"])
+    return {"smollm2_f16": smol, "smollm2_f32": smol, "synthetic_f32": syn, "synthetic_f16": syn}
+
+
+def assert_identical(ours: Path, ref: Path) -> None:
+    a, b = sha256_file(ours), sha256_file(ref)
+    if a != b:
+        with open_gguf(ours) as mo, open_gguf(ref) as mr:
+            keys = [
+                k
+                for k in list(mo.kv) + list(mr.kv)
+                if (k in mo.kv) != (k in mr.kv) or mo.kv[k].raw != mr.kv[k].raw
+            ]
+            diff = [
+                (x.name, x.ggml_type.name, y.ggml_type.name)
+                for x, y in zip(mo.tensors, mr.tensors)
+                if x.name != y.name or x.ggml_type != y.ggml_type or bytes(x.data()) != bytes(y.data())
+            ]
+        raise AssertionError(
+            f"{ours.name} differs from llama.cpp's {ref.name}: KVs {list(mo.kv) == list(mr.kv)}"
+            f" order, differing KVs {keys[:5]}, differing tensors {diff[:5]}"
+        )
+
+
+def _cases(pairs):
+    return [pytest.param(b, lv, id=f"{b}-{lv}", marks=m) for b, lv, m in pairs]
+
+
+def _no_imatrix_cases():
+    out = []
+    for b in ("smollm2_f16", "smollm2_f32", "synthetic_f32", "synthetic_f16"):
+        for lv in LEVELS:
+            default = (
+                b == "synthetic_f32"
+                or (b == "smollm2_f16" and lv not in SLOW_ON_SMOLLM2)
+                or (b == "smollm2_f32" and lv in ("Q4_K_M", "Q8_0", "F16"))
+                or (b == "synthetic_f16" and lv in ("Q4_K_M", "Q6_K", "BF16"))
+            )
+            out.append((b, lv, () if default else full_only))
+    return _cases(out)
+
+
+def _imatrix_cases():
+    out = []
+    for b in ("smollm2_f16", "smollm2_f32", "synthetic_f32", "synthetic_f16"):
+        for lv in QUANTIZED:
+            default = b == "synthetic_f32" or (b == "smollm2_f16" and lv in ("Q4_0", "Q4_K_M", "Q5_K_S"))
+            out.append((b, lv, () if default else full_only))
+    return _cases(out)
+
+
+# -- byte identity ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base,level", _no_imatrix_cases())
+def test_matches_llama_model_quantize(bases, base, level, tmp_path):
+    src = bases[base]
+    out = tmp_path / "out.gguf"
+    summary = quantize_file(src, out, level, threads=2)
+    assert_identical(out, lmq_reference(src, level))
+    assert summary.file_size == out.stat().st_size
+    assert not list(tmp_path.glob(".*"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("base,level", _imatrix_cases())
+def test_matches_llama_quantize_with_imatrix(bases, imatrices, base, level, tmp_path):
+    src, imx = bases[base], str(imatrices[base])
+    out = tmp_path / "out.gguf"
+    summary = quantize_file(src, out, level, imatrix=imx, threads=2)
+    assert summary.imatrix_entries > 0
+    assert_identical(out, reference_quantized(src, level, imatrix=imx))
+
+
+@pytest.mark.parametrize("level", ["Q4_K_M", "IQ4_XS", "Q4_0"])
+def test_legacy_dat_imatrix_matches(bases, level, tmp_path):
+    src = bases["synthetic_f32"]
+    imx = str(make_imatrix(src, "dat"))
+    out = tmp_path / "out.gguf"
+    quantize_file(src, out, level, imatrix=imx)
+    assert_identical(out, reference_quantized(src, level, imatrix=imx))
+
+
+OPTION_CASES = {
+    "include": dict(include_weights=["ffn_down", "attn_v"]),
+    "exclude": dict(exclude_weights=["blk.1."]),
+    "tensor-types": dict(tensor_types=["attn_q=q8_0", r"blk\.[0-1]\.ffn_up=Q5_K", "FFN_GATE=iq4_xs"]),
+    "output-embd-types": dict(output_tensor_type="q5_1", token_embedding_type="Q3_K"),
+    "pure": dict(pure=True),
+    "leave-output": dict(leave_output_tensor=True),
+    "override-kv": dict(
+        override_kv=[
+            "general.name=str:renamed",
+            "llama.context_length=int:-4096",
+            "test.float=float:0.1",
+            "test.flag=bool:true",
+            "general.file_type=int:7",
+        ]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTION_CASES))
+def test_options_match_llama_quantize(bases, imatrices, case, tmp_path):
+    src = bases["synthetic_f32"]
+    opts = dict(OPTION_CASES[case])
+    if case in ("include", "exclude"):
+        opts["imatrix"] = str(imatrices["synthetic_f32"])
+    out = tmp_path / "out.gguf"
+    quantize_file(src, out, "Q4_K_M", **opts)
+    assert_identical(out, reference_quantized(src, "Q4_K_M", **opts))
+
+
+def test_requantize_matches(smollm2_path, tmp_path):
+    """A Q4_1 input dequantized (as llama.cpp does with --allow-requantize) and quantized again."""
+    out = tmp_path / "out.gguf"
+    quantize_file(smollm2_path, out, "Q5_K_S", allow_requantize=True)
+    assert_identical(out, lmq_reference(smollm2_path, "Q5_K_S", allow_requantize=True))
+
+
+# -- summary, dry run, Python API -------------------------------------------------------------------------
+
+
+def test_summary_and_api(bases, tmp_path):
+    src = bases["smollm2_f16"]
+    out = tmp_path / "out.gguf"
+    events = []
+    s = ggufkit.quantize_file(src, out, "q4_k_m", threads=1, progress=events.append)
+    assert s.level == "Q4_K_M" and s.ftype == 15 and s.dst == out and not s.dry_run and s.threads == 1
+    with open_gguf(out) as m, open_gguf(src) as base:
+        assert s.size_after == sum(t.nbytes for t in m.tensors)
+        assert s.size_before == sum(t.nbytes for t in base.tensors)
+        assert s.n_elements == sum(t.n_elements for t in base.tensors)
+        assert m.get("general.file_type") == 15
+    assert s.bits_per_weight == pytest.approx(8 * s.size_after / s.n_elements)
+    assert s.bits_per_weight_before == pytest.approx(16.0, abs=0.01)
+    # SmolLM2's 576-wide rows: every K-quant tensor but ffn_down falls back; llama.cpp counts them too
+    dry = llama_quantize_dry_run(src, "Q4_K_M")
+    assert len(s.fallbacks) == dry.n_fallback > 0
+    assert all("fallback" in tp.reason for tp in s.fallbacks)
+    # progress: per chunk, in order, ending at the total
+    done = [e.bytes_done for e in events]
+    assert done == sorted(done) and done[-1] == events[-1].bytes_total == s.size_before
+    assert [e.index for e in events] == sorted(e.index for e in events)
+
+
+def test_dry_run_writes_nothing_and_matches_llama_quantize(bases, tmp_path, capsys):
+    src = bases["synthetic_f32"]
+    shutil.copy(src, tmp_path / "in.gguf")
+    rc = cli_main(["quantize", "--dry-run", str(tmp_path / "in.gguf"), "Q4_K_M"])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.gguf"]
+    printed = capsys.readouterr().out
+    dry = llama_quantize_dry_run(src, "Q4_K_M")
+    lines = [ln for ln in printed.splitlines() if ln.startswith("[")]
+    assert len(lines) == len(dry.tensors)
+    for line, (name, _ne, src_t, dst_t) in zip(lines, dry.tensors):
+        assert line.split()[1] == name
+        assert f"{src_t.name} -> {dst_t.name}" in line
+    s = quantize_file(src, None, "Q4_K_M", dry_run=True)
+    assert f"{s.size_after / 2**20:.2f}" == dry.quant_size_mib
+    assert (
+        f"{s.size_after / 2**20:.2f} MiB" in printed and f"{s.bits_per_weight:.2f} bits per weight" in printed
+    )
+
+
+def test_cli_default_output_name_and_threads(bases, tmp_path, capsys):
+    src = tmp_path / "model-f16.gguf"
+    shutil.copy(bases["synthetic_f16"], src)
+    assert cli_main(["quantize", str(src), "q8_0", "1"]) == 0
+    text = capsys.readouterr()
+    assert "1 threads" in text.out and "bits per weight" in text.out
+    assert text.err == ""  # no progress bar when stderr is not a terminal
+    out = tmp_path / "model-f16-Q8_0.gguf"
+    assert_identical(out, lmq_reference(bases["synthetic_f16"], "Q8_0"))
+    # explicit output path
+    assert cli_main(["quantize", str(src), str(tmp_path / "x.gguf"), "F16"]) == 0
+    assert_identical(tmp_path / "x.gguf", lmq_reference(bases["synthetic_f16"], "F16"))
+
+
+def test_progress_bar_on_a_terminal(bases, tmp_path):
+    """With stderr on a pseudo-terminal the CLI draws a tqdm bar (tensor name, bytes, ETA)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ggufkit",
+            "quantize",
+            str(bases["synthetic_f16"]),
+            str(tmp_path / "o.gguf"),
+            "Q8_0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        env=env,
+        timeout=300,
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "/39] " in err and "B/s" in err  # "[k/39] tensor name ... 12.3MB/s"
+
+
+# -- refusals: one line on stderr, exit status 2 ----------------------------------------------------------
+
+
+def _cli_error(capsys, *argv) -> str:
+    assert cli_main(["quantize", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ggufkit quantize: error: "), err
+    return err
+
+
+def test_unknown_type(bases, tmp_path, capsys):
+    err = _cli_error(capsys, bases["synthetic_f16"], tmp_path / "o.gguf", "Q4_K_X")
+    assert "Q4_K_X" in err
+    with pytest.raises(QuantizeError):
+        quantize_file(bases["synthetic_f16"], tmp_path / "o.gguf", "IQ9")
+    assert not list(tmp_path.iterdir())
+
+
+def test_same_path_refused(bases, tmp_path, capsys):
+    src = tmp_path / "m.gguf"
+    shutil.copy(bases["synthetic_f16"], src)
+    before = sha256_file(src)
+    _cli_error(capsys, src, src, "Q8_0")
+    (tmp_path / "link.gguf").symlink_to(src)
+    _cli_error(capsys, src, tmp_path / "link.gguf", "Q8_0")
+    os.link(src, tmp_path / "hard.gguf")
+    _cli_error(capsys, src, tmp_path / "hard.gguf", "Q8_0")
+    assert sha256_file(src) == before
+
+
+def test_requantize_refused(smollm2_path, tmp_path, capsys):
+    err = _cli_error(capsys, smollm2_path, tmp_path / "o.gguf", "Q4_K_M")
+    assert "already quantized" in err and "Q4_1" in err and "--allow-requantize" in err
+    assert not list(tmp_path.iterdir())
+    # llama.cpp refuses it too
+    with pytest.raises(RuntimeError):
+        llama_model_quantize(smollm2_path, tmp_path / "ref.gguf", "Q4_K_M")
+
+
+def _tiny_gguf(path: Path, arch: str, *, nan_at: tuple[int, int] | None = None) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(128)
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 64)).astype(np.float32)
+    if nan_at is not None:
+        x[nan_at] = np.nan
+    w.add_tensor("blk.0.attn_q.weight", x)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    src = _tiny_gguf(tmp_path / "t5.gguf", "t5encoder")
+    err = _cli_error(capsys, src, tmp_path / "o.gguf", "Q8_0")
+    assert "t5encoder" in err and not (tmp_path / "o.gguf").exists()
+
+
+def test_imatrix_for_another_model(bases, imatrices, tmp_path, capsys):
+    err = _cli_error(
+        capsys, "--imatrix", imatrices["smollm2_f16"], bases["synthetic_f32"], tmp_path / "o.gguf", "Q4_K_M"
+    )
+    assert "another model" in err
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_nonfinite_weights_refused_like_llama_cpp(tmp_path, capsys):
+    clean = _tiny_gguf(tmp_path / "clean.gguf", "llama")
+    llama_model_quantize(clean, tmp_path / "clean-q8.gguf", "Q8_0")  # the control: llama.cpp takes it
+    quantize_file(clean, tmp_path / "ours-q8.gguf", "Q8_0")
+    assert_identical(tmp_path / "ours-q8.gguf", tmp_path / "clean-q8.gguf")
+    capsys.readouterr()  # drop llama.cpp's log
+    src = _tiny_gguf(tmp_path / "nan.gguf", "llama", nan_at=(5, 7))
+    err = _cli_error(capsys, src, tmp_path / "o.gguf", "Q8_0")
+    assert "blk.0.attn_q.weight" in err and "row 5" in err
+    assert not (tmp_path / "o.gguf").exists()
+    with pytest.raises(RuntimeError):  # llama.cpp refuses the same file
+        llama_model_quantize(src, tmp_path / "ref.gguf", "Q8_0")
+    # an explicit flag lets it through; the NaN row comes out as whatever the kernel makes of it
+    assert cli_main(["quantize", "--allow-nonfinite", str(src), str(tmp_path / "o.gguf"), "Q8_0"]) == 0
+    with open_gguf(tmp_path / "o.gguf") as m:
+        assert m.tensor("blk.0.attn_q.weight").ggml_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_errors_in_a_subprocess_have_no_traceback(bases, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ggufkit",
+            "quantize",
+            str(bases["synthetic_f16"]),
+            str(tmp_path / "o.gguf"),
+            "Q7_K",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
+
+
+def test_override_kv_parsing():
+    v = gguf.GGUFValueType
+    assert parse_override_kv("a.b=int:-5") == ("a.b", v.UINT32, 5)
+    assert parse_override_kv("a.b=int:12abc") == ("a.b", v.UINT32, 12)  # C atol
+    assert parse_override_kv("a.b=int:x") == ("a.b", v.UINT32, 0)
+    assert parse_override_kv("a=float:0.1")[2] == np.float32(0.1)
+    assert parse_override_kv("a=bool:false") == ("a", v.BOOL, False)
+    assert parse_override_kv("a=str:hi there") == ("a", v.STRING, "hi there")
+    for bad in ("noequals", "a=bool:yes", "a=list:1", "=int:1", "a=str:" + "x" * 128):
+        with pytest.raises(GgufkitError):
+            parse_override_kv(bad)
