@@ -222,7 +222,7 @@ def _register(name: str, deq_kernel) -> None:
             has_qw = importance is not None
             qw = importance if has_qw else np.zeros(1, dtype=np.float32)
             _quantize_kernel(x.reshape(-1, block), qw, has_qw, n_per_row // block, _KV, out)
-        return out.reshape(n_rows, -1)
+        return out.reshape(n_rows, n_per_row // block * type_size)
 
     def dequantize_rows(data: np.ndarray, n_per_row: int) -> np.ndarray:
         n_rows = data.shape[0]

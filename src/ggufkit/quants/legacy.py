@@ -342,7 +342,7 @@ def _quantizer(ref_kernel, impl, type_size: int):
                 ref_kernel(_blocks(x), out)
             else:
                 impl(x, importance, out.reshape(n_rows, -1, type_size))
-        return out.reshape(n_rows, -1)
+        return out.reshape(n_rows, n_per_row // QK * type_size)
 
     return quantize_rows
 
