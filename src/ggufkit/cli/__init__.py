@@ -25,7 +25,11 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ggufkit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ggufkit",
+        description="Quantize models to GGUF levels byte-identical to llama.cpp, measure what each level "
+        "costs, and pick the one that fits.",
+    )
     parser.add_argument("--version", action="version", version=f"ggufkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
