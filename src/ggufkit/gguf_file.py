@@ -70,9 +70,14 @@ def _show(name: str, limit: int = 80) -> str:
     return text + ("..." if len(name) > limit else "")
 
 
-@dataclass
+@dataclass(eq=False)
 class KV:
-    """One metadata entry. `raw` is its exact serialized bytes in the file (key included)."""
+    """One metadata entry. `raw` is its exact serialized bytes in the file (key included).
+
+    value: int, float, bool or str for scalars; for arrays a list of str (STRING elements) or a numpy
+    array (numeric and BOOL elements), with `sub_type` the element type. Strings that are not valid UTF-8
+    keep their bytes as lone surrogates (str.encode("utf-8", "surrogateescape") gives them back).
+    """
 
     key: str
     type: GGUFValueType
@@ -81,7 +86,7 @@ class KV:
     raw: bytes = field(default=b"", repr=False)
 
 
-@dataclass
+@dataclass(eq=False)
 class TensorInfo:
     """One tensor table entry. `shape` is in ggml order: shape[0] = ne0 = row length."""
 
@@ -158,7 +163,10 @@ class GGUFModel:
                     f"the file changed size since it was opened ({self.file_size} -> {size} bytes)",
                     path=self.path,
                 )
-            self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.file_size,))
+            try:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.file_size,))
+            except OSError as e:
+                raise GGUFError(f"cannot map the file: {e.strerror or e}", path=self.path) from None
         start = self.data_offset + t.offset
         return self._map[start : start + t.nbytes]
 

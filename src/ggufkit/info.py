@@ -277,7 +277,8 @@ def format_inspect(info: dict) -> str:
         add(f"hyper-parameters ({_clean(info['architecture'])}):")
         width = max(len(k) for k in info["hyperparameters"])
         for k, v in info["hyperparameters"].items():
-            add(f"  {_clean(k):<{width}}  {v if isinstance(v, dict) else _show(v)}")
+            shown = f"[{v['length']} items]" if isinstance(v, dict) else _show(v)
+            add(f"  {_clean(k):<{width}}  {shown}")
     tok = info["tokenizer"]
     if tok:
         add("")
