@@ -10,6 +10,7 @@ import sys
 from collections import defaultdict
 
 from ..errors import QuantizeError
+from ..gguf_writer import WriteInterrupted
 
 USAGE = "ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
@@ -181,29 +182,23 @@ def run(args) -> int:
 
     src, dst, qtype, threads = _positionals(args.args)
     bar = _Bar() if sys.stderr.isatty() and not args.dry_run else None
+    interrupted = None
     try:
         summary = quantize_file(
-            src,
-            dst,
-            qtype,
-            threads=threads,
-            imatrix=args.imatrix,
-            include_weights=args.include_weights,
-            exclude_weights=args.exclude_weights,
-            output_tensor_type=args.output_tensor_type,
-            token_embedding_type=args.token_embedding_type,
-            tensor_types=args.tensor_type,
-            pure=args.pure,
-            leave_output_tensor=args.leave_output_tensor,
-            allow_requantize=args.allow_requantize,
-            override_kv=args.override_kv,
-            allow_nonfinite=args.allow_nonfinite,
-            dry_run=args.dry_run,
-            progress=bar,
-        )
+            src, dst, qtype, threads=threads, imatrix=args.imatrix,
+            include_weights=args.include_weights, exclude_weights=args.exclude_weights,
+            output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
+            tensor_types=args.tensor_type, pure=args.pure, leave_output_tensor=args.leave_output_tensor,
+            allow_requantize=args.allow_requantize, override_kv=args.override_kv,
+            allow_nonfinite=args.allow_nonfinite, dry_run=args.dry_run, progress=bar)
+    except WriteInterrupted as e:  # SIGTERM while writing: the partial file is gone, the destination intact
+        interrupted = e
     finally:
         if bar is not None:
             bar.close()
+    if interrupted is not None:
+        print(f"ggufkit quantize: interrupted by {interrupted}; nothing written", file=sys.stderr)
+        return 128 + interrupted.signum
     if args.dry_run:
         _print_plan(summary)
     _print_summary(summary)
