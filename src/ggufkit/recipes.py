@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from .errors import QuantizeError
@@ -121,29 +120,17 @@ def parse_ggml_type(value) -> T:
     return qt
 
 
-def _block_facts(qt: T) -> tuple[int, int]:
-    """(elements per block, bytes per block) from the block format registry (ggufkit.quants).
-
-    Formats whose kernels are not registered yet fall back to gguf-py's GGML_QUANT_SIZES, the table the
-    registry itself is built from. TODO: use the registry alone once every TARGET_TYPES format is in it.
-    """
+def _block_size(qt: T) -> int:
+    """Elements per block, from the block format registry (the one place block facts live)."""
     from .quants import get_format
 
-    try:
-        fmt = get_format(qt)
-        return fmt.block_size, fmt.type_size
-    except ValueError:
-        return GGML_QUANT_SIZES[T(qt)]
-
-
-def _block_size(qt: T) -> int:
-    return _block_facts(qt)[0]
+    return get_format(qt).block_size
 
 
 def _row_bytes(qt: T, n_per_row: int) -> int:
-    block, size = _block_facts(qt)
-    assert n_per_row % block == 0, (qt, n_per_row)
-    return n_per_row // block * size
+    from .quants import row_bytes
+
+    return row_bytes(qt, n_per_row)
 
 
 # -- model facts ------------------------------------------------------------------------------------------
