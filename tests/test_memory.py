@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -30,6 +31,22 @@ slow = pytest.mark.skipif(not SLOW, reason="8176-token prompt; set GGUFKIT_SLOW_
 TOLERANCE = 0.10
 
 
+# Runs argv[1:] as a forked child of this small interpreter and prints "<exit status> <ru_maxrss KiB>" on
+# stderr. The indirection matters: Linux keeps a process's peak RSS across exec (the larger of the old and
+# new address space's), and Python's subprocess starts children with vfork, so a child started directly by
+# the test process would report the test process's own peak (hundreds of MiB with numba and llama_cpp
+# loaded). A child forked here starts from this interpreter's ~10 MiB, below any llama-bench peak.
+_PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+sys.stdout.flush()
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, file=sys.stderr)
+"""
+
+
 def llama_bench_peak_rss(model, n_ctx: int, *, threads: int = 2) -> int:
     """Peak RSS in bytes of llama-bench running a prompt of n_ctx-16 tokens then 16 generated tokens in one
     context of n_ctx (its `-pg` test; -p 0 -n 0 turn off the separate pp/tg tests), with its defaults
@@ -37,33 +54,19 @@ def llama_bench_peak_rss(model, n_ctx: int, *, threads: int = 2) -> int:
     process the same prompt again in the same context, which takes time and touches nothing new."""
     from llamacpp import tool
 
-    cmd = [
-        str(tool("llama-bench")),
-        "-m",
-        str(model),
-        "-p",
-        "0",
-        "-n",
-        "0",
-        "-pg",
-        f"{n_ctx - 16},16",
-        "-t",
-        str(threads),
-        "-r",
-        "1",
-        "--no-warmup",
-        "-o",
-        "json",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate()  # reads until EOF; the child is reaped below, by us, for its rusage
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama-bench failed ({proc.returncode}): {' '.join(cmd)}\n{err.decode()[-2000:]}")
+    args = f"-pg {n_ctx - 16},16 -t {threads} -p 0 -n 0 -r 1 --no-warmup -o json".split()
+    cmd = [str(tool("llama-bench")), "-m", str(model), *args]
+    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
+        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], stdout=out_f, stderr=err_f)
+        out_f.seek(0)
+        err_f.seek(0)
+        out, err = out_f.read().decode(), err_f.read().decode(errors="replace")
+    status, _, maxrss = err.rstrip().rpartition("\n")[2].partition(" ")
+    if run.returncode != 0 or status != "0":
+        raise RuntimeError(f"llama-bench failed ({status}): {' '.join(cmd)}\n{err[-2000:]}")
     result = json.loads(out)
     assert result and result[0]["n_prompt"] == n_ctx - 16 and result[0]["n_gen"] == 16, result
-    return usage.ru_maxrss * 1024  # Linux reports KiB
+    return int(maxrss) * 1024  # Linux reports KiB
 
 
 def llama_cpp_buffers(model, n_ctx: int, *, type_k: str = "f16", type_v: str = "f16") -> dict:
