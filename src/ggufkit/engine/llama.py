@@ -17,24 +17,33 @@ float32) and dropped before the next layer: memory stays near the file size plus
 Matmuls are float32 BLAS (numpy @) on as many threads as asked; attention runs per chunk, causal
 within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity).
 
-Numerics: llama.cpp rounds activations to the weight's "vec_dot type" (F16 for F16 weights, Q8_0/Q8_K
-for quantized ones) and keeps the KV cache in F16; this engine keeps float32 everywhere. The result
-differs from llama.cpp's logits by rounding noise only (see tests/test_engine.py for the measured
-agreement).
+Numerics (llamacpp_numerics=True, the default): llama.cpp's CPU backend rounds the activations to the
+weight's "vec_dot type" before each matmul (F16 for F16 weights, Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
+Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS) and keeps the KV cache in F16; this engine rounds the same
+way and multiplies in float32. That rounding is part of the damage llama-perplexity measures (about
+0.003 KLD on SmolLM2-135M Q8_0), so leaving it out would under-report every quantized level. It is chaotic
+at the step scale: any float-order difference flips some rounding decisions and the flips decorrelate
+after a few layers, so on a quantized model our logits match llama.cpp's statistically (PPL, KLD,
+same-top) rather than position by position. With F16 weights (F16 rounding is fine) the two engines'
+logits agree to ~0.007 RMS.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import EvalError
 from ..gguf_file import GGUFModel
-from ..quants import dequantize
+from ..quants import dequantize, quantize
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +124,102 @@ class ModelArgs:
         return 1.0
 
 
+def _blas_thread_setter():
+    """OpenBLAS's set_num_threads of the library numpy is linked with (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None, None
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    return get, put
+    return None, None
+
+
+@contextmanager
+def blas_threads(n: int | None):
+    """Run BLAS matmuls on n threads inside the block (None: leave it as it is, normally all cores)."""
+    get, put = _blas_thread_setter() if n else (None, None)
+    if get is None:
+        if n:
+            log.info("cannot set the BLAS thread count (OpenBLAS not found); using its default")
+        yield
+        return
+    old = get()
+    put(int(n))
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# -- llama.cpp's activation rounding ---------------------------------------------------------------
+# ggml's CPU matmul first converts the activations to the weight type's "vec_dot type" (type_traits_cpu in
+# ggml-cpu.c) and then takes exact block dot products. Rounding the activations the same way and then
+# multiplying in float32 reproduces llama.cpp's numbers up to summation order. Without it, a quantized
+# model's measured damage would leave out the (small) activation-rounding share that llama.cpp adds.
+_Q = GGMLQuantizationType
+_VEC_DOT = {
+    **dict.fromkeys((_Q.F16,), "F16"),
+    **dict.fromkeys((_Q.BF16,), "BF16"),
+    **dict.fromkeys((_Q.Q4_0, _Q.Q5_0, _Q.Q8_0, _Q.IQ4_NL), "Q8_0"),
+    **dict.fromkeys((_Q.Q4_1, _Q.Q5_1), "Q8_1"),  # Q8_1 holds the same values as Q8_0
+    **dict.fromkeys((_Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K, _Q.IQ4_XS), "Q8_K"),
+}
+
+
+def _round_q8_0(x: np.ndarray) -> np.ndarray:
+    """x through quantize_row_q8_0 (x86 AVX path) and back: per 32 values d = amax/127 stored as F16,
+    q = round-half-even(x * 127/amax)."""
+    qk = GGML_QUANT_SIZES[_Q.Q8_0][0]
+    b = x.reshape(-1, qk)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    return (np.rint(b * inv) * d).reshape(x.shape)
+
+
+def _round_q8_k(x: np.ndarray) -> np.ndarray:
+    """x through quantize_row_q8_K_ref and back: per 256 values iscale = -127/max (max = the value of
+    largest magnitude, first one on ties), q = min(127, round(iscale*x)), d = 1/iscale in float32."""
+    qk = GGML_QUANT_SIZES[_Q.Q8_K][0]
+    b = x.reshape(-1, qk)
+    mx = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.rint(iscale * b), np.float32(127))
+    return (q * d).reshape(x.shape)
+
+
+def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
+    """Activations x [n, k] as llama.cpp's CPU backend rounds them before a matmul with `weight_type`."""
+    kind = _VEC_DOT.get(GGMLQuantizationType(weight_type))
+    if kind is None:
+        return x
+    if kind == "F16":
+        return x.astype(np.float16).astype(np.float32)
+    if kind == "BF16":
+        return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
+    if kind == "Q8_K":
+        return _round_q8_k(x)
+    return _round_q8_0(x)
+
+
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
     return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * weight
@@ -127,8 +232,9 @@ def _silu(x: np.ndarray) -> np.ndarray:
 class LlamaModel:
     """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
 
-    def __init__(self, model: GGUFModel):
+    def __init__(self, model: GGUFModel, *, llamacpp_numerics: bool = True):
         self.gguf = model
+        self.llamacpp_numerics = llamacpp_numerics
         self.args = ModelArgs.from_gguf(model)
         a = self.args
         self._tensors = {t.name: t for t in model.tensors}
@@ -153,6 +259,23 @@ class LlamaModel:
 
     def _maybe(self, name: str) -> np.ndarray | None:
         return self._weight(name) if name in self._tensors else None
+
+    def _type(self, name: str):
+        t = self._tensors.get(name)
+        return None if t is None else t.ggml_type
+
+    def _matmul(self, x: np.ndarray, w: np.ndarray, wtype, cache: dict | None = None) -> np.ndarray:
+        """x [n, k] @ w.T, x first rounded as llama.cpp rounds it for a weight of type wtype."""
+        if self.llamacpp_numerics and wtype is not None:
+            key = (id(x), _VEC_DOT.get(GGMLQuantizationType(wtype)))
+            if cache is not None and key in cache:
+                x = cache[key]
+            else:
+                xr = round_activations(x, wtype)
+                if cache is not None:
+                    cache[key] = xr
+                x = xr
+        return x @ w.T
 
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Rows of token_embd for `ids`, dequantizing only the rows used."""
@@ -183,6 +306,10 @@ class LlamaModel:
         }
         for n in ("attn_q", "attn_k", "attn_v"):
             w[n + "_b"] = self._maybe(p + n + ".bias")
+        types = {
+            n: self._type(p + n + ".weight")
+            for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+        }
         if w["attn_q"] is None:  # fused QKV (some converters write one attn_qkv tensor)
             a = self.args
             qkv = self._maybe(p + "attn_qkv.weight")
@@ -190,7 +317,8 @@ class LlamaModel:
                 raise EvalError(f"{self.gguf.path}: layer {i} has neither attn_q nor attn_qkv")
             nq, nk = a.head_count * a.key_length, a.head_count_kv * a.key_length
             w["attn_q"], w["attn_k"], w["attn_v"] = qkv[:nq], qkv[nq : nq + nk], qkv[nq + nk :]
-        return w
+            types["attn_q"] = types["attn_k"] = types["attn_v"] = self._type(p + "attn_qkv.weight")
+        return w, types
 
     # -- rope ---------------------------------------------------------------------------------------
     def _rope_tables(self, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
@@ -268,14 +396,15 @@ class LlamaModel:
         eps = a.layer_norm_rms_epsilon
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
         for il in range(a.block_count):
-            w = self._layer(il)
+            w, ty = self._layer(il)
             for c0 in range(0, C, group):
                 n = min(group, C - c0)
                 xs = x[c0 * T : (c0 + n) * T]  # a view: updated in place
                 h = _rms_norm(xs, w["attn_norm"], eps)
-                q = h @ w["attn_q"].T
-                k = h @ w["attn_k"].T
-                v = h @ w["attn_v"].T
+                rounded: dict = {}  # h rounded per vec_dot type, shared by q, k, v of the same type
+                q = self._matmul(h, w["attn_q"], ty["attn_q"], rounded)
+                k = self._matmul(h, w["attn_k"], ty["attn_k"], rounded)
+                v = self._matmul(h, w["attn_v"], ty["attn_v"], rounded)
                 if w["attn_q_b"] is not None:
                     q += w["attn_q_b"]
                 if w["attn_k_b"] is not None:
@@ -291,23 +420,29 @@ class LlamaModel:
                     k = _rms_norm(k, w["attn_k_norm"], eps)
                 self._rope(q, cos, sin)
                 self._rope(k, cos, sin)
-                xs += self._attention(q, k, v, mask) @ w["attn_output"].T
+                if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
+                    k = k.astype(np.float16).astype(np.float32)
+                    v = v.astype(np.float16).astype(np.float32)
+                xs += self._matmul(self._attention(q, k, v, mask), w["attn_output"], ty["attn_output"])
                 h = _rms_norm(xs, w["ffn_norm"], eps)
-                xs += (_silu(h @ w["ffn_gate"].T) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
+                rounded = {}
+                g = _silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded))
+                g *= self._matmul(h, w["ffn_up"], ty["ffn_up"], rounded)
+                xs += self._matmul(g, w["ffn_down"], ty["ffn_down"])
             del w
         return _rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
 
-    def output_weight(self) -> np.ndarray:
+    def _output_name(self) -> str:
         """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""
-        name = "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
-        return self._weight(name)
+        return "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
 
     def chunk_logits(self, tokens: np.ndarray, *, first: int = 0, group: int = 8) -> Iterator[np.ndarray]:
         """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1."""
         h = self.hidden(tokens, group=group)
-        out = self.output_weight()
+        name = self._output_name()
+        out, wtype = self._weight(name), self._type(name)
         for c in range(h.shape[0]):
-            yield h[c, first:] @ out.T
+            yield self._matmul(np.ascontiguousarray(h[c, first:]), out, wtype)
 
     def logits(self, tokens) -> np.ndarray:
         """Logits [T, n_vocab] of one sequence of token ids."""
