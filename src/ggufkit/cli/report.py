@@ -1,6 +1,116 @@
-"""`ggufkit report` (placeholder until its issue lands)."""
+"""`ggufkit report [MODEL]`: the quantization ladder of a model, measured on this machine, as one table."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from .. import report as rep
+from ..pick import TASKS
 
 
 def add_parser(sub):
-    p = sub.add_parser("report", help="(not yet available)")
-    p.set_defaults(func=lambda args: 2)
+    p = sub.add_parser(
+        "report",
+        help="quantize a model to every level, measure each, print the table and a recommendation",
+        description=(
+            "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; default: "
+            "SmolLM2-135M-Instruct) to each level, measure perplexity, KL divergence, same-top-token "
+            "agreement, tokens/s and RAM against the full-precision base, and write report.md, report.json, "
+            "report.html and report.png. Work is cached: a re-run reuses what is done."
+        ),
+    )
+    p.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched and cached)")
+    p.add_argument(
+        "--levels",
+        metavar="L1,L2",
+        help=f"comma-separated levels (default: {','.join(rep.DEFAULT_LEVELS)}; "
+        f"with --quick: {','.join(rep.QUICK_LEVELS)})",
+    )
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: Python's pydoc topics)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: ~/.cache/ggufkit/reports/<sha256>)")
+    p.add_argument(
+        "--quick", action="store_true", help=f"fewer levels and {rep.QUICK_CHUNKS} chunks (a few minutes)"
+    )
+    p.add_argument("--ctx", type=int, default=rep.DEFAULT_CTX, metavar="N", help="tokens per chunk (512)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        metavar="N",
+        help=f"chunks of text to score (default {rep.DEFAULT_CHUNKS}, --quick {rep.QUICK_CHUNKS})",
+    )
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", "builtin", "llama.cpp"),
+        help="engine for the quality numbers (auto: llama.cpp when llama-cpp-python is installed)",
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="threads (default: all cores)")
+    p.add_argument("--task", default="chat", choices=TASKS, help="task for the recommendation (ggufkit pick)")
+    p.set_defaults(func=run)
+
+
+class _Progress:
+    """A tqdm bar over the steps (base, then one per level) on a terminal; one line per step otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.last = (-1, "")
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, p: rep.ReportProgress) -> None:
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=p.n_steps,
+                    unit="step",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                    bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]",
+                )
+            self.bar.n = p.index + p.fraction
+            self.bar.set_description(f"{p.level}: {p.label}", refresh=False)
+            self.bar.refresh()
+        elif (p.index, re.sub(r"\d+", "", p.label)) != self.last:
+            self.last = (p.index, re.sub(r"\d+", "", p.label))
+            print(f"[{p.index + 1}/{p.n_steps}] {p.level}: {p.label}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    levels = [s.strip() for s in args.levels.split(",") if s.strip()] if args.levels else None
+    progress = _Progress()
+    try:
+        result = rep.run_report(
+            args.model,
+            levels=levels,
+            text=args.text,
+            out=args.out,
+            quick=args.quick,
+            ctx=args.ctx,
+            chunks=args.chunks,
+            engine=args.engine,
+            threads=args.threads,
+            task=args.task,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    data = result.data
+    print(rep.format_table(data))
+    print()
+    rec = data["recommendation"]
+    print(f"Recommended for this machine ({args.task}, n_ctx {rec['n_ctx']}): {rec['reason']}")
+    for tip in rec["suggestions"]:
+        print(f"  - {tip}")
+    print()
+    for note in data["notes"]:
+        print(f"- {note}")
+    print()
+    print(f"Written: {', '.join(str(result.files[k]) for k in ('md', 'json', 'html', 'png'))}")
+    return 0
