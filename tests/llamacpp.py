@@ -197,9 +197,10 @@ class DryRun:
     """What `llama-quantize --dry-run` printed: per tensor (name, ne, source type, destination type), in its
     order; the total quantized size as printed (MiB, 2 decimals); the fallback count; the raw log."""
 
-    def __init__(self, tensors, quant_size_mib: str, n_fallback: int, log: str):
+    def __init__(self, tensors, quant_size_mib: str, quant_bpw: str, n_fallback: int, log: str):
         self.tensors = tensors
         self.quant_size_mib = quant_size_mib
+        self.quant_bpw = quant_bpw
         self.n_fallback = n_fallback
         self.log = log
 
@@ -224,6 +225,7 @@ def llama_quantize_dry_run(src, level: str, **opts) -> DryRun:
         src_t = GGMLQuantizationType[m.group(3).upper()]
         dst_t = GGMLQuantizationType[m.group(4).upper()] if m.group(4) else src_t
         tensors.append((m.group(1), ne, src_t, dst_t))
-    size = re.search(r"quant size\s+=\s+([\d.]+) MiB", log)
+    size = re.search(r"quant size\s+=\s+([\d.]+) MiB \(([\d.]+) BPW\)", log)
     fb = re.search(r"WARNING: (\d+) of \d+ tensor\(s\) required fallback", log)
-    return DryRun(tensors, size.group(1) if size else "", int(fb.group(1)) if fb else 0, log)
+    return DryRun(tensors, size.group(1) if size else "", size.group(2) if size else "",
+                  int(fb.group(1)) if fb else 0, log)

@@ -195,6 +195,7 @@ def assert_plan_matches_llama(src, level_name, **opts):
         ne[: len(t.shape)] for t, (_, ne, _, _) in zip(plan.tensors, ref.tensors)
     ]
     assert f"{plan.total_bytes / 1024 / 1024:.2f}" == ref.quant_size_mib
+    assert f"{plan.bits_per_weight:.2f}" == ref.quant_bpw
     assert plan.n_fallback == ref.n_fallback
     return plan, ref
 
