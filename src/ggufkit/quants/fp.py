@@ -15,7 +15,7 @@ round-to-nearest-even on the top 16 bits (inf stays inf, overflow rounds to inf)
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .registry import register
 
@@ -58,24 +58,46 @@ def fp16_bits_to_fp32(h):
     return np.uint32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))).view(np.float32)
 
 
-def fp16_bits(x: np.ndarray) -> np.ndarray:
-    """Vectorized GGML_FP32_TO_FP16: float32 array -> uint16 bit patterns of the same shape."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        bits = x.astype(np.float16).view(np.uint16)  # IEEE RNE, bit for bit for every non-NaN input
-    nan = np.isnan(x)
-    if nan.any():
-        bits[nan] = ((x.view(np.uint32)[nan] >> 16) & 0x8000).astype(np.uint16) | np.uint16(0x7E00)
-    return bits
+@njit(parallel=True, cache=True)
+def _f16_rows(x, out):
+    for r in prange(x.shape[0]):
+        xr = x[r]
+        orow = out[r]
+        for j in range(xr.shape[0]):
+            orow[j] = fp32_to_fp16_bits(xr[j])
 
 
-def fp16_to_fp32(bits: np.ndarray) -> np.ndarray:
-    """Vectorized GGML_FP16_TO_FP32: uint16 bit patterns -> float32 (signalling NaNs come back quiet)."""
-    out = bits.view(np.float16).astype(np.float32)
-    nan = np.isnan(out)
-    if nan.any():
-        u = out.view(np.uint32)
-        u[nan] |= np.uint32(0x400000)
-    return out
+@njit(parallel=True, cache=True)
+def _f16_to_f32_rows(h, y):
+    for r in prange(h.shape[0]):
+        hr = h[r]
+        yr = y[r]
+        for j in range(hr.shape[0]):
+            yr[j] = fp16_bits_to_fp32(hr[j])
+
+
+@njit(parallel=True, cache=True)
+def _bf16_rows(u, out):
+    """ggml_compute_fp32_to_bf16 on float32 bit patterns u (uint32)."""
+    for r in prange(u.shape[0]):
+        ur = u[r]
+        orow = out[r]
+        for j in range(ur.shape[0]):
+            v = ur[j]
+            if (v & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: keep the top bits, force quiet
+                orow[j] = np.uint16((v >> np.uint32(16)) | np.uint32(0x40))
+            else:  # round to nearest even; never wraps for a non-NaN (-inf 0xFF800000 + 0x8000 fits)
+                bump = np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))
+                orow[j] = np.uint16((v + bump) >> np.uint32(16))
+
+
+@njit(parallel=True, cache=True)
+def _bf16_to_f32_rows(h, y):
+    for r in prange(h.shape[0]):
+        hr = h[r]
+        yr = y[r]
+        for j in range(hr.shape[0]):
+            yr[j] = np.uint32(hr[j]) << np.uint32(16)
 
 
 def _quantize_f32(x: np.ndarray, importance) -> np.ndarray:
@@ -87,27 +109,27 @@ def _dequantize_f32(data: np.ndarray, n_per_row: int) -> np.ndarray:
 
 
 def _quantize_f16(x: np.ndarray, importance) -> np.ndarray:
-    return fp16_bits(x).view(np.uint8)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _f16_rows(x, out)
+    return out.view(np.uint8)
 
 
 def _dequantize_f16(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    return fp16_to_fp32(data.view(np.uint16))
+    y = np.empty((data.shape[0], n_per_row), dtype=np.float32)
+    _f16_to_f32_rows(data.view(np.uint16), y)
+    return y
 
 
 def _quantize_bf16(x: np.ndarray, importance) -> np.ndarray:
-    # uint32 arithmetic never wraps for a non-NaN input (the largest, -inf = 0xFF800000, + 0x8000 fits)
-    u = x.view(np.uint32)
-    rounded = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(
-        np.uint16
-    )
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
-    return rounded.view(np.uint8)
+    out = np.empty(x.shape, dtype=np.uint16)
+    _bf16_rows(x.view(np.uint32), out)
+    return out.view(np.uint8)
 
 
 def _dequantize_bf16(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    return (data.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    y = np.empty((data.shape[0], n_per_row), dtype=np.uint32)
+    _bf16_to_f32_rows(data.view(np.uint16), y)
+    return y.view(np.float32)
 
 
 register("F32", quantize_rows=_quantize_f32, dequantize_rows=_dequantize_f32, uses_importance=False)
