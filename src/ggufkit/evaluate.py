@@ -43,7 +43,7 @@ from .models import cache_dir, sha256_file
 log = logging.getLogger(__name__)
 
 ENGINES = ("builtin", "llama.cpp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 KLD_CUTOFF = np.float32(-16.0)
 _F = np.float32
 
@@ -422,14 +422,19 @@ def _cache_path(base_path, chunks: np.ndarray, engine: str) -> Path:
 def _load_base(path: Path) -> BaseRecords | None:
     try:
         with np.load(path) as z:
-            return BaseRecords(**{k: z[k] for k in BaseRecords.__dataclass_fields__})
+            fields = {k: z[k] for k in BaseRecords.__dataclass_fields__ if k != "idx"}
+            fields["idx"] = np.cumsum(z["idx_delta"], dtype=np.int64).astype(np.int32)
+            return BaseRecords(**fields)
     except (OSError, KeyError, ValueError):
         return None
 
 
 def _save_base(path: Path, rec: BaseRecords) -> None:
+    """Compressed npz; the token ids of the kept entries are stored as differences (small numbers)."""
     tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **asdict(rec))
+    arrays = asdict(rec)
+    arrays["idx_delta"] = np.diff(arrays.pop("idx"), prepend=0).astype(np.int32)
+    np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
 
