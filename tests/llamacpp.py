@@ -47,8 +47,19 @@ def source_tree() -> Path:
         if (tree / "CMakeLists.txt").exists():
             return tree
         with tempfile.TemporaryDirectory(dir=root) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                   "-d", tmp, SDIST]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                "-d",
+                tmp,
+                SDIST,
+            ]
             subprocess.run(cmd, check=True)
             (archive,) = Path(tmp).glob("*.tar.gz")
             with tarfile.open(archive) as tf:
@@ -71,14 +82,29 @@ def tool(name: str) -> Path:
         build = root / "build"
         jobs = str(os.cpu_count() or 2)
         subprocess.run(
-            ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-             "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-             "-DGGML_OPENMP=ON"],
-            check=True, stdout=subprocess.DEVNULL,
+            [
+                "cmake",
+                "-S",
+                str(tree),
+                "-B",
+                str(build),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DBUILD_SHARED_LIBS=OFF",
+                "-DLLAMA_CURL=OFF",
+                "-DLLAMA_OPENSSL=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF",
+                "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_SERVER=OFF",
+                "-DGGML_OPENMP=ON",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
         )
-        subprocess.run(["cmake", "--build", str(build), "-j", jobs, "--target", *TARGETS],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["cmake", "--build", str(build), "-j", jobs, "--target", *TARGETS],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return exe
 
 
@@ -89,15 +115,41 @@ if __name__ == "__main__":  # prebuild: python tests/llamacpp.py
 
 # llama_ftype values (include/llama.h) by llama-quantize's type names.
 FTYPES = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
-    "Q3_K_M": 12, "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-    "Q2_K_S": 21, "IQ4_NL": 25, "IQ4_XS": 30, "BF16": 32,
+    "F32": 0,
+    "F16": 1,
+    "Q4_0": 2,
+    "Q4_1": 3,
+    "Q8_0": 7,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_S": 11,
+    "Q3_K_M": 12,
+    "Q3_K_L": 13,
+    "Q4_K_S": 14,
+    "Q4_K_M": 15,
+    "Q5_K_S": 16,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "Q2_K_S": 21,
+    "IQ4_NL": 25,
+    "IQ4_XS": 30,
+    "BF16": 32,
 }
 
 
-def llama_model_quantize(src, dst, ftype: str, *, nthread: int = 2, allow_requantize: bool = False,
-                         pure: bool = False, leave_output_tensor: bool = False,
-                         output_tensor_type: int | None = None, token_embedding_type: int | None = None) -> Path:
+def llama_model_quantize(
+    src,
+    dst,
+    ftype: str,
+    *,
+    nthread: int = 2,
+    allow_requantize: bool = False,
+    pure: bool = False,
+    leave_output_tensor: bool = False,
+    output_tensor_type: int | None = None,
+    token_embedding_type: int | None = None,
+) -> Path:
     """llama.cpp's own llama_model_quantize (what llama-quantize runs), through llama-cpp-python."""
     import llama_cpp
 
@@ -131,9 +183,19 @@ def base_model(src, ftype: str) -> Path:
 # --- llama-quantize as a program: cached reference outputs and --dry-run plans ------------------------------
 
 
-def _quantize_args(*, imatrix=None, include_weights=(), exclude_weights=(), output_tensor_type=None,
-                   token_embedding_type=None, tensor_types=(), pure=False, leave_output_tensor=False,
-                   allow_requantize=False, override_kv=()) -> list[str]:
+def _quantize_args(
+    *,
+    imatrix=None,
+    include_weights=(),
+    exclude_weights=(),
+    output_tensor_type=None,
+    token_embedding_type=None,
+    tensor_types=(),
+    pure=False,
+    leave_output_tensor=False,
+    allow_requantize=False,
+    override_kv=(),
+) -> list[str]:
     """llama-quantize options, in the order given here (options must precede the positionals)."""
     args: list[str] = []
     if imatrix is not None:
@@ -215,10 +277,14 @@ def llama_quantize_dry_run(src, level: str, **opts) -> DryRun:
     run = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
     log = run.stdout + run.stderr
     if run.returncode != 0:
-        raise RuntimeError(f"llama-quantize --dry-run failed ({run.returncode}): {' '.join(cmd)}\n"
-                           f"{log[-3000:]}")
-    line = re.compile(r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s+(\w+), size =\s+[\d.]+ MiB"
-                      r"(?: ->\s+[\d.]+ MiB \((\w+)\))?", re.M)
+        raise RuntimeError(
+            f"llama-quantize --dry-run failed ({run.returncode}): {' '.join(cmd)}\n{log[-3000:]}"
+        )
+    line = re.compile(
+        r"^\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[([\d,\s]+)\], type =\s+(\w+), size =\s+[\d.]+ MiB"
+        r"(?: ->\s+[\d.]+ MiB \((\w+)\))?",
+        re.M,
+    )
     tensors = []
     for m in line.finditer(log):
         ne = tuple(int(x) for x in m.group(2).split(","))
@@ -227,5 +293,10 @@ def llama_quantize_dry_run(src, level: str, **opts) -> DryRun:
         tensors.append((m.group(1), ne, src_t, dst_t))
     size = re.search(r"quant size\s+=\s+([\d.]+) MiB \(([\d.]+) BPW\)", log)
     fb = re.search(r"WARNING: (\d+) of \d+ tensor\(s\) required fallback", log)
-    return DryRun(tensors, size.group(1) if size else "", size.group(2) if size else "",
-                  int(fb.group(1)) if fb else 0, log)
+    return DryRun(
+        tensors,
+        size.group(1) if size else "",
+        size.group(2) if size else "",
+        int(fb.group(1)) if fb else 0,
+        log,
+    )
