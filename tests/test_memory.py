@@ -76,11 +76,12 @@ def llama_cpp_buffers(model, n_ctx: int, *, type_k: str = "f16", type_v: str = "
     code = (
         "import llama_cpp, sys\n"
         f"llama_cpp.Llama({str(model)!r}, n_ctx={n_ctx}, n_batch=2048, n_ubatch=512, flash_attn=True,\n"
-        f"    type_k={types[type_k]}, type_v={types[type_v]}, n_threads=2, verbose=True)\n"
+        f"    type_k={types[type_k]}, type_v={types[type_v]}, swa_full=False, n_threads=2, verbose=True)\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace")
     assert run.returncode == 0, run.stderr[-2000:]
     sizes = {}
+    sizes["kv_caches"] = [float(x) for x in re.findall(r"KV buffer size =\s+([\d.]+) MiB", run.stderr)]
     for name, pattern in {
         "mapped": r"CPU_Mapped model buffer size =\s+([\d.]+) MiB",
         "repack": r"CPU_REPACK model buffer size =\s+([\d.]+) MiB",
@@ -111,6 +112,66 @@ def smollm2_levels(smollm2_f16):
         "Q8_0": reference_quantized(smollm2_f16, "Q8_0"),
         "Q4_K_M": reference_quantized(smollm2_f16, "Q4_K_M"),
     }
+
+
+@pytest.fixture(scope="session")
+def synthetic_gemma2(smollm2_path, tmp_path_factory):
+    """A small seeded gemma2 (sliding window 256 on every other layer; 4 layers, 256 wide, 2 KV heads of
+    64), F16, SmolLM2's vocabulary: the sliding-window KV cache path."""
+    import gguf
+    import numpy as np
+    from synthetic import _copy_tokenizer
+
+    path = tmp_path_factory.mktemp("gemma2") / "gemma2-swa.gguf"
+    rng = np.random.default_rng(0)
+    d, n_layer, n_head, n_kv, hd, n_ff = 256, 4, 4, 2, 64, 512
+    n_vocab = len(gguf.GGUFReader(str(smollm2_path)).fields["tokenizer.ggml.tokens"].data)
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    for add, value in [
+        (w.add_context_length, 8192),
+        (w.add_embedding_length, d),
+        (w.add_block_count, n_layer),
+        (w.add_feed_forward_length, n_ff),
+        (w.add_head_count, n_head),
+        (w.add_head_count_kv, n_kv),
+        (w.add_key_length, hd),
+        (w.add_value_length, hd),
+        (w.add_layer_norm_rms_eps, 1e-6),
+        (w.add_sliding_window, 256),
+        (w.add_file_type, 1),
+    ]:
+        add(value)
+    _copy_tokenizer(w, smollm2_path)
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) * (0.5 / np.sqrt(cols))).astype(np.float16)
+
+    def vec(n):
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", mat(n_vocab, d))
+    w.add_tensor("output_norm.weight", vec(d))
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for name, t in [
+            ("attn_norm", vec(d)),
+            ("attn_q", mat(n_head * hd, d)),
+            ("attn_k", mat(n_kv * hd, d)),
+            ("attn_v", mat(n_kv * hd, d)),
+            ("attn_output", mat(d, n_head * hd)),
+            ("post_attention_norm", vec(d)),
+            ("ffn_norm", vec(d)),
+            ("ffn_gate", mat(n_ff, d)),
+            ("ffn_up", mat(n_ff, d)),
+            ("ffn_down", mat(d, n_ff)),
+            ("post_ffw_norm", vec(d)),
+        ]:
+            w.add_tensor(p + name + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +242,26 @@ def test_kv_cache_and_weights_match_llama_cpp_buffers(smollm2_levels, n_ctx, kv_
     assert mib(est.output_bytes) == pytest.approx(got["output"], abs=0.01)
     # the scheduler's reservation (plus the CPU work buffer): within 10%, ggml-alloc's packing is not modelled
     assert est.compute_reserved_bytes == pytest.approx(got["compute"] * (1 << 20), rel=0.10)
+
+
+@pytest.mark.parametrize("n_ctx", [200, 2048, 5000])
+def test_sliding_window_kv_cache_matches_llama_cpp(synthetic_gemma2, n_ctx):
+    """gemma2: the SWA layers keep pad(window + ubatch, 256) cells, the others n_ctx padded."""
+    got = llama_cpp_buffers(synthetic_gemma2, n_ctx)
+    m = memory.load_source(synthetic_gemma2)
+    assert m.is_swa == [True, False, True, False] and m.n_swa == 256
+    est = memory.estimate(m, n_ctx=n_ctx)
+    assert len(got["kv_caches"]) == 2  # llama.cpp's two caches, non-SWA and SWA
+    assert mib(est.kv_bytes) == pytest.approx(sum(got["kv_caches"]), abs=0.02)
+    assert mib(est.weights_mapped_bytes) == pytest.approx(got["mapped"], abs=0.01)
+
+
+def test_sliding_window_model_within_10_percent(synthetic_gemma2, record_property):
+    est = memory.estimate(memory.load_source(synthetic_gemma2), n_ctx=2048)
+    measured = llama_bench_peak_rss(synthetic_gemma2, 2048)
+    error = est.total_bytes / measured - 1
+    record_property("error", round(error, 4))
+    assert abs(error) < TOLERANCE, f"estimate {mib(est.total_bytes)} MiB, measured {mib(measured)} MiB"
 
 
 def test_f16_weights_match_llama_cpp_buffer(smollm2_levels, synthetic_q4_k_m):

@@ -133,6 +133,10 @@ def _per_layer(value, n_layer: int, what: str) -> list[int]:
     return [int(value)] * n_layer
 
 
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "llama4": 4, "cohere2": 4}
+_SWA_DEFAULT = {"gemma2": 4096, "llama4": 8192}  # window when the GGUF has no sliding_window key
+
+
 def _swa_layers(arch: str, n_layer: int, n_swa: int, pattern) -> list[bool]:
     """Which layers use the sliding window (llama_hparams::set_swa_pattern and the arch loaders)."""
     if not n_swa:
@@ -141,14 +145,16 @@ def _swa_layers(arch: str, n_layer: int, n_swa: int, pattern) -> list[bool]:
         values = [bool(v) for v in (pattern.tolist() if hasattr(pattern, "tolist") else pattern)]
         if len(values) == n_layer:
             return values
-    # default patterns of the arch loaders (src/models/<arch>.cpp: load_swa_pattern(ml, n))
-    n_pattern = (
-        int(pattern)
-        if isinstance(pattern, int)
-        else {"gemma2": 2, "gemma3": 6, "gemma3n": 5, "llama4": 4, "cohere2": 4}.get(arch, 0)
-    )
-    if n_pattern == 0:
+    # a pattern n from the GGUF, else the arch loader's default (src/models/<arch>.cpp load_swa_pattern);
+    # n = 0 means every layer. Other archs are taken as having no SWA layer (the larger, safe estimate).
+    if isinstance(pattern, int):
+        n_pattern = pattern
+    elif arch in _SWA_PATTERN:
+        n_pattern = _SWA_PATTERN[arch]
+    else:
         return [False] * n_layer
+    if n_pattern == 0:
+        return [True] * n_layer
     return [il % n_pattern < n_pattern - 1 for il in range(n_layer)]
 
 
@@ -184,7 +190,7 @@ def _info_from_gguf(path: Path) -> ModelInfo:
     n_ff = max(_per_layer(key("feed_forward_length", 0), n_layer, f"{arch}.feed_forward_length"))
     tokens = model.get("tokenizer.ggml.tokens")
     n_vocab = int(key("vocab_size", len(tokens) if tokens is not None else None))
-    n_swa = int(key("attention.sliding_window", 0))
+    n_swa = int(key("attention.sliding_window", _SWA_DEFAULT.get(arch, 0)))
     is_swa = _swa_layers(arch, n_layer, n_swa, key("attention.sliding_window_pattern", None, required=False))
     specs = [TensorSpec(t.name, tuple(t.shape), T(t.ggml_type)) for t in model.tensors]
     file_type = _file_type_name(model.get("general.file_type"), specs)
