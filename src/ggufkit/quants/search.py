@@ -336,7 +336,9 @@ def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     strictly smaller; a winning candidate's min is used by the later candidates (as in C).
     max == min: L = 0, returns (0, -min). the_min is >= 0 (may be -0.0). n <= 64.
     """
-    return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, True)
+    return _make_qkx(
+        x, w, np.int64(nmax), L, rmin, rdelta, np.int64(nstep), np.bool_(use_mad), work, np.bool_(True)
+    )
 
 
 @njit(cache=True, error_model="numpy")
@@ -347,7 +349,9 @@ def make_qkx3_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
     ggml's make_qkx3_quants (the imatrix paths, called with rmin=-0.9, rdelta=0.05, nstep=36,
     use_mad=False): as make_qkx2_quants, except w empty -> w = x*x and the degenerate test is max <= min.
     """
-    return _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, False)
+    return _make_qkx(
+        x, w, np.int64(nmax), L, rmin, rdelta, np.int64(nstep), np.bool_(use_mad), work, np.bool_(False)
+    )
 
 
 @njit(cache=True, error_model="numpy")
