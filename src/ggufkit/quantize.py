@@ -39,8 +39,8 @@ __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_
 log = logging.getLogger(__name__)
 
 GGML_QNT_VERSION = 2  # ggml.h: written as general.quantization_version
-CHUNK_ELEMENTS = 1 << 22  # floats per row chunk (16 MiB of float32): bounds memory, keeps all cores busy
-COPY_CHUNK_BYTES = 1 << 24
+CHUNK_ELEMENTS = 1 << 20  # floats per row chunk (4 MiB of float32): bounds memory, keeps all cores busy
+COPY_CHUNK_BYTES = 1 << 22
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]

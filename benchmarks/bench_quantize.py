@@ -1,0 +1,178 @@
+"""Quantize files: `ggufkit quantize` vs `llama-quantize`, same input, same TYPE, same threads, same run.
+
+Each job runs as a fresh process (the CLI against the program, startup included), alternating the two,
+`--repeat` times; the script prints the median wall time, the peak RSS of each process (getrusage of the
+child: ru_maxrss, which counts mapped input pages the process touched), their ratios, and checks that the
+two outputs have the same sha256. The page cache is warmed by one untimed run of each first.
+
+    python benchmarks/bench_quantize.py [--base synthetic_f32] [--levels Q4_K_M,Q6_K,Q8_0,Q2_K]
+                                        [--threads N] [--repeat 3] [--write-docs]
+
+Bases: synthetic_f32 / synthetic_f16 (tests/synthetic.py: 256-wide rows, untied output, so K-quants run on
+every tensor), synthetic_big_f16 / synthetic_big_f32 (same generator, 2048 wide, ~290M weights),
+smollm2_f16 / smollm2_f32 (SmolLM2-135M dequantized by llama.cpp). --write-docs replaces the
+"## Quantize files" section of docs/benchmarks.md with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from llamacpp import base_model, tool  # noqa: E402
+from synthetic import synthetic_llama  # noqa: E402
+
+from ggufkit.models import default_model_path  # noqa: E402
+
+# A bigger synthetic llama (~290M weights: 2048-wide, vocab 49152, untied output) where the largest tensor,
+# not the interpreter, sets the memory peak.
+BIG = dict(n_embd=2048, n_layer=2, n_head=16, n_head_kv=4, n_ff=5632)
+
+
+def base_path(name: str) -> Path:
+    smollm2 = default_model_path()
+    if name.startswith("synthetic_big_"):
+        return synthetic_llama(smollm2, seed=0, dtype=name.split("_")[2].upper(), **BIG)
+    if name.startswith("synthetic_"):
+        return synthetic_llama(smollm2, seed=0, dtype=name.split("_")[1].upper())
+    return base_model(smollm2, name.split("_")[1].upper())
+
+
+def run_measured(cmd: list[str], env=None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one child process; raises if it fails."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode(errors='replace')[-1500:]}"
+        )
+    return wall, usage.ru_maxrss * 1024
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
+
+
+def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[str]:
+    src = base_path(base)
+    quantize = str(tool("llama-quantize"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ours_cmd = [sys.executable, "-m", "ggufkit", "quantize"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
+        ref_out, our_out = Path(tmp) / "ref.gguf", Path(tmp) / "ours.gguf"
+        # untimed warm-up: page cache, numba's on-disk cache
+        run_measured([quantize, str(src), str(ref_out), levels[0], str(threads)])
+        run_measured([*ours_cmd, str(src), str(our_out), levels[0], str(threads)], env)
+        for level in levels:
+            ref_t, ref_m, our_t, our_m = [], [], [], []
+            for _ in range(repeat):
+                t, m = run_measured([quantize, str(src), str(ref_out), level, str(threads)])
+                ref_t.append(t)
+                ref_m.append(m)
+                t, m = run_measured([*ours_cmd, str(src), str(our_out), level, str(threads)], env)
+                our_t.append(t)
+                our_m.append(m)
+            same = sha256(ref_out) == sha256(our_out)
+            r = dict(
+                level=level,
+                ref_t=statistics.median(ref_t),
+                our_t=statistics.median(our_t),
+                ref_m=max(ref_m),
+                our_m=max(our_m),
+                same=same,
+            )
+            rows.append(r)
+            print(
+                f"{base} {level:7s} llama-quantize {r['ref_t']:6.2f} s {r['ref_m'] / 2**20:7.1f} MiB | "
+                f"ggufkit {r['our_t']:6.2f} s {r['our_m'] / 2**20:7.1f} MiB | "
+                f"time x{r['our_t'] / r['ref_t']:.2f} memory x{r['our_m'] / r['ref_m']:.2f} | "
+                f"identical: {same}",
+                flush=True,
+            )
+    lines = [
+        f"Input: {base} ({src.name}, {src.stat().st_size / 2**20:.1f} MiB), {threads} threads.",
+        "",
+        "| TYPE | llama-quantize time | ggufkit time | time ratio | llama-quantize peak RSS "
+        "| ggufkit peak RSS | memory ratio | same sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['level']} | {r['ref_t']:.2f} s | {r['our_t']:.2f} s | {r['our_t'] / r['ref_t']:.2f} | "
+            f"{r['ref_m'] / 2**20:.0f} MiB | {r['our_m'] / 2**20:.0f} MiB | {r['our_m'] / r['ref_m']:.2f} | "
+            f"{'yes' if r['same'] else 'NO'} |"
+        )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", default="synthetic_f32", help="comma-separated bases")
+    ap.add_argument("--levels", default="Q4_K_M,Q6_K,Q8_0,Q2_K")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+
+    lines = [
+        f"{datetime.date.today().isoformat()}, {machine()}; `python benchmarks/bench_quantize.py --base "
+        f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}`.",
+        "",
+        f"Each cell: median wall time of {args.repeat} fresh processes, run alternately (ggufkit's includes "
+        "Python start-up and loading numba's cached kernels), and the largest peak RSS (ru_maxrss) of those "
+        "processes. Ratios are ggufkit / llama-quantize.",
+    ]
+    for base in args.base.split(","):
+        lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.write_docs:
+        doc = ROOT / "docs" / "benchmarks.md"
+        text = doc.read_text()
+        head = "## Quantize files\n"
+        start = text.index(head) + len(head)
+        nxt = text.find("\n## ", start)
+        rest = text[nxt + 1 :] if nxt >= 0 else ""
+        doc.write_text(
+            text[:start] + f"\n(benchmarks/bench_quantize.py)\n\n{table}\n" + ("\n" + rest if rest else "")
+        )
+
+
+if __name__ == "__main__":
+    main()
