@@ -170,8 +170,9 @@ def _print_summary(s) -> None:
     if s.fallbacks:
         print(f"  fallbacks: {len(s.fallbacks)} of {s.n_tensors} tensors")
         groups = defaultdict(list)
-        for tp in s.fallbacks:
-            groups[str(tp.reason)].append(tp.name)
+        for tp in s.fallbacks:  # grouped by the fallback itself ("Q4_K -> Q5_0: row 576 not a multiple...")
+            reason = str(tp.reason)
+            groups[reason[reason.find("fallback ") :] if "fallback " in reason else reason].append(tp.name)
         for reason, names in groups.items():
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
             print(f"    {len(names):4d} x {reason}: {', '.join(names[:3])}{more}")
@@ -185,12 +186,24 @@ def run(args) -> int:
     interrupted = None
     try:
         summary = quantize_file(
-            src, dst, qtype, threads=threads, imatrix=args.imatrix,
-            include_weights=args.include_weights, exclude_weights=args.exclude_weights,
-            output_tensor_type=args.output_tensor_type, token_embedding_type=args.token_embedding_type,
-            tensor_types=args.tensor_type, pure=args.pure, leave_output_tensor=args.leave_output_tensor,
-            allow_requantize=args.allow_requantize, override_kv=args.override_kv,
-            allow_nonfinite=args.allow_nonfinite, dry_run=args.dry_run, progress=bar)
+            src,
+            dst,
+            qtype,
+            threads=threads,
+            imatrix=args.imatrix,
+            include_weights=args.include_weights,
+            exclude_weights=args.exclude_weights,
+            output_tensor_type=args.output_tensor_type,
+            token_embedding_type=args.token_embedding_type,
+            tensor_types=args.tensor_type,
+            pure=args.pure,
+            leave_output_tensor=args.leave_output_tensor,
+            allow_requantize=args.allow_requantize,
+            override_kv=args.override_kv,
+            allow_nonfinite=args.allow_nonfinite,
+            dry_run=args.dry_run,
+            progress=bar,
+        )
     except WriteInterrupted as e:  # SIGTERM while writing: the partial file is gone, the destination intact
         interrupted = e
     finally:
