@@ -25,10 +25,10 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from llamacpp import base_model, reference_quantized  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
-from test_memory import llama_bench_peak_rss  # noqa: E402
+from test_memory import llama_bench_peak_rss, make_synthetic_gemma2  # noqa: E402
 
 from ggufkit import memory  # noqa: E402
-from ggufkit.models import default_model_path  # noqa: E402
+from ggufkit.models import cache_dir, default_model_path  # noqa: E402
 
 
 def mib(n: float) -> str:
@@ -38,6 +38,7 @@ def mib(n: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip n_ctx 8192")
+    ap.add_argument("--only", metavar="TEXT", help="only the models whose name contains TEXT")
     args = ap.parse_args()
 
     src = default_model_path()
@@ -50,6 +51,8 @@ def main() -> int:
     syn = synthetic_llama(src, seed=0, dtype="F16")
     files[("synthetic 256-row", "F16")] = syn
     files[("synthetic 256-row", "Q4_K_M")] = reference_quantized(syn, "Q4_K_M")
+    gemma2 = cache_dir("bench") / "gemma2-swa.gguf"
+    files[("synthetic gemma2 SWA", "F16")] = gemma2 if gemma2.exists() else make_synthetic_gemma2(gemma2, src)
     contexts = (512, 2048) if args.quick else (512, 2048, 8192)
 
     cpu = next(
@@ -66,6 +69,8 @@ def main() -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     errors, t_est, t_run = [], 0.0, 0.0
     for (name, level), path in files.items():
+        if args.only and args.only not in name:
+            continue
         for n_ctx in contexts:
             if name.startswith("synthetic") and n_ctx != 2048:
                 continue

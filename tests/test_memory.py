@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -114,18 +115,16 @@ def smollm2_levels(smollm2_f16):
     }
 
 
-@pytest.fixture(scope="session")
-def synthetic_gemma2(smollm2_path, tmp_path_factory):
+def make_synthetic_gemma2(path, vocab_source) -> Path:
     """A small seeded gemma2 (sliding window 256 on every other layer; 4 layers, 256 wide, 2 KV heads of
-    64), F16, SmolLM2's vocabulary: the sliding-window KV cache path."""
+    64), F16, with `vocab_source`'s vocabulary: the sliding-window KV cache path."""
     import gguf
     import numpy as np
     from synthetic import _copy_tokenizer
 
-    path = tmp_path_factory.mktemp("gemma2") / "gemma2-swa.gguf"
     rng = np.random.default_rng(0)
     d, n_layer, n_head, n_kv, hd, n_ff = 256, 4, 4, 2, 64, 512
-    n_vocab = len(gguf.GGUFReader(str(smollm2_path)).fields["tokenizer.ggml.tokens"].data)
+    n_vocab = len(gguf.GGUFReader(str(vocab_source)).fields["tokenizer.ggml.tokens"].data)
     w = gguf.GGUFWriter(str(path), "gemma2")
     for add, value in [
         (w.add_context_length, 8192),
@@ -141,7 +140,7 @@ def synthetic_gemma2(smollm2_path, tmp_path_factory):
         (w.add_file_type, 1),
     ]:
         add(value)
-    _copy_tokenizer(w, smollm2_path)
+    _copy_tokenizer(w, Path(vocab_source))
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) * (0.5 / np.sqrt(cols))).astype(np.float16)
@@ -171,7 +170,12 @@ def synthetic_gemma2(smollm2_path, tmp_path_factory):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return Path(path)
+
+
+@pytest.fixture(scope="session")
+def synthetic_gemma2(smollm2_path, tmp_path_factory):
+    return make_synthetic_gemma2(tmp_path_factory.mktemp("gemma2") / "gemma2-swa.gguf", smollm2_path)
 
 
 @pytest.fixture(scope="session")
