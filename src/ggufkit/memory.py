@@ -5,10 +5,12 @@ when it runs a model on the CPU with its defaults (n_batch 2048, n_ubatch 512, f
 "auto", which resolves to on for the CPU backend, one sequence, mmap). Every term is the *resident* size,
 what the OS counts in the process's peak RSS:
 
-- weights: the GGUF's data section, mapped and read in full. Tensors that the CPU backend repacks into
+- weights: the GGUF's tensors, mapped and read in full at load. Tensors that the CPU backend repacks into
   interleaved layouts (ggml-cpu/repack.cpp: Q4_0, Q4_K and IQ4_NL with AVX2, Q2_K with AVX-512, more on
-  ARM; rows a multiple of 8; matmul weights only) are copied into anonymous memory while their mapped
-  pages stay resident, so they count twice.
+  ARM; matmul weights with rows a multiple of 8) are copied into anonymous memory; llama.cpp then unmaps
+  only the file's head and tail outside the span of the tensors left in the mapping, so a repacked tensor
+  inside that span counts twice (`reclaimable_bytes`: clean file pages never read again, which the kernel
+  drops under memory pressure; `needed_bytes` leaves them out and is what the fit decisions use).
 - KV cache (llama-kv-cache.cpp): per attention layer, K = row_size(type_k, head_dim_k * n_head_kv) and
   V = row_size(type_v, head_dim_v * n_head_kv) bytes per cell, times the cells: n_ctx rounded up to 256
   (llama-context.cpp). Sliding-window layers keep min(n_ctx, pad(n_swa + n_ubatch, 256)) cells
@@ -25,7 +27,7 @@ what the OS counts in the process's peak RSS:
   stacks, allocator slack), a constant measured with llama-bench (see RUNTIME_OVERHEAD_BYTES).
 
 Sources: a GGUF (header and tensor table only), a Hugging Face folder (config.json), or a bare size such as
-"7B" resolved to an architecture family's typical shape (`ggufkit.shapes`-style table below).
+"7B" or "qwen2:1.5B" resolved to an architecture family's typical shape (the _SHAPES table below).
 """
 
 from __future__ import annotations
