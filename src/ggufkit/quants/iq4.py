@@ -41,6 +41,7 @@ KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53,
 _KV = KVALUES.astype(np.float32)  # the kernels compare and multiply in float32, as C promotes int8 there
 _SUB = 32  # elements per sub-block (and per IQ4_NL block)
 _NTRY = 7
+_LANES = 2 * _NTRY + 2  # the first guess plus the 15 tries
 _GROUP_MAX_EPS = np.float32(1e-15)
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
@@ -56,37 +57,45 @@ def _nearest_int(f):
 
 @njit(inline="always")
 def _best_index(kv, x):
-    """best_index_int8: index of the table value nearest to x; a tie picks the upper index."""
-    if x <= kv[0]:
-        return 0
-    if x >= kv[15]:
-        return 15
+    """best_index_int8: index of the table value nearest to x; a tie picks the upper index.
+
+    Branch-free form of ggml's binary search with the same answers: lo = the number of table values
+    kv[1..14] that x is not below (so NaN counts as above all of them, as in C, and ends at 15), then C's
+    own float32 comparison `x - kv[lo] < kv[lo+1] - x` decides between lo and lo+1. x <= kv[0] gives 0
+    and x >= kv[15] gives 15 through the same formula.
+    """
     lo = 0
-    hi = 15
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if x < kv[mid]:
-            hi = mid
-        else:
-            lo = mid
-    return hi - 1 if x - kv[hi - 1] < kv[hi] - x else hi
+    for k in range(1, 15):
+        lo += not (x < kv[k])
+    return lo + (not (x - kv[lo] < kv[lo + 1] - x))
 
 
 @njit(inline="always")
-def _sums(kv, x, base, w, inv):
-    sumqx = _F0
-    sumq2 = _F0
+def _search_lanes(kv, xs, base, w, lanes):
+    """The 16 candidate inverse scales of one sub-block, evaluated together (one lane each).
+
+    lanes[0] holds the inverse scales; lanes[1]/lanes[2] receive sumqx/sumq2. Every lane sums over the
+    32 elements strictly in order, so each candidate's sums are the float32 values C computes one
+    candidate after another; only the order in which candidates are visited changes.
+    """
+    inv = lanes[0]
+    sqx = lanes[1]
+    sq2 = lanes[2]
+    for c in range(_LANES):
+        sqx[c] = _F0
+        sq2[c] = _F0
     for j in range(_SUB):
-        xj = x[base + j]
-        q = kv[_best_index(kv, inv * xj)]
-        sumqx += w[j] * q * xj
-        sumq2 += w[j] * q * q
-    return sumqx, sumq2
+        xj = xs[base + j]
+        wj = w[j]
+        for c in range(_LANES):
+            q = kv[_best_index(kv, inv[c] * xj)]
+            sqx[c] += wj * q * xj
+            sq2[c] += wj * q * q
 
 
 @njit(inline="always")
-def _superblock(x, qw, has_qw, qw_base, kv, sbs, out, s, w, L, scales):
-    """Quantize superblock s (x[s, :sbs]) into out[s]; w, L, scales are scratch."""
+def _superblock(x, qw, has_qw, qw_base, kv, sbs, out, s, w, L, scales, lanes):
+    """Quantize superblock s (x[s, :sbs]) into out[s]; w, L, scales, lanes are scratch."""
     xs = x[s]
     sigma2 = _F0
     for j in range(sbs):
@@ -114,25 +123,21 @@ def _superblock(x, qw, has_qw, qw_base, kv, sbs, out, s, w, L, scales):
         if amax < _GROUP_MAX_EPS:
             scales[ib] = _F0
             continue
-        d = -mx / kv[0]
-        inv = _F1 / d
-        sumqx = _F0
-        sumq2 = _F0
-        for j in range(_SUB):
-            xj = xs[base + j]
-            li = _best_index(kv, inv * xj)
-            L[base + j] = li
-            q = kv[li]
-            sumqx += w[j] * q * xj
-            sumq2 += w[j] * q * q
-        d = sumqx / sumq2 if sumq2 > 0 else _F0
-        best = d * sumqx
-        for itry in range(-_NTRY, _NTRY + 1):
-            inv = np.float32(itry - 127) / mx
-            sumqx, sumq2 = _sums(kv, xs, base, w, inv)
-            if sumq2 > 0 and sumqx * sumqx > best * sumq2:
-                d = sumqx / sumq2
-                best = d * sumqx
+        # lane 0: d = max/127; lanes 1..15: inverse scales (t-127)/max. (C also stores lane 0's indices,
+        # but both formats re-pick every index from the final scale below, so they are never used.)
+        inv = lanes[0]
+        inv[0] = _F1 / (-mx / kv[0])
+        for t in range(-_NTRY, _NTRY + 1):
+            inv[t + _NTRY + 1] = np.float32(t - 127) / mx
+        _search_lanes(kv, xs, base, w, lanes)
+        sumqx = lanes[1]
+        sumq2 = lanes[2]
+        d = sumqx[0] / sumq2[0] if sumq2[0] > 0 else _F0
+        best = d * sumqx[0]
+        for c in range(1, _LANES):
+            if sumq2[c] > 0 and sumqx[c] * sumqx[c] > best * sumq2[c]:
+                d = sumqx[c] / sumq2[c]
+                best = d * sumqx[c]
         scales[ib] = d
         if np.abs(d) > amax_scale:
             amax_scale = np.abs(d)
@@ -183,8 +188,9 @@ def _quantize_kernel(x, qw, has_qw, per_row, kv, out):
         w = np.empty(_SUB, dtype=np.float32)
         L = np.empty(sbs, dtype=np.int64)
         scales = np.empty(sbs // _SUB, dtype=np.float32)
+        lanes = np.empty((3, _LANES), dtype=np.float32)
         for s in range(c * _CHUNK, min(n_super, (c + 1) * _CHUNK)):
-            _superblock(x, qw, has_qw, (s % per_row) * sbs, kv, sbs, out, s, w, L, scales)
+            _superblock(x, qw, has_qw, (s % per_row) * sbs, kv, sbs, out, s, w, L, scales, lanes)
 
 
 @njit(parallel=True, cache=True)
