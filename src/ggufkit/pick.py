@@ -14,7 +14,8 @@ When nothing fits, the pick is None and the suggestions say what would: a shorte
 q4_0) KV cache, a smaller model.
 
 Reports: report.json holds top-level `model_sha256` (sha256 of the GGUF the ladder was made from) and
-`levels`: a list of {level, size_bytes, bpw, ppl, kld_mean, same_top, tok_s, ram_bytes}. `find_report`
+`levels`: a list of {level, size_bytes, bpw, ppl, kld_mean, same_top, tok_s, ram_bytes} (ppl_delta_pct
+is quoted when present; same_top may be a fraction or a percentage). `find_report`
 looks for one whose model_sha256 matches in ggufkit's cache, models.cache_dir("reports")/<any>/report.json
 (or report.json directly there); `load_report` reads a given report.json or the folder holding it.
 """
@@ -164,7 +165,8 @@ def pick(
 def _measured_text(row: dict) -> str:
     parts = []
     if row.get("ppl") is not None:
-        parts.append(f"PPL {row['ppl']:.3f}")
+        delta = row.get("ppl_delta_pct")
+        parts.append(f"PPL {row['ppl']:.3f}" + (f" ({delta:+.2f}% vs base)" if delta is not None else ""))
     if row.get("kld_mean") is not None:
         parts.append(f"KLD {row['kld_mean']:.4f}")
     if row.get("same_top") is not None:
