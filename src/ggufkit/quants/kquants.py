@@ -35,9 +35,9 @@ from .search import (
     F32,
     GROUP_MAX_EPS,
     MAX_LANES,
+    _make_q3,
     f16_bits_to_f32,
     f32_to_f16_bits,
-    make_q3_quants,
     make_qkx2_quants,
     make_qkx3_quants,
     make_qp_quants,
@@ -256,7 +256,7 @@ def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls):
         max_scale = F32(0.0)
         amax = F32(0.0)
         for j in range(nsub):
-            s = make_q3_quants(x[16 * j : 16 * j + 16], np.int64(4), L[16 * j : 16 * j + 16])
+            s = _make_q3(x[16 * j : 16 * j + 16], np.int64(4), L[16 * j : 16 * j + 16], work)
             scales[j] = s
             if abs(s) > amax:
                 amax = abs(s)
@@ -295,13 +295,17 @@ def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls):
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / d)
             L[16 * j + ii] = max(-4, min(3, l)) + 4
-    for i in range(32):  # hmask: bit j//32 of byte j%32 = bit 2 of L[j]
-        y[i] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            y[j % 32] |= 1 << (j // 32)
-            L[j] -= 4
-    _pack_2bit(L, y, np.int64(32))
+    for l in range(32):  # hmask: bit k of byte l = bit 2 of L[32k+l] (L > 3); qs: the low 2 bits
+        hm = 0
+        for k in range(QK_K // 32):
+            hm |= (np.int64(L[32 * k + l]) >> 2) << k
+        y[l] = hm
+    for h in range(QK_K // 128):
+        for l in range(32):
+            b = 128 * h + l
+            y[32 + 32 * h + l] = (
+                (L[b] & 3) | ((L[b + 32] & 3) << 2) | ((L[b + 64] & 3) << 4) | ((L[b + 96] & 3) << 6)
+            )
     _put_f16(y, np.int64(108), dbits)
 
 

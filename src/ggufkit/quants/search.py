@@ -175,6 +175,13 @@ def make_q3_quants(x, nmax, L):
     from iscale = -nmax/max, then up to 5 sweeps of coordinate-wise re-rounding with strict acceptance.
     Writes L[i] = l + nmax. max |x| < 1e-15: L = 0 (NOT offset by nmax, as in C), returns 0.
     """
+    return _make_q3(x, np.int64(nmax), L, np.empty((3, x.shape[0]), np.float32))
+
+
+@njit(cache=True, error_model="numpy")
+def _make_q3(x, nmax, L, work):
+    """make_q3_quants with scratch work (3 rows of >= n float32): the signed levels are kept as float32
+    and w = x*x, w*x are computed once, the same values C recomputes in every sweep."""
     n = x.shape[0]
     mx = F32(0.0)
     amax = F32(0.0)
@@ -187,38 +194,43 @@ def make_q3_quants(x, nmax, L):
         for i in range(n):
             L[i] = 0
         return F32(0.0)
+    lo = F32(-nmax)
+    hi = F32(nmax - 1)
+    wv = work[0]
+    wx = work[1]
+    lf = work[2]
     iscale = F32(-nmax) / mx
+    for i in range(n):  # |iscale*x| <= nmax: rint is C's nearest_int here
+        l = np.rint(iscale * x[i])
+        l = l if l >= lo else lo
+        lf[i] = l if l <= hi else hi
+        wv[i] = x[i] * x[i]
+        wx[i] = wv[i] * x[i]
     sumlx = F32(0.0)
     suml2 = F32(0.0)
-    for i in range(n):  # L holds l + nmax throughout (C keeps signed l and adds nmax at the end)
-        l = nearest_int(iscale * x[i])
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
-        w = x[i] * x[i]
-        fl = F32(l)
-        sumlx += (w * x[i]) * fl
-        suml2 += (w * fl) * fl
+    for i in range(n):
+        sumlx += wx[i] * lf[i]
+        suml2 += (wv[i] * lf[i]) * lf[i]
     for _ in range(5):
         n_changed = 0
         for i in range(n):
-            w = x[i] * x[i]
-            li = F32(np.int64(L[i]) - nmax)
-            slx = sumlx - (w * x[i]) * li
+            li = lf[i]
+            slx = sumlx - wx[i] * li
             if slx > 0:
-                sl2 = suml2 - (w * li) * li
-                new_l = nearest_int((x[i] * sl2) / slx)
-                new_l = max(-nmax, min(nmax - 1, new_l))
-                if new_l != np.int64(L[i]) - nmax:
-                    fnew = F32(new_l)
-                    slx += (w * x[i]) * fnew
-                    sl2 += (w * fnew) * fnew
+                sl2 = suml2 - (wv[i] * li) * li
+                new_l = F32(max(-nmax, min(nmax - 1, nearest_int((x[i] * sl2) / slx))))
+                if new_l != li:
+                    slx += wx[i] * new_l
+                    sl2 += (wv[i] * new_l) * new_l
                     if sl2 > 0 and (slx * slx) * suml2 > (sumlx * sumlx) * sl2:
-                        L[i] = new_l + nmax
+                        lf[i] = new_l
                         sumlx = slx
                         suml2 = sl2
                         n_changed += 1
         if n_changed == 0:
             break
+    for i in range(n):
+        L[i] = np.uint8(lf[i] + F32(nmax))
     return sumlx / suml2 if suml2 > 0 else F32(0.0)
 
 
