@@ -18,16 +18,18 @@ Quirks kept on purpose: the ref paths quantize with 1/d of the unrounded float32
 is a float32 add and then a truncation; Q8_0 rounds half away from zero (roundf); an all-zero Q4_0/Q5_0
 block stores d = -0.0 (0x8000).
 
-Non-finite input (compared with libggml in tests/test_quants_legacy.py): it flows through the same float32
-operations as in libggml, and the float -> integer conversions behave as the x86-64 build does
-(cvttss2si: NaN or out of int32 range -> INT_MIN, of which the low byte is kept, i.e. 0). So for these
-ref paths:
-- a NaN is never picked as the block's max-abs, min or max (strict comparisons are false for it);
-  in Q8_0, where amax = MAX(amax, |x|), a NaN replaces the running max, and the next element replaces it;
-- an inf becomes the max: d = inf (or -inf), 1/d = 0, every finite element gets the middle level and the
-  inf itself x*0 = NaN -> level 0 (Q4_0: q = 0; Q8_0: q = 0); d is stored as fp16 inf, NaN as 0x7E00.
-The output is therefore deterministic and equal to libggml's bytes; dequantizing such a block gives NaN or
-inf where libggml does. The importance paths go through search.py's helpers with the same rules.
+Non-finite input (compared with libggml in tests/test_quants_legacy.py): nothing is rejected here (the
+file-level quantizer refuses non-finite weights, as llama-quantize does). Values flow through the same
+float32 operations as in libggml, and float -> integer conversions behave as the x86-64 build of libggml
+does (cvttss2si: NaN or out of int32 range -> INT_MIN, whose low byte 0 is kept). For the ref paths:
+- a NaN never wins the max-abs, min or max scans (strict comparisons are false for it), except in Q8_0,
+  where amax = MAX(amax, |x|) lets a NaN replace the running max until the next element replaces it (a
+  NaN last in its block makes d NaN); a NaN element's level is 0;
+- an inf wins them: d = +-inf (stored as fp16 inf), 1/d = -+0, so every finite element gets the level
+  of x*0 (Q4_0 8, Q5_0 16, Q8_0 0, Q4_1/Q5_1 0) and the inf itself (inf*0 = NaN) level 0.
+For the importance paths, the levels follow C's nearest_int on the same float32 values (NaN -> 0, then
+clamped), through search.py's helpers. Dequantizing gives NaN/inf exactly where libggml does, with
+libggml's NaN bit patterns.
 """
 
 from __future__ import annotations
