@@ -20,12 +20,17 @@ Index choice is ggml's best_index_int8: binary search, a tie picks the upper ind
 x >= 113 -> 15. A block with max |x| < 1e-15 gets scale 0 (IQ4_NL: d = 0x0000, all indices 8; IQ4_XS:
 d = -0.0 when the whole superblock is zero).
 
-Non-finite input (compared with libggml in tests/test_quants_iq4.py): the float32 operations are those of
-libggml, so the result is deterministic and equal to libggml's bytes. A NaN is never the block max
-(strict >), but it poisons sigma2 and the sums it enters (and with importance, every weight of its block):
-NaN sums fail every `>` test, so the first scale d = sumqx/sumq2 (NaN) is kept. best_index_int8 of NaN is
-15 (all its comparisons are false). nearest_int keeps ggml's bit trick, so a NaN scale maps to l = 0.
-An inf max gives d = inf, 1/d = 0, every index 8 except the inf itself (NaN -> 15).
+Non-finite input (compared with libggml in tests/test_quants_iq4.py): nothing is rejected; the float32
+operations are libggml's, so the bytes are deterministic and equal to libggml's. What happens:
+- a NaN or inf element makes its sub-block's sums non-finite (its weight x^2, or qw*sqrt(sigma2 + x^2),
+  is), so no candidate passes the strict `>` test and the first scale stays: 0 when sumq2 is NaN (a NaN
+  element), NaN when it is inf/inf (an inf element, which is also the block max: all inverse scales 0);
+- with importance, sigma2 carries a non-finite value into every weight of the block (IQ4_NL) or of the
+  whole superblock (IQ4_XS), so all its sub-block scales end 0 or NaN;
+- best_index_int8(NaN) is 15 (all its comparisons are false), so non-finite elements get index 15;
+  IQ4_NL stores a NaN scale as fp16 NaN and then every index is 15 (x/NaN is NaN);
+- IQ4_XS never picks a NaN scale as the max scale (strict >) and ggml's nearest_int bit trick maps
+  it to l = 0, so that sub-block gets ls = 32 (scale 0) and indices 8 (15 for the non-finite ones).
 """
 
 from __future__ import annotations
