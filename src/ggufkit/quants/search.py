@@ -5,10 +5,15 @@ in the C source's association order, sequential sums from 0 (or from element 0 w
 round-half-to-even `nearest_int`, strict `<`/`>` tie rules, uint8 wrap of stored levels.
 
 They are numba scalar kernels over 1-D float32 slices, callable from other @njit code (and from Python
-for tests). Where the C helper tries many candidate scales one after another, the kernels here evaluate
-all candidates together, one SIMD lane per candidate: every lane still sums over the elements strictly in
-order, so each candidate's sums are the same float32 values C computes, and the winner is then chosen by
-C's sequential strict comparison. That is where the speed over libggml comes from.
+for tests). Where they are faster than libggml it is by skipping work that provably cannot change the
+result, never by reordering float arithmetic:
+  - make_qx_quants tries its 19 candidate scales together, one SIMD lane per candidate (they do not
+    depend on each other): every lane sums over the elements strictly in order, so each candidate's sums
+    are C's float32 values, and the winner is then chosen by C's sequential strict comparison;
+  - make_qkx2/qkx3_quants (whose candidates DO depend on earlier winners: C updates `min`) go one
+    candidate at a time, skip a candidate whose levels equal the previous one's (same sums, same error,
+    cannot pass the strict `<`), and stop an error sum once it reaches the best (weights >= 0 only);
+  - make_q3_quants computes x*x and x*x*x once instead of in every sweep (same values).
 
 Conventions for every function below:
   - x: float32 1-D (C-contiguous slice), n = x.shape[0] elements.
