@@ -299,3 +299,23 @@ def test_nearest_int_is_cs_bit_trick():
     got = np.array([search.nearest_int(v) for v in vals])
     bad = np.nonzero(got != ref)[0]
     assert bad.size == 0, (vals[bad[:5]], got[bad[:5]], ref[bad[:5]])
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_row_counts_and_thread_chunks(qtype):
+    """0 and 1 rows, and more rows than threads (rows are split into per-thread chunks that must keep each
+    block's importance column), give libggml's bytes."""
+    import numba
+
+    rng = np.random.default_rng(9)
+    imp = _importance(768, 4)
+    for n_rows in (0, 1, 7):
+        x = rng.standard_normal((n_rows, 768)).astype(np.float32)
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            try:
+                got = quants.quantize(x, qtype, importance=imp)
+            finally:
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+            _assert_same_bytes(got, oracle.ggml_quantize(x, qtype, imp), f"{qtype} {n_rows} rows {threads}T")
+        assert quants.dequantize(got, qtype, x.shape).shape == x.shape
