@@ -170,10 +170,12 @@ def test_dequantize_arbitrary_blocks(qtype):
 
 @pytest.mark.parametrize("qtype", KQUANTS)
 def test_importance_shape_and_zero_weights(qtype):
-    """All-zero importance (a column block never activated) and a constant one, on gaussian rows."""
+    """All-zero importance (a column block never activated), a constant one, and one with negative
+    entries (not a real imatrix, but C takes it), on gaussian rows."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((8, 768)) * 0.05).astype(np.float32)
-    for imp in (np.zeros(768, np.float32), np.full(768, 0.5, np.float32)):
+    signed = np.random.default_rng(6).standard_normal(768).astype(np.float32)  # no early error cut-off
+    for imp in (np.zeros(768, np.float32), np.full(768, 0.5, np.float32), signed):
         _assert_same_bytes(
             quants.quantize(x, qtype, importance=imp),
             oracle.ggml_quantize(x, qtype, imp),
