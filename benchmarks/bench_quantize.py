@@ -36,6 +36,7 @@ from llamacpp import base_model, tool  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
 
 from ggufkit.models import default_model_path  # noqa: E402
+from ggufkit.quantize import quantize_file  # noqa: E402
 
 # A bigger synthetic llama (~290M weights: 2048-wide, vocab 49152, untied output) where the largest tensor,
 # not the interpreter, sets the memory peak.
@@ -108,10 +109,19 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
                 our_t.append(t)
                 our_m.append(m)
             same = sha256(ref_out) == sha256(our_out)
+            # the library in this (warm) process: no start-up, kernels already loaded
+            quantize_file(src, our_out, level, threads=threads)
+            lib_t = []
+            for _ in range(repeat):
+                t = time.perf_counter()
+                quantize_file(src, our_out, level, threads=threads)
+                lib_t.append(time.perf_counter() - t)
+            same = same and sha256(ref_out) == sha256(our_out)
             r = dict(
                 level=level,
                 ref_t=statistics.median(ref_t),
                 our_t=statistics.median(our_t),
+                lib_t=statistics.median(lib_t),
                 ref_m=max(ref_m),
                 our_m=max(our_m),
                 same=same,
@@ -119,7 +129,7 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
             rows.append(r)
             print(
                 f"{base} {level:7s} llama-quantize {r['ref_t']:6.2f} s {r['ref_m'] / 2**20:7.1f} MiB | "
-                f"ggufkit {r['our_t']:6.2f} s {r['our_m'] / 2**20:7.1f} MiB | "
+                f"ggufkit {r['our_t']:6.2f} s {r['our_m'] / 2**20:7.1f} MiB, library {r['lib_t']:.2f} s | "
                 f"time x{r['our_t'] / r['ref_t']:.2f} memory x{r['our_m'] / r['ref_m']:.2f} | "
                 f"identical: {same}",
                 flush=True,
@@ -127,14 +137,15 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
     lines = [
         f"Input: {base} ({src.name}, {src.stat().st_size / 2**20:.1f} MiB), {threads} threads.",
         "",
-        "| TYPE | llama-quantize time | ggufkit time | time ratio | llama-quantize peak RSS "
-        "| ggufkit peak RSS | memory ratio | same sha256 |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| TYPE | llama-quantize time | ggufkit CLI time | ratio | ggufkit library time | ratio "
+        "| llama-quantize peak RSS | ggufkit peak RSS | ratio | same sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['level']} | {r['ref_t']:.2f} s | {r['our_t']:.2f} s | {r['our_t'] / r['ref_t']:.2f} | "
-            f"{r['ref_m'] / 2**20:.0f} MiB | {r['our_m'] / 2**20:.0f} MiB | {r['our_m'] / r['ref_m']:.2f} | "
+            f"{r['lib_t']:.2f} s | {r['lib_t'] / r['ref_t']:.2f} | {r['ref_m'] / 2**20:.0f} MiB | "
+            f"{r['our_m'] / 2**20:.0f} MiB | {r['our_m'] / r['ref_m']:.2f} | "
             f"{'yes' if r['same'] else 'NO'} |"
         )
     return lines
@@ -153,9 +164,10 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, {machine()}; `python benchmarks/bench_quantize.py --base "
         f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}`.",
         "",
-        f"Each cell: median wall time of {args.repeat} fresh processes, run alternately (ggufkit's includes "
-        "Python start-up and loading numba's cached kernels), and the largest peak RSS (ru_maxrss) of those "
-        "processes. Ratios are ggufkit / llama-quantize.",
+        f"Times: median wall time of {args.repeat} fresh processes run alternately (the ggufkit CLI's "
+        "includes Python start-up, imports and loading numba's cached kernels: about a second), and of "
+        f"{args.repeat} `quantize_file` calls in one warm process (the library, no start-up). Memory: the "
+        "largest peak RSS (ru_maxrss) of the processes. Ratios are ggufkit / llama-quantize.",
     ]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
