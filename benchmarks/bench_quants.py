@@ -30,8 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import numba
-import numpy as np
+# libgomp (loaded with libggml, and numba's omp threading layer) spin-waits by default, which starves
+# the other side on a machine with few cores; it changes timings only, never bytes (as ggufkit quantize).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -165,7 +169,8 @@ def main(argv=None) -> int:
         "ggufkit faster). libggml = `ggml_quantize_chunk` of llama-cpp-python 0.3.36, on N threads as N row "
         "chunks on a thread pool. 1T columns use process CPU time (the machine is shared with other jobs, "
         f"which wall time would charge to whichever side they overlap); {n_all}T columns use wall time. "
-        "Every output was checked byte-equal to libggml's in the same run.",
+        "Every output was checked byte-equal to libggml's in the same run. OMP_WAIT_POLICY=PASSIVE (as "
+        "`ggufkit quantize` sets it; libgomp's default spin-waiting starves the other side on 2 cores).",
         "",
         f"| type | imatrix | ggufkit 1T | libggml 1T | x 1T | ggufkit {n_all}T | libggml {n_all}T "
         f"| x {n_all}T |",
