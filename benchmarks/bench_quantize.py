@@ -52,8 +52,8 @@ def base_path(name: str) -> Path:
     return base_model(smollm2, name.split("_")[1].upper())
 
 
-def run_measured(cmd: list[str], env=None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one child process; raises if it fails."""
+def run_measured(cmd: list[str], env=None) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds user+system) of one child process; raises if it fails."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     err = proc.stderr.read()
@@ -64,7 +64,7 @@ def run_measured(cmd: list[str], env=None) -> tuple[float, int]:
         raise RuntimeError(
             f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode(errors='replace')[-1500:]}"
         )
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def sha256(path: Path) -> str:
@@ -100,14 +100,16 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
         run_measured([quantize, str(src), str(ref_out), levels[0], str(threads)])
         run_measured([*ours_cmd, str(src), str(our_out), levels[0], str(threads)], env)
         for level in levels:
-            ref_t, ref_m, our_t, our_m = [], [], [], []
+            ref_t, ref_m, ref_c, our_t, our_m, our_c = [], [], [], [], [], []
             for _ in range(repeat):
-                t, m = run_measured([quantize, str(src), str(ref_out), level, str(threads)])
+                t, m, c = run_measured([quantize, str(src), str(ref_out), level, str(threads)])
                 ref_t.append(t)
                 ref_m.append(m)
-                t, m = run_measured([*ours_cmd, str(src), str(our_out), level, str(threads)], env)
+                ref_c.append(c)
+                t, m, c = run_measured([*ours_cmd, str(src), str(our_out), level, str(threads)], env)
                 our_t.append(t)
                 our_m.append(m)
+                our_c.append(c)
             same = sha256(ref_out) == sha256(our_out)
             # the library in this (warm) process: no start-up, kernels already loaded
             quantize_file(src, our_out, level, threads=threads)
@@ -122,6 +124,8 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
                 ref_t=statistics.median(ref_t),
                 our_t=statistics.median(our_t),
                 lib_t=statistics.median(lib_t),
+                ref_c=statistics.median(ref_c),
+                our_c=statistics.median(our_c),
                 ref_m=max(ref_m),
                 our_m=max(our_m),
                 same=same,
@@ -137,14 +141,16 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
     lines = [
         f"Input: {base} ({src.name}, {src.stat().st_size / 2**20:.1f} MiB), {threads} threads.",
         "",
-        "| TYPE | llama-quantize time | ggufkit CLI time | ratio | ggufkit library time | ratio "
-        "| llama-quantize peak RSS | ggufkit peak RSS | ratio | same sha256 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| TYPE | llama-quantize wall | ggufkit CLI wall | ratio | ggufkit library wall | ratio "
+        "| llama-quantize CPU | ggufkit CLI CPU | ratio | llama-quantize peak RSS | ggufkit peak RSS | ratio "
+        "| same sha256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['level']} | {r['ref_t']:.2f} s | {r['our_t']:.2f} s | {r['our_t'] / r['ref_t']:.2f} | "
-            f"{r['lib_t']:.2f} s | {r['lib_t'] / r['ref_t']:.2f} | {r['ref_m'] / 2**20:.0f} MiB | "
+            f"{r['lib_t']:.2f} s | {r['lib_t'] / r['ref_t']:.2f} | {r['ref_c']:.2f} s | {r['our_c']:.2f} s | "
+            f"{r['our_c'] / r['ref_c']:.2f} | {r['ref_m'] / 2**20:.0f} MiB | "
             f"{r['our_m'] / 2**20:.0f} MiB | {r['our_m'] / r['ref_m']:.2f} | "
             f"{'yes' if r['same'] else 'NO'} |"
         )
@@ -167,7 +173,9 @@ def main() -> None:
         f"Times: median wall time of {args.repeat} fresh processes run alternately (the ggufkit CLI's "
         "includes Python start-up, imports and loading numba's cached kernels: about a second), and of "
         f"{args.repeat} `quantize_file` calls in one warm process (the library, no start-up). Memory: the "
-        "largest peak RSS (ru_maxrss) of the processes. Ratios are ggufkit / llama-quantize.",
+        "largest peak RSS (ru_maxrss) of the processes. CPU: user + system seconds of the process (all "
+        "threads; less sensitive than wall time to other jobs on a shared machine). Ratios are ggufkit / "
+        "llama-quantize.",
     ]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
