@@ -359,7 +359,7 @@ def _ram(path) -> dict:
 
 def _measure(
     path: Path,
-    sha: str,
+    ident: str,
     base: dict,
     opts: dict,
     work: Path,
@@ -368,13 +368,14 @@ def _measure(
     *,
     is_base=False,
 ) -> dict:
-    """Quality (against the base), speed and RAM of one file, cached by its sha256 and the options."""
+    """Quality (against the base), speed and RAM of one file, cached by `ident` (the sha256 of its tensors:
+    two levels with identical tensors are measured once) and the options."""
     from .evaluate import evaluate
 
     folder = work / "results"
     folder.mkdir(exist_ok=True)
     key = {
-        "file_sha256": sha,
+        "tensors": ident,
         "base_sha256": base["sha256"],
         "is_base": is_base,
         **opts,
@@ -525,11 +526,13 @@ def run_report(
     threads: int | None = None,
     ram_bytes: int | None = None,
     task: str = "chat",
+    work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
     """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
     and write report.md/json/html/png into `out` (default cache_dir("reports")/<model sha256>). Returns the
-    Report; raises ReportError / GgufkitError for anything that cannot be done as asked."""
+    Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
+    base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
     from . import memory, recipes
     from . import pick as picker
     from .evaluate import read_text
@@ -553,7 +556,8 @@ def run_report(
     engine = _resolve_engine(engine)
     body, text_name = read_text(text)
     model_sha = sha256_file(model)
-    work = cache_dir("report-cache", model_sha[:16])
+    work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
+    work.mkdir(parents=True, exist_ok=True)
     out_dir = Path(out) if out is not None else cache_dir("reports", model_sha)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 1 + len(names)
@@ -596,7 +600,7 @@ def run_report(
         cb("quantizing", 0.0)
         q = _quantize_level(base, lv, work, lambda label, f, cb=cb: cb(label, 0.2 * f))
         quant[lv] = q
-        results[lv] = _measure(Path(q["path"]), q["file_sha256"], base, opts, work, tokens, cb)
+        results[lv] = _measure(Path(q["path"]), q["tensor_sha256"], base, opts, work, tokens, cb)
         cb("done", 1.0)
 
     rows = [_base_row(base, base_rec, results)]
@@ -807,17 +811,21 @@ def render_png(data: dict) -> bytes:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    rows = [r for r in data["levels"] if not r.get("base")]
+    rows = sorted((r for r in data["levels"] if not r.get("base")), key=lambda r: r["size_bytes"])
     base = next((r for r in data["levels"] if r.get("base")), None)
     fig = Figure(figsize=(11, 4.5), dpi=110)
     ax1, ax2 = fig.subplots(1, 2)
     size = [r["size_bytes"] / (1 << 20) for r in rows]
     kld = [max(r["kld_mean"], 1e-6) for r in rows]
     top = [r["same_top"] for r in rows]
+    labels: dict[tuple, list[str]] = {}  # levels that land on the same point share one label
+    for r, x, k, t in zip(rows, size, kld, top):
+        labels.setdefault((round(x, 3), round(k, 9), round(t, 6)), []).append(r["level"])
     for ax, ys, title in ((ax1, kld, "mean KL divergence vs base (log)"), (ax2, top, "same top token (%)")):
         ax.plot(size, ys, "o-", color="tab:blue")
-        for r, x, y in zip(rows, size, ys):
-            ax.annotate(r["level"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for (x, k, t), names in labels.items():
+            y = k if ax is ax1 else t
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("file size (MiB)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
