@@ -38,8 +38,7 @@ from .search import (
     _make_q3,
     f16_bits_to_f32,
     f32_to_f16_bits,
-    make_qkx2_quants,
-    make_qkx3_quants,
+    make_qkx_lockstep,
     make_qp_quants,
     make_qx_quants,
     nearest_int,
@@ -112,30 +111,59 @@ def _impl_weights(x, qw, start, n, sigma2, w):
 # one super-block of each type; y is the block's bytes, the rest is scratch
 
 
+@_kernel
+def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict, L, scales, mins, sc):
+    """The 256/sub make_qkx searches of one super-block (sub-blocks of `sub` elements, weights wfull in
+    block order) in lockstep (search.make_qkx_lockstep): columns of a [sub, 256/sub] transpose; the levels
+    go back into L in block order, scale/the_min into scales/mins. sc: the scratch arrays."""
+    xt_f, wt_f, lt_f, st = sc
+    nsub = QK_K // sub
+    xt = xt_f.reshape((sub, nsub))
+    wt = wt_f.reshape((sub, nsub))
+    lt = lt_f.reshape((sub, nsub))
+    for j in range(nsub):
+        for i in range(sub):
+            xt[i, j] = x[sub * j + i]
+            wt[i, j] = wfull[sub * j + i]
+    make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, lt, scales[:nsub], mins[:nsub], st)
+    for j in range(nsub):
+        for i in range(sub):
+            L[sub * j + i] = lt[i, j]
+
+
 @_inline
-def _q45k_block(x, qw, is_q5, y, L, w, work, scales, mins, sw, Ls, Lm):
+def _q45k_block(x, qw, is_q5, y, L, w, sc, scales, mins, sw, Ls, Lm):
     """Q4_K (144 bytes: d, dmin, scales[12], qs[128]) or Q5_K (176: d, dmin, scales[12], qh[32], qs[128]).
-    8 sub-blocks of 32, 6-bit scale and min each, levels 0..15 / 0..31."""
+    8 sub-blocks of 32, 6-bit scale and min each, levels 0..15 / 0..31. w: f32[256] scratch."""
     nsub = QK_K // 32
-    nmax = 31 if is_q5 else 15
-    if qw.shape[0] == 0:  # quantize_row_q{4,5}_K_ref
-        rmin = -0.5 if is_q5 else -1.0
-        nstep = 15 if is_q5 else 20
-        max_scale = F32(0.0)
-        max_min = F32(0.0)
+    nmax = np.int64(31 if is_q5 else 15)
+    if qw.shape[0] == 0:  # quantize_row_q{4,5}_K_ref: make_qkx2_quants(32, nmax, x, av_x + |x|, ...)
         for j in range(nsub):
             av_x = np.sqrt(_sum_sq(x, 32 * j, np.int64(32)) / F32(32.0))
             for l in range(32):
-                w[l] = av_x + abs(x[32 * j + l])
-            sc, mn = make_qkx2_quants(
-                x[32 * j : 32 * j + 32], w, nmax, L[32 * j : 32 * j + 32], rmin, 0.1, nstep, False, work
-            )
-            scales[j] = sc
-            mins[j] = mn
-            if sc > max_scale:
-                max_scale = sc
-            if mn > max_min:
-                max_min = mn
+                w[32 * j + l] = av_x + abs(x[32 * j + l])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(32),
+            nmax,
+            -0.5 if is_q5 else -1.0,
+            0.1,
+            np.int64(15 if is_q5 else 20),
+            np.bool_(False),
+            np.bool_(True),
+            L,
+            scales,
+            mins,
+            sc,
+        )
+        max_scale = F32(0.0)
+        max_min = F32(0.0)
+        for j in range(nsub):
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
         inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
         for j in range(nsub):
@@ -143,23 +171,25 @@ def _q45k_block(x, qw, is_q5, y, L, w, work, scales, mins, sw, Ls, Lm):
             Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
         dbits = f32_to_f16_bits(max_scale / F32(63.0))
         mbits = f32_to_f16_bits(max_min / F32(63.0))
-    else:  # quantize_row_q{4,5}_K_impl
+    else:  # quantize_row_q{4,5}_K_impl: make_qkx3_quants(32, nmax, x, qw*sqrt(sigma2 + x^2), -0.9, 0.05, 36)
         sigma2 = F32(2.0) * _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
         for j in range(nsub):
-            sw[j] = _impl_weights(x, qw, 32 * j, np.int64(32), sigma2, w)
-            sc, mn = make_qkx3_quants(
-                x[32 * j : 32 * j + 32],
-                w,
-                nmax,
-                L[32 * j : 32 * j + 32],
-                -0.9,
-                0.05,
-                np.int64(36),
-                False,
-                work,
-            )
-            scales[j] = sc
-            mins[j] = mn
+            sw[j] = _impl_weights(x, qw, 32 * j, np.int64(32), sigma2, w[32 * j : 32 * j + 32])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(32),
+            nmax,
+            -0.9,
+            0.05,
+            np.int64(36),
+            np.bool_(False),
+            np.bool_(False),
+            L,
+            scales,
+            mins,
+            sc,
+        )
         dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(63), Ls, sw[:nsub]))
         mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(63), Lm, sw[:nsub]))
         if is_q5:  # Q5_K clamps here, Q4_K packs the raw uint8
@@ -310,32 +340,35 @@ def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls):
 
 
 @_inline
-def _q2k_block(x, qw, y, L, w, work, scales, mins, sw, Ls, Lm):
-    """Q2_K (84 bytes: scales[16] (scale | min << 4), qs[64], d, dmin): 16 sub-blocks of 16, levels 0..3."""
+def _q2k_block(x, qw, y, L, w, sc, scales, mins, sw, Ls, Lm):
+    """Q2_K (84 bytes: scales[16] (scale | min << 4), qs[64], d, dmin): 16 sub-blocks of 16, levels 0..3.
+    w: f32[256] scratch."""
     nsub = QK_K // 16
-    if qw.shape[0] == 0:  # quantize_row_q2_K_ref
+    if qw.shape[0] == 0:  # quantize_row_q2_K_ref: make_qkx2_quants(16, 3, x, |x|, -0.5, 0.1, 15, mad)
+        for i in range(QK_K):
+            w[i] = abs(x[i])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(16),
+            np.int64(3),
+            -0.5,
+            0.1,
+            np.int64(15),
+            np.bool_(True),
+            np.bool_(True),
+            L,
+            scales,
+            mins,
+            sc,
+        )
         max_scale = F32(0.0)
         max_min = F32(0.0)
         for j in range(nsub):
-            for l in range(16):
-                w[l] = abs(x[16 * j + l])
-            s, m = make_qkx2_quants(
-                x[16 * j : 16 * j + 16],
-                w[:16],
-                np.int64(3),
-                L[16 * j : 16 * j + 16],
-                -0.5,
-                0.1,
-                np.int64(15),
-                True,
-                work,
-            )
-            scales[j] = s
-            mins[j] = m
-            if s > max_scale:
-                max_scale = s
-            if m > max_min:
-                max_min = m
+            if scales[j] > max_scale:
+                max_scale = scales[j]
+            if mins[j] > max_min:
+                max_min = mins[j]
         dbits = 0
         mbits = 0
         for j in range(nsub):
@@ -350,23 +383,25 @@ def _q2k_block(x, qw, y, L, w, work, scales, mins, sw, Ls, Lm):
             for j in range(nsub):
                 y[j] = (np.int64(y[j]) | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
             mbits = f32_to_f16_bits(max_min / F32(15.0))
-    else:  # quantize_row_q2_K_impl
+    else:  # quantize_row_q2_K_impl: make_qkx3_quants(16, 3, x, qw*sqrt(sigma2 + x^2), -0.9, 0.05, 36)
         sigma2 = _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
         for j in range(nsub):
-            sw[j] = _impl_weights(x, qw, 16 * j, np.int64(16), sigma2, w)
-            s, m = make_qkx3_quants(
-                x[16 * j : 16 * j + 16],
-                w[:16],
-                np.int64(3),
-                L[16 * j : 16 * j + 16],
-                -0.9,
-                0.05,
-                np.int64(36),
-                False,
-                work,
-            )
-            scales[j] = s
-            mins[j] = m
+            sw[j] = _impl_weights(x, qw, 16 * j, np.int64(16), sigma2, w[16 * j : 16 * j + 16])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(16),
+            np.int64(3),
+            -0.9,
+            0.05,
+            np.int64(36),
+            np.bool_(False),
+            np.bool_(False),
+            L,
+            scales,
+            mins,
+            sc,
+        )
         dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(15), Ls, sw[:nsub]))
         mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(15), Lm, sw[:nsub]))
         for j in range(nsub):
@@ -400,18 +435,25 @@ def _quantize_blocks(kind, xb, qw, out):
     sw = np.empty(16, np.float32)
     Ls = np.empty(16, np.uint8)
     Lm = np.empty(16, np.uint8)
+    wfull = np.empty(QK_K, np.float32)
+    sc = (
+        np.empty(QK_K, np.float32),
+        np.empty(QK_K, np.float32),
+        np.empty(QK_K, np.uint8),
+        np.empty((18, 16), np.float32),
+    )  # make_qkx_lockstep scratch
     for b in range(xb.shape[0]):
         x = xb[b]
         y = out[b]
         q = qw[b % nbr] if nbr > 0 else noq
         if kind == 0:
-            _q2k_block(x, q, y, L, w, work, scales, mins, sw, Ls, Lm)
+            _q2k_block(x, q, y, L, wfull, sc, scales, mins, sw, Ls, Lm)
         elif kind == 1:
             _q3k_block(x, q, y, L, w, work, scales, sw, Ls)
         elif kind == 4:
             _q6k_block(x, q, y, L, work, scales)
         else:
-            _q45k_block(x, q, kind == 3, y, L, w, work, scales, mins, sw, Ls, Lm)
+            _q45k_block(x, q, kind == 3, y, L, wfull, sc, scales, mins, sw, Ls, Lm)
 
 
 # ---------------------------------------------------------------------------------------------------

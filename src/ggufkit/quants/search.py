@@ -13,6 +13,8 @@ result, never by reordering float arithmetic:
   - make_qkx2/qkx3_quants (whose candidates DO depend on earlier winners: C updates `min`) go one
     candidate at a time, skip a candidate whose levels equal the previous one's (same sums, same error,
     cannot pass the strict `<`), and stop an error sum once it reaches the best (weights >= 0 only);
+  - make_qkx_lockstep runs the 8 or 16 independent qkx searches of a K-quant super-block together, one
+    SIMD lane per search (the K-quant kernels use it; make_qkx2/qkx3_quants serve single searches);
   - make_q3_quants computes x*x and x*x*x once instead of in every sweep (same values).
 
 Conventions for every function below:
@@ -440,3 +442,135 @@ def make_qp_quants(x, nmax, L, qw):
         if n_changed == 0:
             break
     return sumlx / suml2 if suml2 > 0 else F32(0.0)
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, out_scale, out_min, st):
+    """K independent make_qkx2_quants (strict=True) / make_qkx3_quants (strict=False) searches at once.
+
+    make_qkx_lockstep(xt: f32[n, K], wt: f32[n, K] | f32[0, K], nmax: int, rmin: float, rdelta: float,
+    nstep: int, use_mad: bool, strict: bool, Lt: u8[n, K] out, out_scale: f32[K] out, out_min: f32[K] out,
+    st: f32[>= 18, K] scratch). Search j works on column j (element i at [i, j]); the results are exactly
+    those of the one-at-a-time helpers (scale, the_min and levels, signed zeros included).
+
+    The K searches are independent, so candidate `is` is tried for all of them together: one SIMD lane per
+    search, each lane summing over its elements in order and keeping its own running min (C updates `min`
+    when a candidate wins and the later candidates use it). No candidate is skipped here; the speed comes
+    from the lanes (a K-quant super-block has 8 or 16 such searches).
+    """
+    n = xt.shape[0]
+    K = xt.shape[1]
+    noweights = wt.shape[0] == 0
+    nmax = np.int64(nmax)
+    fn = F32(nmax)
+    zero = F32(0.0)
+    mn, mx, sw, sx, best, scale, bisc, bmn = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    isc, sl, sl2, sxl, ts, tm, dd, err = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15]
+    for j in range(K):
+        x0 = xt[0, j]
+        mn[j] = x0
+        mx[j] = x0
+        w0 = x0 * x0 if noweights else wt[0, j]
+        sw[j] = w0
+        sx[j] = w0 * x0
+    for i in range(1, n):
+        for j in range(K):
+            xi = xt[i, j]
+            mn[j] = xi if xi < mn[j] else mn[j]
+            mx[j] = xi if xi > mx[j] else mx[j]
+            wi = xi * xi if noweights else wt[i, j]
+            sw[j] += wi
+            sx[j] += wi * xi
+    dg = st[16]
+    dmn = st[17]
+    for j in range(K):
+        if mn[j] > 0:
+            mn[j] = zero
+        dg[j] = F32(1.0) if ((mx[j] == mn[j]) if strict else (mx[j] <= mn[j])) else zero
+        dmn[j] = mn[j]
+        isc[j] = fn / (mx[j] - mn[j])
+        scale[j] = F32(1.0) / isc[j]
+        best[j] = zero
+        bisc[j] = isc[j]
+        bmn[j] = mn[j]
+    for i in range(n):
+        for j in range(K):
+            xi = xt[i, j]
+            wi = xi * xi if noweights else wt[i, j]
+            l = np.rint(isc[j] * (xi - mn[j]))
+            l = l if l >= zero else zero
+            l = l if l <= fn else fn
+            diff = scale[j] * l + mn[j] - xi
+            best[j] += wi * (abs(diff) if use_mad else diff * diff)
+    if nstep >= 1:
+        frmin = F32(rmin)
+        frdelta = F32(rdelta)
+        for s in range(nstep + 1):
+            r = frmin + frdelta * F32(s) + fn
+            for j in range(K):
+                isc[j] = r / (mx[j] - mn[j])
+                sl[j] = zero
+                sl2[j] = zero
+                sxl[j] = zero
+                err[j] = zero
+            for i in range(n):
+                for j in range(K):
+                    xi = xt[i, j]
+                    wi = xi * xi if noweights else wt[i, j]
+                    l = np.rint(isc[j] * (xi - mn[j]))
+                    l = l if l >= zero else zero
+                    l = l if l <= fn else fn
+                    wl = wi * l
+                    sl[j] += wl
+                    sl2[j] += wl * l
+                    sxl[j] += wl * xi
+            for j in range(K):
+                d = sw[j] * sl2[j] - sl[j] * sl[j]
+                a = (sw[j] * sxl[j] - sx[j] * sl[j]) / d
+                b = (sl2[j] * sx[j] - sl[j] * sxl[j]) / d
+                if b > 0:
+                    b = zero
+                    a = sxl[j] / sl2[j]
+                ts[j] = a
+                tm[j] = b
+                dd[j] = d
+            if use_mad:
+                for i in range(n):
+                    for j in range(K):
+                        xi = xt[i, j]
+                        wi = xi * xi if noweights else wt[i, j]
+                        l = np.rint(isc[j] * (xi - mn[j]))
+                        l = l if l >= zero else zero
+                        l = l if l <= fn else fn
+                        err[j] += wi * abs(ts[j] * l + tm[j] - xi)
+            else:
+                for i in range(n):
+                    for j in range(K):
+                        xi = xt[i, j]
+                        wi = xi * xi if noweights else wt[i, j]
+                        l = np.rint(isc[j] * (xi - mn[j]))
+                        l = l if l >= zero else zero
+                        l = l if l <= fn else fn
+                        diff = ts[j] * l + tm[j] - xi
+                        err[j] += wi * (diff * diff)
+            for j in range(K):
+                if dd[j] > 0 and err[j] < best[j]:
+                    best[j] = err[j]
+                    scale[j] = ts[j]
+                    bisc[j] = isc[j]
+                    bmn[j] = mn[j]
+                    mn[j] = tm[j]
+    for j in range(K):
+        if dg[j] != 0:  # max == min (qkx2) / max <= min (qkx3): L = 0, scale 0, the_min = -min
+            out_scale[j] = zero
+            out_min[j] = -dmn[j]
+            bisc[j] = zero
+        else:
+            out_scale[j] = scale[j]
+            out_min[j] = -mn[j]
+    for i in range(n):
+        for j in range(K):
+            l = np.rint(bisc[j] * (xt[i, j] - bmn[j]))
+            l = l if l >= zero else zero
+            l = l if l <= fn else fn
+            Lt[i, j] = np.uint8(l)
