@@ -35,9 +35,9 @@ from .search import (
     F32,
     GROUP_MAX_EPS,
     MAX_LANES,
-    _make_q3,
     f16_bits_to_f32,
     f32_to_f16_bits,
+    make_q3_lockstep,
     make_qkx_lockstep,
     make_qp_quants,
     make_qx_quants,
@@ -275,19 +275,28 @@ def _q6k_block(x, qw, y, L, work, scales):
 
 
 @_inline
-def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls):
+def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls, sc):
     """Q3_K (110 bytes: hmask[32], qs[64], scales[12], d): 16 sub-blocks of 16, signed 6-bit scales,
     levels -4..3 + 4 (bit 2 in hmask, bits 0-1 in qs)."""
     nsub = QK_K // 16
     q = y[96:108]
     q[:] = 0
     pack = True
-    if qw.shape[0] == 0:  # quantize_row_q3_K_ref
+    if qw.shape[0] == 0:  # quantize_row_q3_K_ref: make_q3_quants(16, 4, x, L, true) per sub-block
+        xt_f, lf_f, lt_f, st = sc
+        xt = xt_f.reshape((16, nsub))
+        lt = lt_f.reshape((16, nsub))
+        for j in range(nsub):
+            for i in range(16):
+                xt[i, j] = x[16 * j + i]
+        make_q3_lockstep(xt, np.int64(4), lt, scales[:nsub], st, lf_f.reshape((16, nsub)))
+        for j in range(nsub):
+            for i in range(16):
+                L[16 * j + i] = lt[i, j]
         max_scale = F32(0.0)
         amax = F32(0.0)
         for j in range(nsub):
-            s = _make_q3(x[16 * j : 16 * j + 16], np.int64(4), L[16 * j : 16 * j + 16], work)
-            scales[j] = s
+            s = scales[j]
             if abs(s) > amax:
                 amax = abs(s)
                 max_scale = s
@@ -449,7 +458,7 @@ def _quantize_blocks(kind, xb, qw, out):
         if kind == 0:
             _q2k_block(x, q, y, L, wfull, sc, scales, mins, sw, Ls, Lm)
         elif kind == 1:
-            _q3k_block(x, q, y, L, w, work, scales, sw, Ls)
+            _q3k_block(x, q, y, L, w, work, scales, sw, Ls, sc)
         elif kind == 4:
             _q6k_block(x, q, y, L, work, scales)
         else:

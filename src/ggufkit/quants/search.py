@@ -15,7 +15,13 @@ result, never by reordering float arithmetic:
     cannot pass the strict `<`), and stop an error sum once it reaches the best (weights >= 0 only);
   - make_qkx_lockstep runs the 8 or 16 independent qkx searches of a K-quant super-block together, one
     SIMD lane per search (the K-quant kernels use it; make_qkx2/qkx3_quants serve single searches);
-  - make_q3_quants computes x*x and x*x*x once instead of in every sweep (same values).
+  - make_q3_quants computes x*x and x*x*x once instead of in every sweep (same values), and
+    make_q3_lockstep runs the 16 searches of a Q3_K super-block together, one SIMD lane each.
+
+Note for developers: numba's on-disk cache of a kernel that calls these functions (kquants, legacy) is
+keyed on the caller's source file only; after editing this file, delete the callers' cached .nbi/.nbc
+files (src/ggufkit/quants/__pycache__) or their kernels keep the old code. A fresh install has no stale
+cache.
 
 Conventions for every function below:
   - x: float32 1-D (C-contiguous slice), n = x.shape[0] elements.
@@ -574,3 +580,95 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             l = l if l >= zero else zero
             l = l if l <= fn else fn
             Lt[i, j] = np.uint8(l)
+
+
+@njit(cache=True, error_model="numpy")
+def make_q3_lockstep(xt, nmax, Lt, out_scale, st, lf):
+    """K independent make_q3_quants searches at once (Q3_K ref: K = 16 sub-blocks of n = 16).
+
+    make_q3_lockstep(xt: f32[n, K], nmax: int, Lt: u8[n, K] out, out_scale: f32[K] out,
+    st: f32[>= 8, K] scratch, lf: f32[n, K] scratch). Column j is one search; results equal
+    make_q3_quants(xt[:, j], nmax, ...) exactly. The coordinate sweeps run in lockstep over the columns,
+    one SIMD lane each, until no column changes (at most 5): a sweep that changes nothing in a column
+    leaves its state as it was, so the extra sweeps C would not run for that column change nothing.
+    """
+    n = xt.shape[0]
+    K = xt.shape[1]
+    nmax = np.int64(nmax)
+    lo = F32(-nmax)
+    hi = F32(nmax - 1)
+    zero = F32(0.0)
+    mx, amax, isc, sumlx, suml2, q, tslx, tsl2 = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    for j in range(K):
+        mx[j] = zero
+        amax[j] = zero
+        sumlx[j] = zero
+        suml2[j] = zero
+    for i in range(n):
+        for j in range(K):
+            x = xt[i, j]
+            ax = abs(x)
+            bigger = ax > amax[j]
+            mx[j] = x if bigger else mx[j]
+            amax[j] = ax if bigger else amax[j]
+    for j in range(K):
+        isc[j] = F32(-nmax) / mx[j]
+    for i in range(n):  # |iscale*x| <= nmax: rint is C's nearest_int here
+        for j in range(K):
+            x = xt[i, j]
+            l = np.rint(isc[j] * x)
+            l = l if l >= lo else lo
+            l = l if l <= hi else hi
+            lf[i, j] = l
+            w = x * x
+            sumlx[j] += (w * x) * l
+            suml2[j] += (w * l) * l
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            for j in range(K):
+                x = xt[i, j]
+                w = x * x
+                li = lf[i, j]
+                slx = sumlx[j] - (w * x) * li
+                sl2 = suml2[j] - (w * li) * li
+                tslx[j] = slx
+                tsl2[j] = sl2
+                q[j] = (x * sl2) / slx
+            n_wide = 0
+            for j in range(K):
+                n_wide += not abs(q[j]) <= F32(4194303.0)
+            if n_wide:  # out of rint's range (or NaN): C's bit trick, exactly
+                for j in range(K):
+                    if not abs(q[j]) <= F32(4194303.0):
+                        q[j] = F32(nearest_int(q[j]))
+            for j in range(K):
+                x = xt[i, j]
+                w = x * x
+                li = lf[i, j]
+                slx = tslx[j]
+                new_l = np.rint(q[j])
+                new_l = new_l if new_l >= lo else lo
+                new_l = new_l if new_l <= hi else hi
+                slx2 = slx + (w * x) * new_l
+                sl22 = tsl2[j] + (w * new_l) * new_l
+                accept = (
+                    (slx > 0)
+                    & (new_l != li)
+                    & (sl22 > 0)
+                    & ((slx2 * slx2) * suml2[j] > (sumlx[j] * sumlx[j]) * sl22)
+                )
+                lf[i, j] = new_l if accept else li
+                sumlx[j] = slx2 if accept else sumlx[j]
+                suml2[j] = sl22 if accept else suml2[j]
+                changed += accept
+        if changed == 0:
+            break
+    for j in range(K):
+        if amax[j] < GROUP_MAX_EPS:  # all zero: L = 0 (not offset), scale 0
+            out_scale[j] = zero
+        else:
+            out_scale[j] = sumlx[j] / suml2[j] if suml2[j] > 0 else zero
+    for i in range(n):
+        for j in range(K):
+            Lt[i, j] = 0 if amax[j] < GROUP_MAX_EPS else np.uint8(lf[i, j] + F32(nmax))
