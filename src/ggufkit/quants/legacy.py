@@ -85,7 +85,7 @@ def _get_fp16(data, b, off):
 
 @njit(inline="always")
 def _signed_max(x, b):
-    """The signed value of the first element with the largest |x| (strict <: NaN never wins), and 1/d."""
+    """The signed value of the first element with the largest |x| (strict <: a NaN never wins)."""
     amax = _F0
     mx = _F0
     for j in range(QK):
