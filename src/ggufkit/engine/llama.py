@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from numba import njit, prange
 
 from ..errors import EvalError
 from ..gguf_file import GGUFModel
@@ -220,6 +221,30 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
     return _round_q8_0(x)
 
 
+@njit(parallel=True, cache=True)
+def _causal_softmax(s):
+    """In place over s [B, T, T]: row i becomes softmax(s[i, :i+1]) followed by zeros (causal mask).
+    One pass per row over the causal part only; rows in parallel."""
+    B, T, _ = s.shape
+    for r in prange(B * T):
+        b, i = r // T, r % T
+        row = s[b, i]
+        m = row[0]
+        for j in range(1, i + 1):
+            if row[j] > m:
+                m = row[j]
+        tot = 0.0
+        for j in range(i + 1):
+            e = np.exp(row[j] - m)
+            row[j] = e
+            tot += e
+        inv = np.float32(1.0 / tot)
+        for j in range(i + 1):
+            row[j] *= inv
+        for j in range(i + 1, T):
+            row[j] = 0.0
+
+
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
     return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * weight
@@ -255,6 +280,10 @@ class LlamaModel:
         """A tensor dequantized to float32, numpy order (rows = ggml's ne1, columns = ne0)."""
         t = self._tensors[name]
         shape = tuple(reversed(t.shape))
+        if t.ggml_type == _Q.F32:  # no copy: a read-only view of the mapped file
+            return np.frombuffer(t.data(), dtype="<f4").reshape(shape)
+        if t.ggml_type == _Q.F16:  # numpy's vectorized cast: the same values as ggml (NaN payloads aside)
+            return np.frombuffer(t.data(), dtype="<f2").astype(np.float32).reshape(shape)
         return dequantize(t.data(), t.ggml_type, shape)
 
     def _maybe(self, name: str) -> np.ndarray | None:
@@ -354,7 +383,7 @@ class LlamaModel:
         return x
 
     # -- forward ------------------------------------------------------------------------------------
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
         """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv]."""
         a = self.args
         C, T, H, d = q.shape
@@ -366,13 +395,9 @@ class LlamaModel:
         qh = qh.reshape(C, hkv, g * T, d)
         kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
         vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
+        qh *= np.float32(1.0 / np.sqrt(d))  # the kq scale, applied to q (T*d values instead of T*T)
         s = np.matmul(qh, kh.swapaxes(-1, -2))  # [C, Hkv, g*T, T]
-        s = s.reshape(C, hkv, g, T, T)
-        s *= np.float32(1.0 / np.sqrt(d))
-        s += mask
-        s -= s.max(axis=-1, keepdims=True)
-        np.exp(s, out=s)
-        s /= s.sum(axis=-1, keepdims=True)
+        _causal_softmax(s.reshape(C * hkv * g, T, T))
         o = np.matmul(s.reshape(C, hkv, g * T, T), vh)  # [C, Hkv, g*T, dv]
         dv = o.shape[-1]
         return o.reshape(C, hkv, g, T, dv).transpose(0, 3, 1, 2, 4).reshape(C * T, H * dv)
@@ -392,7 +417,6 @@ class LlamaModel:
         D = a.embedding_length
         x = self._embed(tokens.reshape(-1)).reshape(C * T, D)  # the residual stream of every chunk
         cos, sin = self._rope_tables(T)
-        mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
         eps = a.layer_norm_rms_epsilon
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
         for il in range(a.block_count):
@@ -423,7 +447,7 @@ class LlamaModel:
                 if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
                     k = k.astype(np.float16).astype(np.float32)
                     v = v.astype(np.float16).astype(np.float32)
-                xs += self._matmul(self._attention(q, k, v, mask), w["attn_output"], ty["attn_output"])
+                xs += self._matmul(self._attention(q, k, v), w["attn_output"], ty["attn_output"])
                 h = _rms_norm(xs, w["ffn_norm"], eps)
                 rounded = {}
                 g = _silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded))
