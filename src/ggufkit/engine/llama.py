@@ -222,26 +222,28 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True)
-def _causal_softmax(s):
-    """In place over s [B, T, T]: row i becomes softmax(s[i, :i+1]) followed by zeros (causal mask).
+def _causal_softmax(s, first_pos, group):
+    """In place over s [B, R, K]: row r is query position first_pos + r // group (`group` query heads share
+    a kv head and sit side by side); it becomes softmax over keys 0..pos followed by zeros (causal mask).
     One pass per row over the causal part only; rows in parallel."""
-    B, T, _ = s.shape
-    for r in prange(B * T):
-        b, i = r // T, r % T
-        row = s[b, i]
+    B, R, K = s.shape
+    for x in prange(B * R):
+        b, r = x // R, x % R
+        row = s[b, r]
+        last = min(first_pos + r // group, K - 1)
         m = row[0]
-        for j in range(1, i + 1):
+        for j in range(1, last + 1):
             if row[j] > m:
                 m = row[j]
         tot = 0.0
-        for j in range(i + 1):
+        for j in range(last + 1):
             e = np.exp(row[j] - m)
             row[j] = e
             tot += e
         inv = np.float32(1.0 / tot)
-        for j in range(i + 1):
+        for j in range(last + 1):
             row[j] *= inv
-        for j in range(i + 1, T):
+        for j in range(last + 1, K):
             row[j] = 0.0
 
 
@@ -383,24 +385,30 @@ class LlamaModel:
         return x
 
     # -- forward ------------------------------------------------------------------------------------
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv]."""
+    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block: int = 128) -> np.ndarray:
+        """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv].
+
+        Query head h attends with kv head h // g (ggml's broadcast in mul_mat). Queries go in blocks of
+        `block` positions, each against the keys up to its last position only, which skips most of the
+        masked half of the score matrix."""
         a = self.args
         C, T, H, d = q.shape
         hkv = a.head_count_kv
         g = H // hkv
-        # Query head h attends with kv head h // g (ggml's broadcast in mul_mat). Contiguous operands keep
-        # numpy's stacked matmul on BLAS.
-        qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 3, 1, 4))
-        qh = qh.reshape(C, hkv, g * T, d)
+        # [C, Hkv, T, g, d]: a block of positions is one contiguous [nb*g, d] matrix per kv head.
+        qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
+        qh *= np.float32(1.0 / np.sqrt(d))  # the kq scale, applied to q (T*d values instead of T*T)
         kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
         vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
-        qh *= np.float32(1.0 / np.sqrt(d))  # the kq scale, applied to q (T*d values instead of T*T)
-        s = np.matmul(qh, kh.swapaxes(-1, -2))  # [C, Hkv, g*T, T]
-        _causal_softmax(s.reshape(C * hkv * g, T, T))
-        o = np.matmul(s.reshape(C, hkv, g * T, T), vh)  # [C, Hkv, g*T, dv]
-        dv = o.shape[-1]
-        return o.reshape(C, hkv, g, T, dv).transpose(0, 3, 1, 2, 4).reshape(C * T, H * dv)
+        dv = vh.shape[-1]
+        out = np.empty((C, hkv, T, g, dv), np.float32)
+        for b0 in range(0, T, block):
+            b1 = min(b0 + block, T)
+            qb = qh[:, :, b0:b1].reshape(C, hkv, (b1 - b0) * g, d)
+            s = np.matmul(qb, kh[:, :, :b1].swapaxes(-1, -2))  # [C, Hkv, nb*g, b1]
+            _causal_softmax(s.reshape(C * hkv, (b1 - b0) * g, b1), b0, g)
+            out[:, :, b0:b1] = np.matmul(s, vh[:, :, :b1]).reshape(C, hkv, b1 - b0, g, dv)
+        return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
 
     def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
         """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence).
