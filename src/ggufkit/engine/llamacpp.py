@@ -54,14 +54,14 @@ class LlamaCppRunner:
     def _decode(self, tokens, first: int) -> int:
         lc, b = self._lc, self.batch
         lc.llama_memory_clear(lc.llama_get_memory(self.llm.ctx), True)
-        n = len(tokens)
+        n, first = len(tokens), int(first)
         b.n_tokens = n
         for i, t in enumerate(tokens):
             b.token[i] = int(t)
             b.pos[i] = i
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
-            b.logits[i] = i >= first
+            b.logits[i] = int(i >= first)
         rc = lc.llama_decode(self.llm.ctx, b)
         if rc != 0:
             raise EvalError(f"llama_decode failed with {rc}")
