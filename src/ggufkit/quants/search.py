@@ -450,11 +450,11 @@ def make_qp_quants(x, nmax, L, qw):
     return sumlx / suml2 if suml2 > 0 else F32(0.0)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, out_scale, out_min, st):
     """K independent make_qkx2_quants (strict=True) / make_qkx3_quants (strict=False) searches at once.
 
-    make_qkx_lockstep(xt: f32[n, K], wt: f32[n, K] | f32[0, K], nmax: int, rmin: float, rdelta: float,
+    make_qkx_lockstep(xt: f32[n, K], wt: f32[n, K], nmax: int, rmin: float, rdelta: float,
     nstep: int, use_mad: bool, strict: bool, Lt: u8[n, K] out, out_scale: f32[K] out, out_min: f32[K] out,
     st: f32[>= 18, K] scratch). Search j works on column j (element i at [i, j]); the results are exactly
     those of the one-at-a-time helpers (scale, the_min and levels, signed zeros included).
@@ -466,7 +466,6 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
     """
     n = xt.shape[0]
     K = xt.shape[1]
-    noweights = wt.shape[0] == 0
     nmax = np.int64(nmax)
     fn = F32(nmax)
     zero = F32(0.0)
@@ -476,7 +475,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
         x0 = xt[0, j]
         mn[j] = x0
         mx[j] = x0
-        w0 = x0 * x0 if noweights else wt[0, j]
+        w0 = wt[0, j]
         sw[j] = w0
         sx[j] = w0 * x0
     for i in range(1, n):
@@ -484,7 +483,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             xi = xt[i, j]
             mn[j] = xi if xi < mn[j] else mn[j]
             mx[j] = xi if xi > mx[j] else mx[j]
-            wi = xi * xi if noweights else wt[i, j]
+            wi = wt[i, j]
             sw[j] += wi
             sx[j] += wi * xi
     dg = st[16]
@@ -502,7 +501,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
     for i in range(n):
         for j in range(K):
             xi = xt[i, j]
-            wi = xi * xi if noweights else wt[i, j]
+            wi = wt[i, j]
             l = np.rint(isc[j] * (xi - mn[j]))
             l = l if l >= zero else zero
             l = l if l <= fn else fn
@@ -522,7 +521,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             for i in range(n):
                 for j in range(K):
                     xi = xt[i, j]
-                    wi = xi * xi if noweights else wt[i, j]
+                    wi = wt[i, j]
                     l = np.rint(isc[j] * (xi - mn[j]))
                     l = l if l >= zero else zero
                     l = l if l <= fn else fn
@@ -544,7 +543,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
                 for i in range(n):
                     for j in range(K):
                         xi = xt[i, j]
-                        wi = xi * xi if noweights else wt[i, j]
+                        wi = wt[i, j]
                         l = np.rint(isc[j] * (xi - mn[j]))
                         l = l if l >= zero else zero
                         l = l if l <= fn else fn
@@ -553,7 +552,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
                 for i in range(n):
                     for j in range(K):
                         xi = xt[i, j]
-                        wi = xi * xi if noweights else wt[i, j]
+                        wi = wt[i, j]
                         l = np.rint(isc[j] * (xi - mn[j]))
                         l = l if l >= zero else zero
                         l = l if l <= fn else fn
@@ -582,7 +581,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             Lt[i, j] = np.uint8(l)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", inline="always")
 def make_q3_lockstep(xt, nmax, Lt, out_scale, st, lf):
     """K independent make_q3_quants searches at once (Q3_K ref: K = 16 sub-blocks of n = 16).
 
