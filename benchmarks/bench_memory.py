@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from llamacpp import base_model, reference_quantized  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
-from test_memory import llama_bench_peak_rss, make_synthetic_gemma2  # noqa: E402
+from test_memory import llama_bench_peak_rss, make_small_model  # noqa: E402
 
 from ggufkit import memory  # noqa: E402
 from ggufkit.models import cache_dir, default_model_path  # noqa: E402
@@ -52,7 +52,11 @@ def main() -> int:
     files[("synthetic 256-row", "F16")] = syn
     files[("synthetic 256-row", "Q4_K_M")] = reference_quantized(syn, "Q4_K_M")
     gemma2 = cache_dir("bench") / "gemma2-swa.gguf"
-    files[("synthetic gemma2 SWA", "F16")] = gemma2 if gemma2.exists() else make_synthetic_gemma2(gemma2, src)
+    files[("synthetic gemma2 SWA", "F16")] = gemma2 if gemma2.exists() else make_small_model(gemma2, src)
+    big = cache_dir("bench") / "llama-vocab-150k.gguf"
+    if not big.exists():
+        make_small_model(big, src, arch="llama", extra_tokens=150_000 - 49_152, extra_merges=60_000)
+    files[("synthetic 150k vocab", "F16")] = big
     contexts = (512, 2048) if args.quick else (512, 2048, 8192)
 
     cpu = next(

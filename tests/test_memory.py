@@ -115,17 +115,61 @@ def smollm2_levels(smollm2_f16):
     }
 
 
-def make_synthetic_gemma2(path, vocab_source) -> Path:
-    """A small seeded gemma2 (sliding window 256 on every other layer; 4 layers, 256 wide, 2 KV heads of
-    64), F16, with `vocab_source`'s vocabulary: the sliding-window KV cache path."""
+def _extra_piece(i: int) -> str:
+    """A short made-up token text (8 bytes at most, like real BPE pieces), unique per i."""
+    digits = ""
+    while True:
+        i, r = divmod(i, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
+        if i == 0:
+            return "\u0120\u01c2" + digits
+
+
+def _copy_tokenizer(writer, vocab_source, extra_tokens: int, extra_merges: int) -> int:
+    """Copy the tokenizer.* metadata of `vocab_source`, appending `extra_tokens` made-up normal tokens and
+    `extra_merges` made-up merges (a larger vocabulary, as Llama 3's 128k or Gemma's 256k); returns the
+    vocabulary size."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(vocab_source))
+    n_vocab = 0
+    for key, f in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = f.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = f.types[-1]
+            if sub == gguf.GGUFValueType.STRING:
+                vals = [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
+            else:
+                vals = [f.parts[i][0].item() for i in f.data]
+            if key == "tokenizer.ggml.tokens":
+                vals += [_extra_piece(i) for i in range(extra_tokens)]
+                n_vocab = len(vals)
+            elif key == "tokenizer.ggml.merges":
+                vals += [f"\u0120\u01c2 {_extra_piece(i)[2:]}" for i in range(extra_merges)]
+            elif key == "tokenizer.ggml.token_type":
+                vals += [1] * extra_tokens
+            writer.add_key_value(key, vals, vtype, sub_type=sub)
+        elif vtype == gguf.GGUFValueType.STRING:
+            writer.add_key_value(key, bytes(f.parts[-1]).decode("utf-8"), vtype)
+        else:
+            writer.add_key_value(key, f.parts[-1][0].item(), vtype)
+    return n_vocab
+
+
+def make_small_model(
+    path, vocab_source, *, arch: str = "gemma2", extra_tokens: int = 0, extra_merges: int = 0
+) -> Path:
+    """A small seeded F16 model (4 layers, 256 wide, 4 heads and 2 KV heads of 64, tied embeddings) with
+    `vocab_source`'s vocabulary (plus `extra_tokens`). arch "gemma2": a sliding window of 256 on every
+    other layer, the sliding-window KV cache path; arch "llama": plain."""
     import gguf
     import numpy as np
-    from synthetic import _copy_tokenizer
 
     rng = np.random.default_rng(0)
     d, n_layer, n_head, n_kv, hd, n_ff = 256, 4, 4, 2, 64, 512
-    n_vocab = len(gguf.GGUFReader(str(vocab_source)).fields["tokenizer.ggml.tokens"].data)
-    w = gguf.GGUFWriter(str(path), "gemma2")
+    w = gguf.GGUFWriter(str(path), arch)
     for add, value in [
         (w.add_context_length, 8192),
         (w.add_embedding_length, d),
@@ -135,12 +179,14 @@ def make_synthetic_gemma2(path, vocab_source) -> Path:
         (w.add_head_count_kv, n_kv),
         (w.add_key_length, hd),
         (w.add_value_length, hd),
+        (w.add_rope_dimension_count, hd),
         (w.add_layer_norm_rms_eps, 1e-6),
-        (w.add_sliding_window, 256),
         (w.add_file_type, 1),
     ]:
         add(value)
-    _copy_tokenizer(w, Path(vocab_source))
+    if arch == "gemma2":
+        w.add_sliding_window(256)
+    n_vocab = _copy_tokenizer(w, vocab_source, extra_tokens, extra_merges)
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) * (0.5 / np.sqrt(cols))).astype(np.float16)
@@ -150,6 +196,7 @@ def make_synthetic_gemma2(path, vocab_source) -> Path:
 
     w.add_tensor("token_embd.weight", mat(n_vocab, d))
     w.add_tensor("output_norm.weight", vec(d))
+    post = [("post_attention_norm", d), ("post_ffw_norm", d)] if arch == "gemma2" else []
     for i in range(n_layer):
         p = f"blk.{i}."
         for name, t in [
@@ -158,12 +205,11 @@ def make_synthetic_gemma2(path, vocab_source) -> Path:
             ("attn_k", mat(n_kv * hd, d)),
             ("attn_v", mat(n_kv * hd, d)),
             ("attn_output", mat(d, n_head * hd)),
-            ("post_attention_norm", vec(d)),
             ("ffn_norm", vec(d)),
             ("ffn_gate", mat(n_ff, d)),
             ("ffn_up", mat(n_ff, d)),
             ("ffn_down", mat(d, n_ff)),
-            ("post_ffw_norm", vec(d)),
+            *[(name, vec(n)) for name, n in post],
         ]:
             w.add_tensor(p + name + ".weight", t)
     w.write_header_to_file()
@@ -175,7 +221,7 @@ def make_synthetic_gemma2(path, vocab_source) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_gemma2(smollm2_path, tmp_path_factory):
-    return make_synthetic_gemma2(tmp_path_factory.mktemp("gemma2") / "gemma2-swa.gguf", smollm2_path)
+    return make_small_model(tmp_path_factory.mktemp("gemma2") / "gemma2-swa.gguf", smollm2_path)
 
 
 @pytest.fixture(scope="session")
@@ -263,6 +309,25 @@ def test_sliding_window_kv_cache_matches_llama_cpp(synthetic_gemma2, n_ctx):
 def test_sliding_window_model_within_10_percent(synthetic_gemma2, record_property):
     est = memory.estimate(memory.load_source(synthetic_gemma2), n_ctx=2048)
     measured = llama_bench_peak_rss(synthetic_gemma2, 2048)
+    error = est.total_bytes / measured - 1
+    record_property("error", round(error, 4))
+    assert abs(error) < TOLERANCE, f"estimate {mib(est.total_bytes)} MiB, measured {mib(measured)} MiB"
+
+
+def test_large_vocabulary_within_10_percent(smollm2_path, tmp_path, record_property):
+    """The runtime's vocabulary tables grow with the tokens and merges (Llama 3 has 128k and 280k): a small
+    model with a 150k vocabulary and 110k merges, sizes the overhead model was not fitted on."""
+    path = make_small_model(
+        tmp_path / "vocab150k.gguf",
+        smollm2_path,
+        arch="llama",
+        extra_tokens=150_000 - 49_152,
+        extra_merges=60_000,
+    )
+    model = memory.load_source(path)
+    assert model.n_vocab == 150_000 and model.n_merges == 48_900 + 60_000
+    est = memory.estimate(model, n_ctx=1024)
+    measured = llama_bench_peak_rss(path, 1024)
     error = est.total_bytes / measured - 1
     record_property("error", round(error, 4))
     assert abs(error) < TOLERANCE, f"estimate {mib(est.total_bytes)} MiB, measured {mib(measured)} MiB"

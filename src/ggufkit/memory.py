@@ -24,7 +24,8 @@ what the OS counts in the process's peak RSS:
   vec_dot type) and the output rows. `compute_reserved_bytes` reports the reservation for reference.
 - output: the host logits buffer, n_vocab * 4 bytes per sequence.
 - overhead: the llama.cpp runtime itself (program text, libraries, the vocabulary's tables, thread
-  stacks, allocator slack), a constant measured with llama-bench (see RUNTIME_OVERHEAD_BYTES).
+  stacks, graph tables), a linear model of vocabulary, merges and tensor count fitted to llama-bench
+  (see OVERHEAD_BASE).
 
 Sources: a GGUF (header and tensor table only), a Hugging Face folder (config.json), or a bare size such as
 "7B" or "qwen2:1.5B" resolved to an architecture family's typical shape (the _SHAPES table below).
@@ -56,7 +57,7 @@ __all__ = [
     "available_memory",
     "DEFAULT_LEVELS",
     "DEFAULT_CONTEXTS",
-    "RUNTIME_OVERHEAD_BYTES",
+    "runtime_overhead",
     "GIB",
 ]
 
@@ -64,12 +65,28 @@ GIB = 1 << 30
 KV_PAD = 256  # llama-context.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
 GGUF_ALIGNMENT = 32  # tensors in a file llama-quantize writes start on 32-byte boundaries
 
-# The llama.cpp runtime's own resident memory, beyond weights, KV, compute and output: measured as
-# llama-bench's peak RSS minus those terms for SmolLM2-135M (49,152-token vocabulary) at F16, Q8_0 and
-# Q4_K_M and n_ctx 512/2048/8192 (benchmarks/bench_memory.py, 2 threads, x86-64 Linux). It holds the
-# program and shared libraries (about 8 MiB of text), the vocabulary tables (token strings, BPE ranks,
-# piece cache), the GGUF metadata copy and the thread pool. A larger vocabulary adds a few MiB.
-RUNTIME_OVERHEAD_BYTES = 31 * (1 << 20)
+# The llama.cpp runtime's own resident memory, beyond weights, KV, compute and output: the program and its
+# libraries, the thread pool, the GGUF metadata copy, the vocabulary's tables (token texts, token -> id map,
+# piece cache; BPE merge ranks) and the graph/scheduler tables (sized by the graph, 8 nodes per tensor).
+# A linear model fitted to llama-bench's peak RSS minus the other terms (benchmarks/bench_memory.py, x86-64
+# Linux, 2 threads, n_ctx 2048): small 4-layer models with 49k, 100k and 200k-token vocabularies, with and
+# without as many merges, and SmolLM2-135M (272 tensors). Over n_ctx 512..8192 the measured residual moves
+# by about -2..+1 MiB around it.
+OVERHEAD_BASE = 11_860 * 1024
+OVERHEAD_PER_TOKEN = 202  # bytes per vocabulary entry (text of BPE-sized pieces)
+OVERHEAD_PER_MERGE = 133  # bytes per BPE merge rule
+OVERHEAD_PER_TENSOR = 13_000  # bytes per model tensor (graph and scheduler tables)
+
+
+def runtime_overhead(model: ModelInfo) -> int:
+    """llama.cpp's own resident memory for this model (see OVERHEAD_BASE)."""
+    return (
+        OVERHEAD_BASE
+        + OVERHEAD_PER_TOKEN * model.n_vocab
+        + OVERHEAD_PER_MERGE * model.n_merges
+        + OVERHEAD_PER_TENSOR * len(model.tensors)
+    )
+
 
 DEFAULT_LEVELS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 DEFAULT_CONTEXTS = (2048, 8192, 32768)
@@ -94,6 +111,7 @@ class ModelInfo:
     n_ff: int
     n_vocab: int
     n_ctx_train: int = 0
+    n_merges: int = 0  # BPE merge rules of the tokenizer (0 for SentencePiece vocabularies)
     n_swa: int = 0
     is_swa: list[bool] = field(default_factory=list)
     n_expert: int = 0
@@ -191,6 +209,7 @@ def _info_from_gguf(path: Path) -> ModelInfo:
     hd_v = int(key("attention.value_length", hd_k))
     n_ff = max(_per_layer(key("feed_forward_length", 0), n_layer, f"{arch}.feed_forward_length"))
     tokens = model.get("tokenizer.ggml.tokens")
+    merges = model.get("tokenizer.ggml.merges")
     n_vocab = int(key("vocab_size", len(tokens) if tokens is not None else None))
     n_swa = int(key("attention.sliding_window", _SWA_DEFAULT.get(arch, 0)))
     is_swa = _swa_layers(arch, n_layer, n_swa, key("attention.sliding_window_pattern", None, required=False))
@@ -209,6 +228,7 @@ def _info_from_gguf(path: Path) -> ModelInfo:
         n_ff=n_ff,
         n_vocab=n_vocab,
         n_ctx_train=int(key("context_length", 0)),
+        n_merges=len(merges) if merges is not None else 0,
         n_swa=n_swa,
         is_swa=is_swa,
         n_expert=int(key("expert_count", 0)),
@@ -250,11 +270,14 @@ _HF_ARCH = {
     "GemmaForCausalLM": "gemma",
     "Phi3ForCausalLM": "phi3",
 }
+# BPE merge counts of the well-known vocabularies (by size), for sources without a tokenizer file:
+# Llama 3, Qwen2/2.5, SmolLM2. SentencePiece vocabularies (Llama 2, Mistral, Gemma) have none.
+_MERGES_BY_VOCAB = {128256: 280147, 151936: 151387, 152064: 151387, 49152: 48900}
 _HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 def _info_from_config(
-    cfg: dict, *, name: str, kind: str, path: Path | None = None, note: str = ""
+    cfg: dict, *, name: str, kind: str, path: Path | None = None, note: str = "", n_merges: int | None = None
 ) -> ModelInfo:
     if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers (Gemma 3) nest the LM
         outer = cfg
@@ -310,6 +333,7 @@ def _info_from_config(
         n_ff=n_ff,
         n_vocab=n_vocab,
         n_ctx_train=int(cfg.get("max_position_embeddings") or 0),
+        n_merges=_MERGES_BY_VOCAB.get(n_vocab, 0) if n_merges is None else n_merges,
         n_swa=n_swa,
         is_swa=is_swa,
         n_expert=n_expert,
@@ -389,7 +413,17 @@ def _info_from_hf_folder(folder: Path) -> ModelInfo:
         raise MemoryEstimateError(f"{cfg_path}: not readable JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise MemoryEstimateError(f"{cfg_path}: not a JSON object")
-    return _info_from_config(cfg, name=folder.name, kind="hf", path=folder)
+    return _info_from_config(cfg, name=folder.name, kind="hf", path=folder, n_merges=_hf_merges(folder))
+
+
+def _hf_merges(folder: Path) -> int | None:
+    """The BPE merge count of the folder's tokenizer.json, if it has one."""
+    try:
+        tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        merges = tok["model"].get("merges")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return len(merges) if isinstance(merges, list) else 0
 
 
 # Typical shapes by family, as the published config.json files give them (hidden, layers, heads, KV
@@ -684,7 +718,7 @@ def estimate(
     n_ubatch: int = 512,
     flash_attn: bool = True,
     repack: frozenset | None = None,
-    overhead_bytes: int = RUNTIME_OVERHEAD_BYTES,
+    overhead_bytes: int | None = None,
 ) -> Estimate:
     """Resident memory of llama.cpp running `model` at `level` (None: a GGUF as it is) with n_ctx cells."""
     if n_ctx <= 0:
@@ -746,7 +780,7 @@ def estimate(
         compute_bytes=compute,
         compute_reserved_bytes=reserved,
         output_bytes=model.n_vocab * 4,
-        overhead_bytes=overhead_bytes,
+        overhead_bytes=runtime_overhead(model) if overhead_bytes is None else overhead_bytes,
     )
 
 
