@@ -468,13 +468,25 @@ class LlamaModel:
         """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""
         return "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
 
-    def chunk_logits(self, tokens: np.ndarray, *, first: int = 0, group: int = 8) -> Iterator[np.ndarray]:
-        """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1."""
-        h = self.hidden(tokens, group=group)
+    def chunk_logits(
+        self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29
+    ) -> Iterator[np.ndarray]:
+        """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1.
+
+        Chunks go layer-major in passes whose residual streams fit in `resident_bytes` (one pass for
+        everything up to ~450 chunks of 512 tokens on a 576-wide model), so the weights are dequantized
+        once per pass and memory stays near the file size."""
+        tokens = np.asarray(tokens)
+        C, T = tokens.shape
+        per_pass = max(1, resident_bytes // (T * self.args.embedding_length * 4))
         name = self._output_name()
-        out, wtype = self._weight(name), self._type(name)
-        for c in range(h.shape[0]):
-            yield self._matmul(np.ascontiguousarray(h[c, first:]), out, wtype)
+        wtype = self._type(name)
+        for c0 in range(0, C, per_pass):
+            h = self.hidden(tokens[c0 : c0 + per_pass], group=group)
+            out = self._weight(name)
+            for c in range(h.shape[0]):
+                yield self._matmul(np.ascontiguousarray(h[c, first:]), out, wtype)
+            del out, h
 
     def logits(self, tokens) -> np.ndarray:
         """Logits [T, n_vocab] of one sequence of token ids."""
