@@ -44,8 +44,9 @@ _FORMATS: dict[GGMLQuantizationType, BlockFormat] = {}
 _LOADED = False
 
 
-def register(name: str, *, quantize_rows: QuantizeRows, dequantize_rows: DequantizeRows,
-             uses_importance: bool) -> BlockFormat:
+def register(
+    name: str, *, quantize_rows: QuantizeRows, dequantize_rows: DequantizeRows, uses_importance: bool
+) -> BlockFormat:
     qt = GGMLQuantizationType[name]
     block_size, type_size = GGML_QUANT_SIZES[qt]
     fmt = BlockFormat(name, qt, block_size, type_size, quantize_rows, dequantize_rows, uses_importance)
@@ -86,8 +87,9 @@ def row_bytes(qtype, n_per_row: int) -> int:
     """Bytes of one row of n_per_row elements (ggml_row_size); the row length must fill whole blocks."""
     fmt = qtype if isinstance(qtype, BlockFormat) else get_format(qtype)
     if n_per_row % fmt.block_size:
-        raise ValueError(f"{fmt.name}: row length {n_per_row} is not a multiple of the block size "
-                         f"{fmt.block_size}")
+        raise ValueError(
+            f"{fmt.name}: row length {n_per_row} is not a multiple of the block size {fmt.block_size}"
+        )
     return n_per_row // fmt.block_size * fmt.type_size
 
 
@@ -100,17 +102,22 @@ def quantize(x: np.ndarray, qtype, *, importance: np.ndarray | None = None) -> n
     quantizer refuses them, as llama-quantize does).
     """
     fmt = get_format(qtype)
+    shape = getattr(x, "shape", None)
+    row = shape[-1] if shape else "?"
+    what = f"{fmt.name} (block size {fmt.block_size}, row length {row})"
     if not isinstance(x, np.ndarray) or x.dtype != np.float32:
-        raise ValueError(f"{fmt.name}: expected a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
+        raise ValueError(f"{what}: expected a float32 array, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.ndim != 2:
-        raise ValueError(f"{fmt.name}: expected a 2-D array [n_rows, n_per_row], got shape {x.shape}")
+        raise ValueError(f"{what}: expected a 2-D array [n_rows, n_per_row], got shape {x.shape}")
     n_rows, n_per_row = x.shape
     nbytes = row_bytes(fmt, n_per_row)
     if importance is not None:
         importance = np.asarray(importance)
         if importance.dtype != np.float32 or importance.shape != (n_per_row,):
-            raise ValueError(f"{fmt.name}: importance must be float32 of shape ({n_per_row},), got "
-                             f"{importance.dtype} {importance.shape}")
+            raise ValueError(
+                f"{fmt.name}: importance must be float32 of shape ({n_per_row},), got "
+                f"{importance.dtype} {importance.shape}"
+            )
         importance = np.ascontiguousarray(importance) if fmt.uses_importance else None
     out = fmt.quantize_rows(np.ascontiguousarray(x), importance)
     assert out.dtype == np.uint8 and out.shape == (n_rows, nbytes), (fmt.name, out.dtype, out.shape)
@@ -128,8 +135,9 @@ def dequantize(data: np.ndarray, qtype, shape) -> np.ndarray:
     nbytes = row_bytes(fmt, n_per_row)
     raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
     if raw.size != n_rows * nbytes:
-        raise ValueError(f"{fmt.name}: {raw.size} bytes do not hold shape {shape} "
-                         f"({n_rows} rows x {nbytes} bytes)")
+        raise ValueError(
+            f"{fmt.name}: {raw.size} bytes do not hold shape {shape} ({n_rows} rows x {nbytes} bytes)"
+        )
     out = fmt.dequantize_rows(raw.reshape(n_rows, nbytes), n_per_row)
     assert out.dtype == np.float32
     return out.reshape(shape)
