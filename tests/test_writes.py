@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -238,18 +237,13 @@ def test_file_size_limit_in_a_subprocess(synthetic_f16, tmp_path):
     """A real failing write (RLIMIT_FSIZE: the kernel refuses to grow the file; Python ignores SIGXFSZ, so
     write() fails with EFBIG): one line on stderr, exit status 2, no temporary file, no output."""
     limit = 8 << 20
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    run = subprocess.run(
-        _cli(synthetic_f16, tmp_path / "out.gguf", "Q8_0"),
-        capture_output=True,
-        text=True,
-        env=_env(),
-        preexec_fn=limit_file_size,
-        timeout=300,
+    # set the limit in the child itself, then exec the CLI (no preexec_fn in a threaded test process)
+    wrapper = (
+        f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"
     )
+    cmd = [sys.executable, "-c", wrapper, *_cli(synthetic_f16, tmp_path / "out.gguf", "Q8_0")[1:]]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert run.returncode == 2, run.stderr
     assert run.stderr.count("\n") == 1 and "File too large" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out.gguf").exists() and not temporaries(tmp_path)
