@@ -84,13 +84,18 @@ def test_smollm2_f16_matches_llama_cpp(smollm2_f16):
 
 
 # -- synthetic models for the other architectures ----------------------------------------------------
-def _write_model(path: Path, vocab_source: Path, arch: str, *, seed: int = 0) -> Path:
-    from synthetic import _copy_tokenizer
+@pytest.fixture(scope="module")
+def vocab_kvs(smollm2_path) -> list:
+    """SmolLM2's tokenizer.* metadata (read once, with ggufkit's fast reader)."""
+    with open_gguf(smollm2_path) as g:
+        return [kv for key, kv in g.kv.items() if key.startswith("tokenizer.")]
 
+
+def _write_model(path: Path, vocab_kvs: list, arch: str, *, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     n_embd, n_layer, n_head, n_head_kv, n_ff = 128, 2, 4, 2, 256
     hd = n_embd // n_head
-    n_vocab = len(gguf.GGUFReader(str(vocab_source)).fields["tokenizer.ggml.tokens"].data)
+    n_vocab = len(next(kv.value for kv in vocab_kvs if kv.key == "tokenizer.ggml.tokens"))
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) * (0.7 / np.sqrt(cols))).astype(np.float32)
@@ -108,7 +113,9 @@ def _write_model(path: Path, vocab_source: Path, arch: str, *, seed: int = 0) ->
     w.add_rope_freq_base(1000000.0 if arch != "llama" else 10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_file_type(0)
-    _copy_tokenizer(w, vocab_source)
+    for kv in vocab_kvs:
+        value = kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value
+        w.add_key_value(kv.key, value, kv.type, sub_type=kv.sub_type)
     w.add_tensor("token_embd.weight", mat(n_vocab, n_embd) * 4)
     w.add_tensor("output_norm.weight", vec(n_embd))
     w.add_tensor("output.weight", mat(n_vocab, n_embd))
@@ -138,8 +145,8 @@ def _write_model(path: Path, vocab_source: Path, arch: str, *, seed: int = 0) ->
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_architectures_match_llama_cpp(arch, smollm2_path, tmp_path):
-    path = _write_model(tmp_path / f"{arch}.gguf", smollm2_path, arch)
+def test_architectures_match_llama_cpp(arch, vocab_kvs, tmp_path):
+    path = _write_model(tmp_path / f"{arch}.gguf", vocab_kvs, arch)
     tokens = _text_tokens(path, 300)
     ref = _llama_cpp_logits(path, tokens)
     ours = _ours(path, tokens)
