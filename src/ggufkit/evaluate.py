@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numba import njit, prange
 
 from .errors import EvalError
 from .gguf_file import open_gguf
@@ -92,11 +93,29 @@ def chunk_inputs(chunks: np.ndarray, bos_id: int | None) -> np.ndarray:
 
 
 # -- per-chunk reductions (float32 arithmetic as in perplexity.cpp) ---------------------------------
+@njit(parallel=True, cache=True)
+def _row_stats(logits):
+    """Per row: max, first argmax, Σ expf(l - max) summed in double in index order (perplexity.cpp)."""
+    n, V = logits.shape
+    mx = np.empty(n, np.float32)
+    imax = np.empty(n, np.int64)
+    sum_exp = np.empty(n, np.float64)
+    for r in prange(n):
+        row = logits[r]
+        m, im = row[0], 0
+        for i in range(1, V):
+            if row[i] > m:
+                m, im = row[i], i
+        acc = 0.0
+        for i in range(V):
+            acc += np.float64(np.exp(row[i] - m))
+        mx[r], imax[r], sum_exp[r] = m, im, acc
+    return mx, imax, sum_exp
+
+
 def _softmax_parts(logits: np.ndarray):
-    """max, first argmax, log Σ exp(l - max) as float32 (the sum in double, as llama.cpp does)."""
-    mx = logits.max(axis=1)
-    imax = logits.argmax(axis=1)
-    sum_exp = np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64)
+    """max, first argmax, float32(log Σ exp(l - max)) and the double sum, as llama.cpp computes them."""
+    mx, imax, sum_exp = _row_stats(np.ascontiguousarray(logits, dtype=_F))
     return mx, imax, np.log(sum_exp).astype(_F), sum_exp
 
 

@@ -148,19 +148,27 @@ def _blas_thread_setter():
 
 @contextmanager
 def blas_threads(n: int | None):
-    """Run BLAS matmuls on n threads inside the block (None: leave it as it is, normally all cores)."""
-    get, put = _blas_thread_setter() if n else (None, None)
-    if get is None:
-        if n:
-            log.info("cannot set the BLAS thread count (OpenBLAS not found); using its default")
+    """Run BLAS matmuls and numba kernels on n threads inside the block (None: leave them, normally all
+    cores)."""
+    if not n:
         yield
         return
-    old = get()
-    put(int(n))
+    import numba
+
+    get, put = _blas_thread_setter()
+    if get is None:
+        log.info("cannot set the BLAS thread count (OpenBLAS not found); using its default")
+    old_blas = get() if get is not None else None
+    old_numba = numba.get_num_threads()
+    if put is not None:
+        put(int(n))
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
-        put(old)
+        if put is not None:
+            put(old_blas)
+        numba.set_num_threads(old_numba)
 
 
 def cpu_count() -> int:
