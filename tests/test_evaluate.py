@@ -1,0 +1,273 @@
+"""`ggufkit eval` against llama-perplexity, run in the test on the same text, ctx and chunks.
+
+Two claims, each against the real llama.cpp:
+1. The statistics are llama-perplexity's to the digit: fed llama.cpp's own logits (--engine llama.cpp),
+   ggufkit's PPL, base PPL, KLD mean/percentiles, same-top and RMS Δp equal what llama-perplexity
+   --kl-divergence prints, and the base records equal the uint16 records of llama.cpp's base file.
+2. The built-in numpy engine measures the same damage: on SmolLM2-135M F16 and its Q4_K_M made by
+   llama-quantize, PPL within 0.5 %, KLD within 5 %, same-top within 0.5 points of llama-perplexity's.
+Plus the base cache, the JSON output and the bad-input errors (one stderr line, exit status 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from ggufkit.cli import main
+from ggufkit.errors import EvalError
+from ggufkit.evaluate import base_records, default_text, evaluate
+
+CTX, CHUNKS, THREADS = 512, 8, 2
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("ggufkit-cache")
+    monkeypatch_module.setenv("GGUFKIT_CACHE", str(root))
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "pydoc.txt"
+    path.write_text(default_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def q4_k_m(smollm2_f16) -> Path:
+    from llamacpp import reference_quantized
+
+    return reference_quantized(smollm2_f16, "Q4_K_M")
+
+
+_NUM = r"(-?[\d.]+(?:e-?\d+)?)"
+_FIELDS = {
+    "ppl": rf"Mean PPL\(Q\)\s*:\s*{_NUM}",
+    "base_ppl": rf"Mean PPL\(base\)\s*:\s*{_NUM}",
+    "kld_mean": rf"Mean\s+KLD:\s*{_NUM}",
+    "kld_max": rf"Maximum KLD:\s*{_NUM}",
+    "kld_p99": rf"99\.0%\s+KLD:\s*{_NUM}",
+    "kld_p90": rf"90\.0%\s+KLD:\s*{_NUM}",
+    "kld_median": rf"Median\s+KLD:\s*{_NUM}",
+    "rms_dp": rf"RMS Δp\s*:\s*{_NUM}",
+    "same_top": rf"Same top p:\s*{_NUM}",
+}
+
+
+def _llama_perplexity(base, model, text_file, folder: Path, ctx: int, chunks: int) -> dict:
+    """llama-perplexity --kl-divergence-base on `base`, then --kl-divergence on `model`; parsed."""
+    from llamacpp import tool
+
+    exe = str(tool("llama-perplexity"))
+    base_file = folder / f"base-{ctx}-{chunks}.kld"
+    common = ["-f", str(text_file), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks)]
+    common += ["-t", str(THREADS)]
+    subprocess.run(
+        [exe, "-m", str(base), *common, "--kl-divergence-base", str(base_file)],
+        check=True,
+        capture_output=True,
+    )
+    out = subprocess.run(
+        [exe, "-m", str(model), *common, "--kl-divergence-base", str(base_file), "--kl-divergence"],
+        check=True,
+        capture_output=True,
+        text=True,
+        errors="replace",
+    )
+    log = out.stdout + out.stderr
+    stats: dict = {"base_file": base_file, "ctx": ctx, "chunks": chunks}
+    for key, pattern in _FIELDS.items():
+        m = re.search(pattern, log)
+        assert m, f"llama-perplexity printed no {key}:\n{log[-3000:]}"
+        stats[key] = float(m.group(1))
+    return stats
+
+
+@pytest.fixture(scope="module")
+def llama_perplexity(smollm2_f16, q4_k_m, text_file, tmp_path_factory) -> dict:
+    """The agreement configuration: ctx 512, 8 chunks (2040 scored tokens)."""
+    return _llama_perplexity(smollm2_f16, q4_k_m, text_file, tmp_path_factory.mktemp("kld"), CTX, CHUNKS)
+
+
+@pytest.fixture(scope="module")
+def llama_perplexity_small(smollm2_f16, q4_k_m, text_file, tmp_path_factory) -> dict:
+    """A cheaper configuration for the to-the-digit checks: ctx 256, 4 chunks (508 scored tokens)."""
+    return _llama_perplexity(smollm2_f16, q4_k_m, text_file, tmp_path_factory.mktemp("kld"), 256, 4)
+
+
+def test_statistics_are_llama_perplexitys_to_the_digit(
+    llama_perplexity_small, smollm2_f16, q4_k_m, text_file, cache_root
+):
+    ref = llama_perplexity_small
+    ctx, chunks = ref["ctx"], ref["chunks"]
+    ours = evaluate(
+        q4_k_m,
+        base=smollm2_f16,
+        text=text_file,
+        ctx=ctx,
+        chunks=chunks,
+        threads=THREADS,
+        engine="llama.cpp",
+        use_cache=False,
+    )
+    assert ours.tokens == chunks * (ctx - 1 - ctx // 2)
+    for key in (
+        "ppl",
+        "base_ppl",
+        "kld_mean",
+        "kld_max",
+        "kld_p99",
+        "kld_p90",
+        "kld_median",
+        "rms_dp",
+        "same_top",
+    ):
+        # llama-perplexity prints 6 decimals (3 for the percent values): agree to what it prints.
+        tol = 1.5e-3 if key in ("rms_dp", "same_top") else 1.5e-6
+        assert getattr(ours, key) == pytest.approx(ref[key], abs=tol, rel=1e-5), key
+
+
+def test_base_records_are_llama_cpps_uint16_records(llama_perplexity_small, smollm2_f16):
+    """Chunk 0 of llama.cpp's own --kl-divergence-base file vs base_records() of llama.cpp's logits."""
+    from ggufkit.engine.llamacpp import LlamaCppRunner
+
+    raw = Path(llama_perplexity_small["base_file"]).read_bytes()
+    assert raw[:8] == b"_logits_"
+    n_ctx, n_vocab, n_chunk = (int(v) for v in np.frombuffer(raw, np.int32, 3, 8))
+    tokens = np.frombuffer(raw, np.int32, n_ctx * n_chunk, 20).reshape(n_chunk, n_ctx)
+    nv = 2 * ((n_vocab + 1) // 2) + 4
+    n_pos = n_ctx - 1 - n_ctx // 2
+    recs = np.frombuffer(raw, np.uint16, n_pos * nv, 20 + 4 * tokens.size).reshape(n_pos, nv)
+    head = recs[:, :4].copy().view(np.float32)  # scale, min_log_prob
+    codes = recs[:, 4 : 4 + n_vocab]
+
+    with LlamaCppRunner(smollm2_f16, ctx=int(n_ctx), threads=THREADS) as runner:
+        logits = runner.chunk_logits(tokens[0], first=n_ctx // 2)[:-1]
+    ours = base_records(logits, tokens[0, n_ctx // 2 + 1 :])
+    np.testing.assert_array_equal(ours.scale, head[:, 0])
+    np.testing.assert_array_equal(ours.min_log_prob, head[:, 1])
+    rows = np.repeat(np.arange(n_pos), np.diff(ours.offsets))
+    np.testing.assert_array_equal(ours.code, codes[rows, ours.idx])
+    np.testing.assert_array_equal(ours.code_tok, codes[np.arange(n_pos), tokens[0, n_ctx // 2 + 1 :]])
+    np.testing.assert_array_equal(ours.imax, codes.argmax(axis=1))
+    # The kept entries are exactly those with decoded log-prob > -16 (the only KLD terms).
+    plog = head[:, :1] * codes.astype(np.float32) + head[:, 1:2]
+    assert int((plog > np.float32(-16)).sum()) == len(ours.idx)
+    # ...which is what makes the cache smaller than llama.cpp's file.
+    assert ours.idx.size * 6 < codes.size * 2
+
+
+def test_builtin_engine_measures_the_same_damage(
+    llama_perplexity, smollm2_f16, q4_k_m, text_file, cache_root
+):
+    ours = evaluate(
+        q4_k_m,
+        base=smollm2_f16,
+        text=text_file,
+        ctx=CTX,
+        chunks=CHUNKS,
+        threads=THREADS,
+        engine="builtin",
+        use_cache=False,
+    )
+    ref = llama_perplexity
+    print(json.dumps({k: (getattr(ours, k), ref[k]) for k in _FIELDS}, indent=1))
+    assert ours.base_ppl == pytest.approx(ref["base_ppl"], rel=0.005)
+    assert ours.ppl == pytest.approx(ref["ppl"], rel=0.005)
+    assert ours.kld_mean == pytest.approx(ref["kld_mean"], rel=0.05)
+    assert abs(ours.same_top - ref["same_top"]) <= 0.5
+
+
+def test_base_is_cached_and_reused(smollm2_f16, q4_k_m, cache_root):
+    first = evaluate(q4_k_m, base=smollm2_f16, ctx=128, chunks=2, threads=THREADS)
+    second = evaluate(q4_k_m, base=smollm2_f16, ctx=128, chunks=2, threads=THREADS)
+    assert first.base_cached is False and second.base_cached is True
+    for key in ("ppl", "base_ppl", "kld_mean", "kld_p99", "same_top", "rms_dp"):
+        assert getattr(first, key) == getattr(second, key), key
+    files = list((cache_root / "eval").glob("base-*.npz"))
+    assert len(files) == 1
+    # llama.cpp's base file would hold 2 bytes per vocab entry per scored position.
+    assert files[0].stat().st_size < 49152 * 2 * first.tokens / 3
+    # another ctx is another key
+    third = evaluate(q4_k_m, base=smollm2_f16, ctx=64, chunks=2, threads=THREADS)
+    assert third.base_cached is False
+
+
+def test_cli_json(smollm2_f16, q4_k_m, cache_root, capsys):
+    rc = main(["eval", str(q4_k_m), "--base", str(smollm2_f16), "--ctx", "128", "--chunks", "2", "--json"])
+    assert rc == 0
+    obj = json.loads(capsys.readouterr().out)
+    for key in ("ppl", "ppl_err", "base_ppl", "kld_mean", "kld_p99", "same_top", "rms_dp", "tokens"):
+        assert isinstance(obj[key], (int, float)), key
+    assert 0 <= obj["same_top"] <= 100 and obj["tokens"] == 2 * (128 - 1 - 64)
+    assert obj["ppl"] > obj["base_ppl"] > 1 and obj["kld_mean"] > 0
+
+
+def test_ppl_only(q4_k_m, capsys, cache_root):
+    rc = main(["eval", str(q4_k_m), "--ctx", "64", "--chunks", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert re.search(r"PPL\s+: [\d.]+ ± [\d.]+", out)
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def _tiny_gguf(path: Path, *, arch: str, tokens: list[str]) -> Path:
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_context_length(64)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_text_too_short(q4_k_m, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words only.", encoding="utf-8")
+    with pytest.raises(EvalError, match=r"has \d+ tokens; .* needs at least 1024"):
+        evaluate(q4_k_m, text=short, ctx=512)
+    assert main(["eval", str(q4_k_m), "--text", str(short)]) == 2
+    assert "needs at least 1024" in _one_error_line(capsys)
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    path = _tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2", tokens=["a", "b", "c"])
+    assert main(["eval", str(path)]) == 2
+    line = _one_error_line(capsys)
+    assert "'gpt2'" in line and "llama" in line and "qwen2" in line
+
+
+def test_different_vocabularies(q4_k_m, tmp_path, capsys):
+    other = _tiny_gguf(tmp_path / "other.gguf", arch="llama", tokens=["a", "b", "c"])
+    assert main(["eval", str(q4_k_m), "--base", str(other)]) == 2
+    assert "different vocabularies" in _one_error_line(capsys)
