@@ -92,6 +92,13 @@ def _tiny(rng):
     return x
 
 
+def _subnormal(rng):
+    x = rng.standard_normal((16, WIDTH)) * 1e-39  # max - min subnormal: iscale overflows to inf
+    x[8:, ::5] = rng.standard_normal((8, (WIDTH + 4) // 5)) * 1e-3
+    x[12] = np.float32(1.4e-45) * rng.integers(-3, 4, WIDTH)  # the smallest subnormals
+    return x
+
+
 def _huge(rng):
     x = rng.uniform(-6e4, 6e4, (24, WIDTH))
     x[0] = 6e4
@@ -111,6 +118,7 @@ FAMILIES = {
     "zero_and_constant": _zero_and_constant,
     "signed_zeros": _signed_zeros,
     "tiny": _tiny,
+    "subnormal": _subnormal,
     "huge": _huge,
 }
 
@@ -219,20 +227,24 @@ def test_smollm2_ffn_down(qtype, with_importance, smollm2_ffn_down):
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
-def test_non_finite_input_does_not_crash(qtype):
-    """Non-finite values are the file quantizer's to refuse; here they must only not crash."""
-    x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
+def test_non_finite_input_matches_libggml(qtype):
+    """Non-finite values are the file quantizer's to refuse; here they flow through C's arithmetic (its
+    nearest_int bit trick included) and give libggml's bytes (numpy's default NaN)."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 512)).astype(np.float32)
     x[0, 3] = np.nan
     x[1, :] = np.inf
     x[2, 7] = -np.inf
     x[3, ::2] = np.nan
-    for imp in (None, np.ones(256, np.float32)):
-        out = quants.quantize(x, qtype, importance=imp)
-        assert out.shape == (4, quants.row_bytes(qtype, 256)) and out.dtype == np.uint8
-        # rows without non-finite values are untouched by their neighbours
-        clean = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
-        both = quants.quantize(np.concatenate([x, clean]), qtype, importance=imp)
-        _assert_same_bytes(both[-1:], oracle.ggml_quantize(clean, qtype, imp), f"{qtype} clean row")
+    x[4, 300] = np.inf
+    x[4, 301] = -np.inf
+    x[5, 256:] = np.nan
+    for imp in (None, _importance(512, 5)):
+        _assert_same_bytes(
+            quants.quantize(x, qtype, importance=imp),
+            oracle.ggml_quantize(x, qtype, imp),
+            f"{qtype} non-finite imatrix={imp is not None}",
+        )
 
 
 def test_rows_not_multiple_of_256_are_refused():
@@ -321,3 +333,22 @@ def test_row_counts_and_thread_chunks(qtype):
                 numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
             _assert_same_bytes(got, oracle.ggml_quantize(x, qtype, imp), f"{qtype} {n_rows} rows {threads}T")
         assert quants.dequantize(got, qtype, x.shape).shape == x.shape
+
+
+@pytest.mark.parametrize("qtype", KQUANTS)
+def test_zero_weight_spikes(qtype):
+    """Huge spikes in columns whose importance is 0: the fitted min ignores them, so C's nearest_int sees
+    arguments far beyond 2**22 (its bit trick, not rounding, decides those levels)."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((16, 512)) * 0.02
+    spikes = rng.choice([-6e4, 6e4, 65504.0, -65519.0, 65520.0, -3e4, 1e4], size=x[:, 5::37].shape)
+    x[:, 5::37] = spikes
+    x = x.astype(np.float32)
+    imp = np.where(rng.random(512) < 0.3, 0.0, rng.random(512) * 5).astype(np.float32)
+    imp[5::37] = 0.0
+    for importance in (None, imp):
+        _assert_same_bytes(
+            quants.quantize(x, qtype, importance=importance),
+            oracle.ggml_quantize(x, qtype, importance),
+            f"{qtype} spikes imatrix={importance is not None}",
+        )

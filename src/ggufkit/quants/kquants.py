@@ -15,10 +15,11 @@ Quirks kept on purpose (see the facts digest §2.0/§2.3):
     impl path that does not clamp to 63 before packing, and Q2_K's nibble OR that truncates;
   - sigma2: Q2_K impl sum(x^2)/256, Q3_K/Q4_K/Q5_K impl 2*sum(x^2)/256, Q6_K impl uses the raw weights.
 
-Non-finite input is not rejected here (the file quantizer does that). It never raises or crashes: NaN
-and inf flow through the same float32 arithmetic, and levels are clamped in float before any integer
-conversion; the bytes of such blocks need not match libggml's (C's nearest_int of a non-finite value is a
-bit trick the clamps here do not reproduce in every case). Other blocks are unaffected.
+Non-finite input is not rejected here (the file quantizer does that), and nothing raises on it: NaN and
+inf flow through the same float32 arithmetic as in C, and every level is rounded by C's nearest_int (its
+bit trick for NaN, inf and |v| > 2**22, which also decides levels of finite spikes far from a fitted min,
+and of sub-blocks whose max - min is subnormal). Tested byte-equal to libggml with numpy's default NaN;
+a NaN with another payload could round differently (C's trick reads the payload).
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict,
     """The 256/sub make_qkx searches of one super-block (sub-blocks of `sub` elements, weights wfull in
     block order) in lockstep (search.make_qkx_lockstep): columns of a [sub, 256/sub] transpose; the levels
     go back into L in block order, scale/the_min into scales/mins. sc: the scratch arrays."""
-    xt_f, wt_f, lt_f, st = sc
+    xt_f, wt_f, lt_f, st, lev_f = sc
     nsub = QK_K // sub
     xt = xt_f.reshape((sub, nsub))
     wt = wt_f.reshape((sub, nsub))
@@ -125,7 +126,21 @@ def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict,
         for i in range(sub):
             xt[i, j] = x[sub * j + i]
             wt[i, j] = wfull[sub * j + i]
-    make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, lt, scales[:nsub], mins[:nsub], st)
+    make_qkx_lockstep(
+        xt,
+        wt,
+        nmax,
+        rmin,
+        rdelta,
+        nstep,
+        use_mad,
+        strict,
+        lt,
+        scales[:nsub],
+        mins[:nsub],
+        st,
+        lev_f.reshape((sub, nsub)),
+    )
     for j in range(nsub):
         for i in range(sub):
             L[sub * j + i] = lt[i, j]
@@ -283,7 +298,7 @@ def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls, sc):
     q[:] = 0
     pack = True
     if qw.shape[0] == 0:  # quantize_row_q3_K_ref: make_q3_quants(16, 4, x, L, true) per sub-block
-        xt_f, lf_f, lt_f, st = sc
+        xt_f, lf_f, lt_f, st, _ = sc
         xt = xt_f.reshape((16, nsub))
         lt = lt_f.reshape((16, nsub))
         for j in range(nsub):
@@ -450,7 +465,8 @@ def _quantize_blocks(kind, xb, qw, out):
         np.empty(QK_K, np.float32),
         np.empty(QK_K, np.uint8),
         np.empty((18, 16), np.float32),
-    )  # make_qkx_lockstep scratch
+        np.empty(QK_K, np.float32),
+    )  # make_qkx_lockstep / make_q3_lockstep scratch
     for b in range(xb.shape[0]):
         x = xb[b]
         y = out[b]

@@ -31,10 +31,12 @@ Conventions for every function below:
   - Integer arguments (nmax, nstep) are Python/numba ints; float arguments (rmin, rdelta) are converted
     to float32 inside (np.float32(-0.9) == -0.9f etc.).
 
-Non-finite inputs: nothing here raises or converts NaN to an integer. Levels of candidates are clamped in
-float before the conversion, NaN clamping to the lower bound (C's nearest_int(NaN) is 0 then clamped, so
-this agrees for NaN where the lower bound is 0); `nearest_int` itself follows C's bit trick for every
-float32 including NaN (-> 0 for the default NaN) and inf (-> -4194304).
+Levels: every nearest_int argument is rounded as C rounds it. Where it is provably within |v| <= 2**22
+(make_qx_quants on finite x) np.rint is used; elsewhere the arguments are checked and any value outside
+that range, NaN or inf, takes C's bit trick (`nearest_int`): this matters for finite data too (a fitted
+min far from a zero-weight spike, or iscale = nmax/(max - min) overflowing to inf when max - min is
+subnormal). Nothing here raises on NaN/inf or converts them to integers undefined-ly; results then equal
+C's for numpy's default NaN (C's trick reads a NaN's payload bits).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from numba import njit
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
+_RINT_LIMIT = F32(4194303.0)
+_F32_MAX = F32(3.4028235e38)  # nearest_int is np.rint up to here (C asserts it; release builds don't)
 MAX_LANES = 64  # make_qx_quants candidates evaluated together (19 used); qkx searches: n <= 64
 _WORK_ROWS = 8
 
@@ -78,6 +82,15 @@ def nearest_int(f):
     if abs(f) <= F32(4194303.0):
         return int(np.rint(f))
     return _nearest_int_wide(f)
+
+
+@njit(cache=True, error_model="numpy")
+def _fix_wide(raw):
+    """raw[k] = nearest_int(raw[k]) where |raw[k]| > 4194303 or NaN (C's bit trick; rint elsewhere is
+    the same). Returns nothing; called only when such a value exists (rare)."""
+    for k in range(raw.shape[0]):
+        if not abs(raw[k]) <= _RINT_LIMIT:
+            raw[k] = F32(nearest_int(raw[k]))
 
 
 @njit(cache=True, error_model="numpy")
@@ -115,6 +128,38 @@ def f16_bits_to_f32(h):
 
 
 @njit(cache=True, error_model="numpy")
+def _make_qx_plain(x, nmax, L, qw, mx):
+    """make_qx_quants one candidate at a time with nearest_int, as in C (for inputs with NaN/inf)."""
+    n = x.shape[0]
+    noweights = qw.shape[0] == 0
+    fn = F32(nmax)
+    scale = F32(0.0)
+    best = F32(0.0)
+    for s in range(-10, 10):  # -10 stands for C's first pass, iscale = -nmax/max
+        if s == 0:
+            continue
+        iscale = F32(-nmax) / mx if s == -10 else -(fn + F32(0.1) * F32(s)) / mx
+        sumlx = F32(0.0)
+        suml2 = F32(0.0)
+        for i in range(n):
+            l = F32(max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))))
+            w = x[i] * x[i] if noweights else qw[i]
+            sumlx += (w * x[i]) * l
+            suml2 += (w * l) * l
+        if s == -10:
+            scale = sumlx / suml2 if suml2 != 0 else F32(0.0)
+            best = scale * sumlx
+        elif not (suml2 > 0 and sumlx * sumlx > best * suml2):
+            continue
+        else:
+            scale = sumlx / suml2
+            best = scale * sumlx
+        for i in range(n):
+            L[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))) + nmax
+    return scale
+
+
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(x, nmax, L, qw, work):
     """make_qx_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n] | f32[0], work) -> float32 scale.
 
@@ -127,8 +172,10 @@ def make_qx_quants(x, nmax, L, qw, work):
     n = x.shape[0]
     mx = F32(0.0)
     amax = F32(0.0)
+    n_nonfinite = 0
     for i in range(n):
         ax = abs(x[i])
+        n_nonfinite += not ax <= _F32_MAX
         if ax > amax:
             amax = ax
             mx = x[i]
@@ -136,6 +183,8 @@ def make_qx_quants(x, nmax, L, qw, work):
         for i in range(n):
             L[i] = 0
         return F32(0.0)
+    if n_nonfinite:  # NaN/inf: C's nearest_int bit trick decides levels; take the plain port
+        return _make_qx_plain(x, nmax, L, qw, mx)
     fn = F32(nmax)
     lo = -fn
     hi = fn - F32(1.0)
@@ -213,8 +262,15 @@ def _make_q3(x, nmax, L, work):
     wx = work[1]
     lf = work[2]
     iscale = F32(-nmax) / mx
-    for i in range(n):  # |iscale*x| <= nmax: rint is C's nearest_int here
-        l = np.rint(iscale * x[i])
+    n_wide = 0
+    for i in range(n):  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
+        f = iscale * x[i]
+        lf[i] = f
+        n_wide += not abs(f) <= _RINT_LIMIT
+    if n_wide:
+        _fix_wide(lf[:n])
+    for i in range(n):
+        l = np.rint(lf[i])
         l = l if l >= lo else lo
         lf[i] = l if l <= hi else hi
         wv[i] = x[i] * x[i]
@@ -275,16 +331,24 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
     lv = work[0]  # levels of the candidate being tried (as float32)
     xm = work[1]  # x - min for the current min
     wv = work[2]  # the weights
+    raw = work[3]  # iscale * (x - min), before rounding
     nonneg = True  # all weights >= 0: partial error sums only grow, so a candidate can be dropped early
     for i in range(n):
         wv[i] = x[i] * x[i] if noweights else w[i]
         nonneg = nonneg and wv[i] >= 0
         xm[i] = x[i] - mn
-    iscale = fn / (mx - mn)
+    iscale = fn / (mx - mn)  # inf when max - min is subnormal
     scale = F32(1.0) / iscale
     best = zero
+    n_wide = 0
     for i in range(n):
-        l = np.rint(iscale * xm[i])
+        f = iscale * xm[i]
+        raw[i] = f
+        n_wide += not abs(f) <= _RINT_LIMIT
+    if n_wide:
+        _fix_wide(raw[:n])
+    for i in range(n):
+        l = np.rint(raw[i])
         l = l if l >= zero else zero
         l = l if l <= fn else fn
         L[i] = np.uint8(l)
@@ -297,9 +361,18 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
     for s in range(nstep + 1):
         # C's `min` is updated whenever a candidate wins, and the next candidates use it
         iscale = (frmin + frdelta * F32(s) + fn) / (mx - mn)
+        # Once a fitted min has replaced min(x), x - min can be far outside [0, max - min] (e.g. a spike
+        # with weight 0), and C's nearest_int then returns its bit trick, not the rounded value.
+        n_wide = 0
+        for i in range(n):
+            f = iscale * xm[i]
+            raw[i] = f
+            n_wide += not abs(f) <= _RINT_LIMIT
+        if n_wide:
+            _fix_wide(raw[:n])
         changed = 0 if s > 0 else 1
         for i in range(n):
-            l = np.rint(iscale * xm[i])
+            l = np.rint(raw[i])
             l = l if l >= zero else zero
             l = l if l <= fn else fn
             changed |= l != lv[i]
@@ -451,13 +524,14 @@ def make_qp_quants(x, nmax, L, qw):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, out_scale, out_min, st):
+def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, out_scale, out_min, st, lev):
     """K independent make_qkx2_quants (strict=True) / make_qkx3_quants (strict=False) searches at once.
 
     make_qkx_lockstep(xt: f32[n, K], wt: f32[n, K], nmax: int, rmin: float, rdelta: float,
     nstep: int, use_mad: bool, strict: bool, Lt: u8[n, K] out, out_scale: f32[K] out, out_min: f32[K] out,
-    st: f32[>= 18, K] scratch). Search j works on column j (element i at [i, j]); the results are exactly
-    those of the one-at-a-time helpers (scale, the_min and levels, signed zeros included).
+    st: f32[>= 18, K] scratch, lev: f32[n, K] scratch). Search j works on column j (element i at [i, j]);
+    the results are exactly those of the one-at-a-time helpers (scale, the_min and levels, signed zeros
+    included).
 
     The K searches are independent, so candidate `is` is tried for all of them together: one SIMD lane per
     search, each lane summing over its elements in order and keeping its own running min (C updates `min`
@@ -469,7 +543,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
     nmax = np.int64(nmax)
     fn = F32(nmax)
     zero = F32(0.0)
-    mn, mx, sw, sx, best, scale, bisc, bmn = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    mn, mx, sw, sx, best, scale, dg, dmn = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
     isc, sl, sl2, sxl, ts, tm, dd, err = st[8], st[9], st[10], st[11], st[12], st[13], st[14], st[15]
     for j in range(K):
         x0 = xt[0, j]
@@ -486,8 +560,6 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             wi = wt[i, j]
             sw[j] += wi
             sx[j] += wi * xi
-    dg = st[16]
-    dmn = st[17]
     for j in range(K):
         if mn[j] > 0:
             mn[j] = zero
@@ -496,17 +568,25 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
         isc[j] = fn / (mx[j] - mn[j])
         scale[j] = F32(1.0) / isc[j]
         best[j] = zero
-        bisc[j] = isc[j]
-        bmn[j] = mn[j]
+    # the first guess (iscale is inf when max - min is subnormal: C's nearest_int(inf), not rint)
+    lev_flat = lev.reshape(n * K)
+    n_wide = 0
+    for i in range(n):
+        for j in range(K):
+            f = isc[j] * (xt[i, j] - mn[j])
+            lev[i, j] = f
+            n_wide += not abs(f) <= _RINT_LIMIT
+    if n_wide:
+        _fix_wide(lev_flat)
     for i in range(n):
         for j in range(K):
             xi = xt[i, j]
-            wi = wt[i, j]
-            l = np.rint(isc[j] * (xi - mn[j]))
+            l = np.rint(lev[i, j])
             l = l if l >= zero else zero
             l = l if l <= fn else fn
+            Lt[i, j] = np.uint8(l)
             diff = scale[j] * l + mn[j] - xi
-            best[j] += wi * (abs(diff) if use_mad else diff * diff)
+            best[j] += wt[i, j] * (abs(diff) if use_mad else diff * diff)
     if nstep >= 1:
         frmin = F32(rmin)
         frdelta = F32(rdelta)
@@ -518,17 +598,28 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
                 sl2[j] = zero
                 sxl[j] = zero
                 err[j] = zero
+            # levels; once a fitted min has replaced min(x), x - min can be far outside [0, max - min]
+            # (a spike with weight 0) and C's nearest_int then returns its bit trick, not the rounding
+            n_wide = 0
             for i in range(n):
                 for j in range(K):
-                    xi = xt[i, j]
-                    wi = wt[i, j]
-                    l = np.rint(isc[j] * (xi - mn[j]))
+                    f = isc[j] * (xt[i, j] - mn[j])
+                    lev[i, j] = f
+                    n_wide += not abs(f) <= _RINT_LIMIT
+            if n_wide:
+                _fix_wide(lev_flat)
+            for i in range(n):
+                for j in range(K):
+                    l = np.rint(lev[i, j])
                     l = l if l >= zero else zero
-                    l = l if l <= fn else fn
-                    wl = wi * l
+                    lev[i, j] = l if l <= fn else fn
+            for i in range(n):
+                for j in range(K):
+                    l = lev[i, j]
+                    wl = wt[i, j] * l
                     sl[j] += wl
                     sl2[j] += wl * l
-                    sxl[j] += wl * xi
+                    sxl[j] += wl * xt[i, j]
             for j in range(K):
                 d = sw[j] * sl2[j] - sl[j] * sl[j]
                 a = (sw[j] * sxl[j] - sx[j] * sl[j]) / d
@@ -542,43 +633,28 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
             if use_mad:
                 for i in range(n):
                     for j in range(K):
-                        xi = xt[i, j]
-                        wi = wt[i, j]
-                        l = np.rint(isc[j] * (xi - mn[j]))
-                        l = l if l >= zero else zero
-                        l = l if l <= fn else fn
-                        err[j] += wi * abs(ts[j] * l + tm[j] - xi)
+                        err[j] += wt[i, j] * abs(ts[j] * lev[i, j] + tm[j] - xt[i, j])
             else:
                 for i in range(n):
                     for j in range(K):
-                        xi = xt[i, j]
-                        wi = wt[i, j]
-                        l = np.rint(isc[j] * (xi - mn[j]))
-                        l = l if l >= zero else zero
-                        l = l if l <= fn else fn
-                        diff = ts[j] * l + tm[j] - xi
-                        err[j] += wi * (diff * diff)
+                        diff = ts[j] * lev[i, j] + tm[j] - xt[i, j]
+                        err[j] += wt[i, j] * (diff * diff)
             for j in range(K):
                 if dd[j] > 0 and err[j] < best[j]:
                     best[j] = err[j]
                     scale[j] = ts[j]
-                    bisc[j] = isc[j]
-                    bmn[j] = mn[j]
                     mn[j] = tm[j]
+                    for i in range(n):
+                        Lt[i, j] = np.uint8(lev[i, j])
     for j in range(K):
         if dg[j] != 0:  # max == min (qkx2) / max <= min (qkx3): L = 0, scale 0, the_min = -min
             out_scale[j] = zero
             out_min[j] = -dmn[j]
-            bisc[j] = zero
+            for i in range(n):
+                Lt[i, j] = 0
         else:
             out_scale[j] = scale[j]
             out_min[j] = -mn[j]
-    for i in range(n):
-        for j in range(K):
-            l = np.rint(bisc[j] * (xt[i, j] - bmn[j]))
-            l = l if l >= zero else zero
-            l = l if l <= fn else fn
-            Lt[i, j] = np.uint8(l)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -612,10 +688,18 @@ def make_q3_lockstep(xt, nmax, Lt, out_scale, st, lf):
             amax[j] = ax if bigger else amax[j]
     for j in range(K):
         isc[j] = F32(-nmax) / mx[j]
-    for i in range(n):  # |iscale*x| <= nmax: rint is C's nearest_int here
+    n_wide = 0
+    for i in range(n):  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
+        for j in range(K):
+            f = isc[j] * xt[i, j]
+            lf[i, j] = f
+            n_wide += not abs(f) <= _RINT_LIMIT
+    if n_wide:
+        _fix_wide(lf.reshape(n * K))
+    for i in range(n):
         for j in range(K):
             x = xt[i, j]
-            l = np.rint(isc[j] * x)
+            l = np.rint(lf[i, j])
             l = l if l >= lo else lo
             l = l if l <= hi else hi
             lf[i, j] = l
