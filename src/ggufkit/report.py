@@ -213,6 +213,20 @@ def _llama_cpp_available() -> bool:
     return True
 
 
+def default_threads() -> int:
+    """The cores not already busy (by the 1-minute load average), at least one. llama.cpp's threads spin at
+    their barriers, so running as many threads as cores on a machine that is busy elsewhere is many times
+    slower than running fewer; on an idle machine this is all the cores."""
+    from .engine.llama import cpu_count
+
+    cores = cpu_count()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return cores
+    return max(1, min(cores, cores - math.floor(busy + 0.5)))
+
+
 def _resolve_engine(engine: str) -> str:
     from .evaluate import ENGINES
 
@@ -226,7 +240,9 @@ def _resolve_engine(engine: str) -> str:
 # -- the base ---------------------------------------------------------------------------------------------
 
 
-def _prepare_base(model: Path, model_sha: str, work: Path, notes: list[str], progress) -> dict:
+def _prepare_base(
+    model: Path, model_sha: str, work: Path, notes: list[str], progress, *, threads=None
+) -> dict:
     """The full-precision base: the model itself, or its exact F32 dequantization (cached in `work`)."""
     from .quantize import quantize_file
 
@@ -245,7 +261,7 @@ def _prepare_base(model: Path, model_sha: str, work: Path, notes: list[str], pro
         def cb(p):
             progress("base", f"dequantizing {src_type} -> F32", p.bytes_done / max(p.bytes_total, 1))
 
-        quantize_file(model, path, "F32", allow_requantize=True, progress=cb)
+        quantize_file(model, path, "F32", allow_requantize=True, threads=threads, progress=cb)
         meta = {"key": key, "size": path.stat().st_size, "sha256": sha256_file(path)}
         _write_json(meta_path, meta)
     n_q = sum(quantized.values())
@@ -262,7 +278,7 @@ def _prepare_base(model: Path, model_sha: str, work: Path, notes: list[str], pro
 # -- one level --------------------------------------------------------------------------------------------
 
 
-def _quantize_level(base: dict, level: str, work: Path, progress) -> dict:
+def _quantize_level(base: dict, level: str, work: Path, progress, *, threads: int | None = None) -> dict:
     """The level's GGUF in `work/levels`, quantized once per (base, level, quantizer code)."""
     from . import recipes
     from .quantize import quantize_file
@@ -285,7 +301,7 @@ def _quantize_level(base: dict, level: str, work: Path, progress) -> dict:
     def cb(p):
         progress(f"quantizing {p.index + 1}/{p.n_tensors}", p.bytes_done / max(p.bytes_total, 1))
 
-    s = quantize_file(base["path"], path, level, progress=cb)
+    s = quantize_file(base["path"], path, level, threads=threads, progress=cb)
     plan: recipes.Plan = s.plan
     fallbacks: dict[str, int] = {}
     for tp in s.fallbacks:
@@ -378,7 +394,7 @@ def _measure(
         "tensors": ident,
         "base_sha256": base["sha256"],
         "is_base": is_base,
-        **opts,
+        **{k: v for k, v in opts.items() if k != "threads"},  # threads change speed, not results
         "code": _code_fingerprint(_EVAL_CODE),
         "v": CACHE_VERSION,
     }
@@ -424,6 +440,7 @@ def _measure(
         )
     progress("measuring tokens/s", 0.92)
     rec.update(_speed(path, tokens, engine=opts["speed_engine"], threads=opts["threads"]))
+    rec["threads"] = opts["threads"]
     rec["ram_by_ctx"] = _ram(path)
     rec["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     _write_json(out, rec)
@@ -439,6 +456,14 @@ def _bpw_of_type(name: str) -> float:
 
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
     return 8.0 * size / block
+
+
+def _bulk_type(row: dict) -> str:
+    """The type most of a level's fallen-back tensors ended up in, else the level's own block type."""
+    fb = row.get("fallbacks") or {}
+    if fb:  # keys read "Q4_K -> Q5_0: row 576 not a multiple of 256"
+        return max(fb, key=fb.get).split(" -> ")[1].split(":")[0]
+    return row.get("default_type") or row["level"]
 
 
 def _notes(rows: list[dict], quant: dict[str, dict], info, opts: dict) -> list[str]:
@@ -486,6 +511,19 @@ def _notes(rows: list[dict], quant: dict[str, dict], info, opts: dict) -> list[s
                 f"({a['kld_mean']:.4f} -> {b['kld_mean']:.4f}), same top token {a['same_top']:.1f}% -> "
                 f"{b['same_top']:.1f}%, for {100 * (1 - b['size_bytes'] / a['size_bytes']):.0f}% less file."
             )
+    by_size = sorted(
+        (r for r in rows if not r.get("base") and r.get("kld_mean") is not None),
+        key=lambda r: -r["size_bytes"],
+    )
+    for a, b in zip(by_size, by_size[1:]):
+        if b["kld_mean"] < a["kld_mean"] and b["size_bytes"] < a["size_bytes"]:
+            ta, tb = _bulk_type(a), _bulk_type(b)
+            why = f"; most of their tensors are {ta} and {tb} here" if ta != tb else ""
+            notes.append(
+                f"{b['level']} measured closer to the base than the larger {a['level']} (KLD "
+                f"{b['kld_mean']:.4f} ± {b.get('kld_err') or 0:.4f} vs {a['kld_mean']:.4f} ± "
+                f"{a.get('kld_err') or 0:.4f}){why}: the ladder is not monotonic on this model."
+            )
     if info.n_ctx_train:
         over = [c for c in CONTEXTS if c > info.n_ctx_train]
         if over:
@@ -496,7 +534,8 @@ def _notes(rows: list[dict], quant: dict[str, dict], info, opts: dict) -> list[s
             )
     speed = next((r for r in rows if r.get("tok_s_kind")), None)
     if speed is not None:
-        notes.append(f"tok/s: {speed['tok_s_kind']}, {opts['threads'] or 'all'} threads.")
+        used = sorted({r["threads"] for r in rows if r.get("threads")})
+        notes.append(f"tok/s: {speed['tok_s_kind']}, {'/'.join(map(str, used))} thread(s).")
     return notes
 
 
@@ -554,6 +593,7 @@ def run_report(
             names.append(name)
     chunks = chunks or (QUICK_CHUNKS if quick else DEFAULT_CHUNKS)
     engine = _resolve_engine(engine)
+    threads = threads if threads and threads > 0 else default_threads()
     body, text_name = read_text(text)
     model_sha = sha256_file(model)
     work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
@@ -571,7 +611,9 @@ def run_report(
 
     notes: list[str] = []
     base_step = step(0, "base")
-    base = _prepare_base(model, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f))
+    base = _prepare_base(
+        model, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+    )
     opts = {
         "text": text_name,
         "text_path": None if text is None else str(text),
@@ -598,7 +640,7 @@ def run_report(
     for i, lv in enumerate(names, start=1):
         cb = step(i, lv)
         cb("quantizing", 0.0)
-        q = _quantize_level(base, lv, work, lambda label, f, cb=cb: cb(label, 0.2 * f))
+        q = _quantize_level(base, lv, work, lambda label, f, cb=cb: cb(label, 0.2 * f), threads=threads)
         quant[lv] = q
         results[lv] = _measure(Path(q["path"]), q["tensor_sha256"], base, opts, work, tokens, cb)
         cb("done", 1.0)
@@ -628,6 +670,7 @@ def run_report(
                 "pp_tok_s": r["pp_tok_s"],
                 "tok_s_engine": r["tok_s_engine"],
                 "tok_s_kind": r["tok_s_kind"],
+                "threads": r.get("threads"),
                 "ram_bytes": r["ram_by_ctx"][str(PICK_CTX)],
                 "ram_by_ctx": r["ram_by_ctx"],
                 "n_fallback": q["n_fallback"],
@@ -703,6 +746,7 @@ def _base_row(base: dict, rec: dict, results: dict[str, dict]) -> dict:
         "pp_tok_s": rec["pp_tok_s"],
         "tok_s_engine": rec["tok_s_engine"],
         "tok_s_kind": rec["tok_s_kind"],
+        "threads": rec.get("threads"),
         "ram_bytes": rec["ram_by_ctx"][str(PICK_CTX)],
         "ram_by_ctx": rec["ram_by_ctx"],
         "n_fallback": 0,
@@ -823,9 +867,10 @@ def render_png(data: dict) -> bytes:
         labels.setdefault((round(x, 3), round(k, 9), round(t, 6)), []).append(r["level"])
     for ax, ys, title in ((ax1, kld, "mean KL divergence vs base (log)"), (ax2, top, "same top token (%)")):
         ax.plot(size, ys, "o-", color="tab:blue")
-        for (x, k, t), names in labels.items():
+        for i, ((x, k, t), names) in enumerate(labels.items()):
             y = k if ax is ax1 else t
-            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            off = (4, 5) if i % 2 == 0 else (4, -11)  # alternate above/below: neighbours do not overlap
+            ax.annotate(" = ".join(names), (x, y), textcoords="offset points", xytext=off, fontsize=8)
         ax.set_xlabel("file size (MiB)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)

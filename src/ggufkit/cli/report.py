@@ -45,7 +45,9 @@ def add_parser(sub):
         choices=("auto", "builtin", "llama.cpp"),
         help="engine for the quality numbers (auto: llama.cpp when llama-cpp-python is installed)",
     )
-    p.add_argument("--threads", type=int, metavar="N", help="threads (default: all cores)")
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="threads (default: the cores not busy elsewhere, at least 1)"
+    )
     p.add_argument("--task", default="chat", choices=TASKS, help="task for the recommendation (ggufkit pick)")
     p.set_defaults(func=run)
 
