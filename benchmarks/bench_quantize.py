@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
+import json
 import os
 import platform
 import statistics
@@ -52,19 +53,30 @@ def base_path(name: str) -> Path:
     return base_model(smollm2, name.split("_")[1].upper())
 
 
+# Peak RSS must be measured from a small parent: a child's ru_maxrss starts at its parent's high-water mark
+# (Linux carries it across fork/vfork and exec), and this script grows while it times the library.
+_LAUNCHER = r"""
+import json, os, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = proc.stderr.read()
+_, status, ru = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - t
+print(json.dumps(dict(rc=os.waitstatus_to_exitcode(status), wall=wall, maxrss=ru.ru_maxrss * 1024,
+                      cpu=ru.ru_utime + ru.ru_stime, err=err.decode(errors="replace")[-1500:])))
+"""
+
+
 def run_measured(cmd: list[str], env=None) -> tuple[float, int, float]:
-    """(wall seconds, peak RSS bytes, CPU seconds user+system) of one child process; raises if it fails."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode(errors='replace')[-1500:]}"
-        )
-    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    """(wall seconds, peak RSS bytes, CPU seconds user+system) of one process; raises if it fails."""
+    launcher = [sys.executable, "-S", "-c", _LAUNCHER]
+    out = subprocess.run([*launcher, *cmd], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"launcher failed: {out.stderr[-1500:]}")
+    r = json.loads(out.stdout)
+    if r["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r['rc']}): {r['err']}")
+    return r["wall"], r["maxrss"], r["cpu"]
 
 
 def sha256(path: Path) -> str:
@@ -96,10 +108,10 @@ def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         ref_out, our_out = Path(tmp) / "ref.gguf", Path(tmp) / "ours.gguf"
-        # untimed warm-up: page cache, numba's on-disk cache
-        run_measured([quantize, str(src), str(ref_out), levels[0], str(threads)])
-        run_measured([*ours_cmd, str(src), str(our_out), levels[0], str(threads)], env)
         for level in levels:
+            # untimed warm-up: page cache, and numba's on-disk cache of the kernels this TYPE uses
+            run_measured([quantize, str(src), str(ref_out), level, str(threads)])
+            run_measured([*ours_cmd, str(src), str(our_out), level, str(threads)], env)
             ref_t, ref_m, ref_c, our_t, our_m, our_c = [], [], [], [], [], []
             for _ in range(repeat):
                 t, m, c = run_measured([quantize, str(src), str(ref_out), level, str(threads)])
