@@ -258,3 +258,28 @@ def test_ctrl_c_leaves_nothing_half_written(smollm2_path, tmp_path):
         with open_gguf(p) as g:  # validates the header and that every tensor lies inside the file
             end = max(g.data_offset + t.offset + t.nbytes for t in g.tensors)
         assert os.path.getsize(p) >= end
+
+
+def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
+    """An F16 GGUF is the base as it is: no dequantization note, and with 256-wide rows nothing falls back
+    (llama-quantize's --dry-run agrees)."""
+    from llamacpp import llama_quantize_dry_run
+
+    r = rep.run_report(
+        synthetic_f16,
+        levels=["Q4_K_M"],
+        out=tmp_path / "out",
+        work=tmp_path / "work",
+        ctx=128,
+        chunks=2,
+        engine="builtin",
+        threads=1,
+        ram_bytes=8 << 30,
+    )
+    base, level = r.levels
+    assert base["level"] == "F16" and base["path"] == str(synthetic_f16)
+    assert r.data["base"]["dequantized_from"] is None
+    assert not any("dequantization" in n for n in r.data["notes"])
+    assert level["n_fallback"] == llama_quantize_dry_run(synthetic_f16, "Q4_K_M").n_fallback == 0
+    assert not any("fell back" in n for n in r.data["notes"])
+    assert level["size_bytes"] == os.path.getsize(level["path"])

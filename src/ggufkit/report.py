@@ -26,6 +26,7 @@ the old file or the new one, never half of one; a re-run reuses everything alrea
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
@@ -131,9 +132,10 @@ def _key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _code_fingerprint(parts: Sequence[str]) -> str:
+@functools.cache
+def _code_fingerprint(parts: tuple[str, ...]) -> str:
     """sha256 of the package's source files that decide a result, so a changed quantizer or engine never
-    reuses a stale cache entry."""
+    reuses a stale cache entry. Taken once per process: it stands for the code this process runs."""
     root = Path(__file__).parent
     h = hashlib.sha256(__version__.encode())
     for part in parts:
