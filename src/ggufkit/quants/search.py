@@ -523,6 +523,33 @@ def make_qp_quants(x, nmax, L, qw):
     return sumlx / suml2 if suml2 > 0 else F32(0.0)
 
 
+@njit(cache=True, error_model="numpy")
+def _qkx_levels_exact(xt, wt, isc, mn, fn, lev, sl, sl2, sxl):
+    """make_qkx_lockstep's levels and sums for one candidate with C's nearest_int for every argument
+    (the rare case where some |iscale * (x - min)| > 2**22, or NaN/inf)."""
+    n = xt.shape[0]
+    K = xt.shape[1]
+    zero = F32(0.0)
+    for i in range(n):
+        for j in range(K):
+            lev[i, j] = isc[j] * (xt[i, j] - mn[j])
+    _fix_wide(lev.reshape(n * K))
+    for j in range(K):
+        sl[j] = zero
+        sl2[j] = zero
+        sxl[j] = zero
+    for i in range(n):
+        for j in range(K):
+            l = np.rint(lev[i, j])
+            l = l if l >= zero else zero
+            l = l if l <= fn else fn
+            lev[i, j] = l
+            wl = wt[i, j] * l
+            sl[j] += wl
+            sl2[j] += wl * l
+            sxl[j] += wl * xt[i, j]
+
+
 @njit(cache=True, error_model="numpy", inline="always")
 def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, out_scale, out_min, st, lev):
     """K independent make_qkx2_quants (strict=True) / make_qkx3_quants (strict=False) searches at once.
@@ -598,28 +625,24 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
                 sl2[j] = zero
                 sxl[j] = zero
                 err[j] = zero
-            # levels; once a fitted min has replaced min(x), x - min can be far outside [0, max - min]
-            # (a spike with weight 0) and C's nearest_int then returns its bit trick, not the rounding
+            # levels and their sums in one pass. Once a fitted min has replaced min(x), x - min can be far
+            # outside [0, max - min] (a spike with weight 0), and C's nearest_int then returns its bit
+            # trick, not the rounding: if any argument is out of rint's range, redo the pass exactly.
             n_wide = 0
             for i in range(n):
                 for j in range(K):
                     f = isc[j] * (xt[i, j] - mn[j])
-                    lev[i, j] = f
                     n_wide += not abs(f) <= _RINT_LIMIT
-            if n_wide:
-                _fix_wide(lev_flat)
-            for i in range(n):
-                for j in range(K):
-                    l = np.rint(lev[i, j])
+                    l = np.rint(f)
                     l = l if l >= zero else zero
-                    lev[i, j] = l if l <= fn else fn
-            for i in range(n):
-                for j in range(K):
-                    l = lev[i, j]
+                    l = l if l <= fn else fn
+                    lev[i, j] = l
                     wl = wt[i, j] * l
                     sl[j] += wl
                     sl2[j] += wl * l
                     sxl[j] += wl * xt[i, j]
+            if n_wide:
+                _qkx_levels_exact(xt, wt, isc, mn, fn, lev, sl, sl2, sxl)
             for j in range(K):
                 d = sw[j] * sl2[j] - sl[j] * sl[j]
                 a = (sw[j] * sxl[j] - sx[j] * sl[j]) / d
