@@ -9,6 +9,7 @@ from the types in its files), gguf-py's reader for sizes and tensor bytes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -31,23 +32,44 @@ K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+@contextlib.contextmanager
+def own_cache(root: Path):
+    """ggufkit's cache at `root` while report code runs (its eval cache and the copy for `pick` stay out of
+    the user's cache). Only around report calls: the llama.cpp helpers keep the shared cache and its build."""
+    old = os.environ.get("GGUFKIT_CACHE")
+    os.environ["GGUFKIT_CACHE"] = str(root)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GGUFKIT_CACHE", None)
+        else:
+            os.environ["GGUFKIT_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
-def ladder(smollm2_path, tmp_path_factory):
+def cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("ggufkit-cache")
+
+
+@pytest.fixture(scope="session")
+def ladder(smollm2_path, tmp_path_factory, cache_root):
     out = tmp_path_factory.mktemp("report")
     work = tmp_path_factory.mktemp("report-work")
     events = []
-    r = rep.run_report(
-        smollm2_path,
-        levels=LEVELS,
-        out=out,
-        ctx=256,
-        chunks=2,
-        engine="builtin",
-        threads=1,
-        ram_bytes=8 << 30,
-        work=work,
-        progress=events.append,
-    )
+    with own_cache(cache_root):
+        r = rep.run_report(
+            smollm2_path,
+            levels=LEVELS,
+            out=out,
+            ctx=256,
+            chunks=2,
+            engine="builtin",
+            threads=1,
+            ram_bytes=8 << 30,
+            work=work,
+            progress=events.append,
+        )
     return r, events
 
 
@@ -160,33 +182,35 @@ def test_identical_levels_noted(ladder, references):
     assert digests["Q3_K_S"] == digests["Q2_K"]  # this model's case: the note must appear
 
 
-def test_pick_finds_the_report(ladder, smollm2_path):
+def test_pick_finds_the_report(ladder, smollm2_path, cache_root):
     from ggufkit import pick
 
     r, _ = ladder
-    found = pick.find_report(smollm2_path)
+    with own_cache(cache_root):
+        found = pick.find_report(smollm2_path)
     assert found is not None and found["model_sha256"] == r.data["model_sha256"]
     assert [row["level"] for row in found["levels"]] == [row["level"] for row in r.data["levels"]]
 
 
-def test_rerun_reuses_everything(ladder, smollm2_path, tmp_path):
+def test_rerun_reuses_everything(ladder, smollm2_path, tmp_path, cache_root):
     r, _ = ladder
     level_files = {row["level"]: Path(row["path"]) for row in r.levels}
     mtimes = {lv: p.stat().st_mtime_ns for lv, p in level_files.items()}
     first = {row["level"]: row for row in r.levels if not row.get("base")}
     assert all(row["quantized_now"] for row in first.values())
     assert first["Q3_K_S"]["measured_now"] and not first["Q2_K"]["measured_now"]  # identical tensors
-    again = rep.run_report(
-        smollm2_path,
-        levels=LEVELS,
-        out=tmp_path,
-        ctx=256,
-        chunks=2,
-        engine="builtin",
-        threads=1,
-        ram_bytes=8 << 30,
-        work=Path(first["Q8_0"]["path"]).parents[1],
-    )
+    with own_cache(cache_root):
+        again = rep.run_report(
+            smollm2_path,
+            levels=LEVELS,
+            out=tmp_path,
+            ctx=256,
+            chunks=2,
+            engine="builtin",
+            threads=1,
+            ram_bytes=8 << 30,
+            work=Path(first["Q8_0"]["path"]).parents[1],
+        )
     for row in again.levels:
         if not row.get("base"):
             assert row["quantized_now"] is False and row["measured_now"] is False, row["level"]
@@ -265,17 +289,18 @@ def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
     (llama-quantize's --dry-run agrees)."""
     from llamacpp import llama_quantize_dry_run
 
-    r = rep.run_report(
-        synthetic_f16,
-        levels=["Q4_K_M"],
-        out=tmp_path / "out",
-        work=tmp_path / "work",
-        ctx=128,
-        chunks=2,
-        engine="builtin",
-        threads=1,
-        ram_bytes=8 << 30,
-    )
+    with own_cache(tmp_path / "cache"):
+        r = rep.run_report(
+            synthetic_f16,
+            levels=["Q4_K_M"],
+            out=tmp_path / "out",
+            work=tmp_path / "work",
+            ctx=128,
+            chunks=2,
+            engine="builtin",
+            threads=1,
+            ram_bytes=8 << 30,
+        )
     base, level = r.levels
     assert base["level"] == "F16" and base["path"] == str(synthetic_f16)
     assert r.data["base"]["dequantized_from"] is None
