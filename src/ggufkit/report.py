@@ -66,7 +66,7 @@ PICK_CTX = 4096  # ram_bytes and the recommendation are at this context
 DEFAULT_CTX, DEFAULT_CHUNKS, QUICK_CHUNKS = 512, 8, 3
 SPEED_PROMPT = 256  # tokens of the timed prompt; then SPEED_GEN generated tokens
 SPEED_GEN = 32
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when a cached record changes shape
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 # the modules whose code decides a level file's bytes / a level's measurements: part of the cache keys
 _QUANT_CODE = ("quantize.py", "recipes.py", "gguf_writer.py", "quants")
@@ -305,11 +305,13 @@ def _quantize_level(base: dict, level: str, work: Path, progress, *, threads: in
 
     s = quantize_file(base["path"], path, level, threads=threads, progress=cb)
     plan: recipes.Plan = s.plan
-    fallbacks: dict[str, int] = {}
+    fallbacks: dict[str, int] = {}  # "Q4_K -> Q5_0" -> number of tensors
+    fallback_rows: set[int] = set()
     for tp in s.fallbacks:
-        # reason ends with "fallback A -> B: row N not a multiple of K"
-        what = tp.reason.rsplit("fallback ", 1)[-1]
+        # the plan's reason ends with "fallback A -> B: row N not a multiple of K"
+        what = tp.reason.rsplit("fallback ", 1)[-1].split(":")[0]
         fallbacks[what] = fallbacks.get(what, 0) + 1
+        fallback_rows.add(int(tp.shape[0]))
     meta = {
         "key": key,
         "path": str(path),
@@ -321,6 +323,7 @@ def _quantize_level(base: dict, level: str, work: Path, progress, *, threads: in
         "n_quantized": sum(1 for t in plan.tensors if t.quantize),
         "n_fallback": plan.n_fallback,
         "fallbacks": fallbacks,
+        "fallback_rows": sorted(fallback_rows),
         "default_type": plan.level.default_type.name,
         "file_sha256": sha256_file(path),
         "tensor_sha256": tensor_sha256(path),
@@ -463,8 +466,8 @@ def _bpw_of_type(name: str) -> float:
 def _bulk_type(row: dict) -> str:
     """The type most of a level's fallen-back tensors ended up in, else the level's own block type."""
     fb = row.get("fallbacks") or {}
-    if fb:  # keys read "Q4_K -> Q5_0: row 576 not a multiple of 256"
-        return max(fb, key=fb.get).split(" -> ")[1].split(":")[0]
+    if fb:  # keys read "Q4_K -> Q5_0"
+        return max(fb, key=fb.get).split(" -> ")[1]
     return row.get("default_type") or row["level"]
 
 
@@ -473,11 +476,12 @@ def _notes(rows: list[dict], quant: dict[str, dict], info, opts: dict) -> list[s
     for lv, q in quant.items():
         if q["n_fallback"]:
             what = ", ".join(f"{n} x {k}" for k, n in sorted(q["fallbacks"].items(), key=lambda kv: -kv[1]))
+            rows_text = " or ".join(map(str, q.get("fallback_rows") or [])) or "their"
             notes.append(
                 f"{lv}: {q['n_fallback']} of {q['n_quantized']} quantized tensors fell back to another type "
-                f"because their rows are not a multiple of the {q['default_type']} block ({what}). The file "
-                f"averages {q['bpw']:.2f} bits per weight, against {_bpw_of_type(q['default_type']):.2f} for "
-                f"{q['default_type']} blocks alone."
+                f"({what}): rows of {rows_text} weights are not a multiple of the block they were meant for. "
+                f"The file averages {q['bpw']:.2f} bits per weight, against "
+                f"{_bpw_of_type(q['default_type']):.2f} for {q['default_type']} blocks alone."
             )
     groups: dict[str, list[str]] = {}
     for lv, q in quant.items():
