@@ -8,6 +8,7 @@ measured peak, the error, and a naive "file size + KV cache" estimate for compar
 one estimate vs one llama-bench run (the only other way to know).
 
     python benchmarks/bench_memory.py [--quick]     # --quick: skip the 8192-token runs
+    python benchmarks/bench_memory.py --fit         # re-derive memory.py's runtime overhead constants
 """
 
 from __future__ import annotations
@@ -35,11 +36,54 @@ def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f}"
 
 
+def residual(path, n_ctx: int = 2048) -> tuple[float, memory.ModelInfo]:
+    """Measured peak RSS minus the estimate's weights, KV, compute and output terms (bytes)."""
+    model = memory.load_source(path)
+    est = memory.estimate(model, n_ctx=n_ctx)
+    return llama_bench_peak_rss(path, n_ctx) - (est.total_bytes - est.overhead_bytes), model
+
+
+def fit_overhead(src: Path) -> None:
+    """memory.py's OVERHEAD_* constants: small 4-layer llama models that differ only in vocabulary size
+    and merge count give bytes per token and per merge; SmolLM2 (272 tensors vs 38) gives bytes per tensor;
+    the rest is the base."""
+    tokens, merges = 150_848, 150_848
+    made = {}
+    for name, kw in [
+        ("v49k", {}),
+        ("v200k", dict(extra_tokens=tokens)),
+        ("v200k-merges", dict(extra_tokens=tokens, extra_merges=merges)),
+    ]:
+        path = cache_dir("bench") / f"fit-{name}.gguf"
+        if not path.exists():
+            make_small_model(path, src, arch="llama", **kw)
+        made[name] = residual(path)
+    (r0, m0), (r1, _), (r2, _) = made["v49k"], made["v200k"], made["v200k-merges"]
+    per_token = (r1 - r0) / tokens
+    per_merge = (r2 - r1) / merges
+    r_smol, m_smol = residual(base_model(src, "F16"))
+    vocab = lambda m: per_token * m.n_vocab + per_merge * m.n_merges  # noqa: E731
+    per_tensor = ((r_smol - vocab(m_smol)) - (r0 - vocab(m0))) / (len(m_smol.tensors) - len(m0.tensors))
+    base = r0 - vocab(m0) - per_tensor * len(m0.tensors)
+    print(
+        f"OVERHEAD_BASE = {base / 1024:.0f} KiB, OVERHEAD_PER_TOKEN = {per_token:.0f} B, "
+        f"OVERHEAD_PER_MERGE = {per_merge:.0f} B, OVERHEAD_PER_TENSOR = {per_tensor:.0f} B"
+    )
+    print(
+        f"in ggufkit.memory: {memory.OVERHEAD_BASE / 1024:.0f} KiB, {memory.OVERHEAD_PER_TOKEN} B, "
+        f"{memory.OVERHEAD_PER_MERGE} B, {memory.OVERHEAD_PER_TENSOR} B"
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="skip n_ctx 8192")
     ap.add_argument("--only", metavar="TEXT", help="only the models whose name contains TEXT")
+    ap.add_argument("--fit", action="store_true", help="re-derive the runtime overhead constants")
     args = ap.parse_args()
+    if args.fit:
+        fit_overhead(default_model_path())
+        return 0
 
     src = default_model_path()
     f16 = base_model(src, "F16")
