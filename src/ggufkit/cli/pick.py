@@ -14,7 +14,8 @@ def add_parser(sub):
         help="recommend a level for a memory budget, context and task",
         description=(
             "Recommend one quantization level from the memory headroom (ggufkit ram's estimate), the task's "
-            "quality floor and, when ggufkit has a report for the model, its measured quality."
+            "quality floor and, when ggufkit has a report for the model, its measured quality. Exit status 1 "
+            "when nothing fits (the output says what would)."
         ),
     )
     p.add_argument("source", nargs="?", help="GGUF, Hugging Face folder or size (7B); default: SmolLM2-135M")
