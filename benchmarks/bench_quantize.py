@@ -178,8 +178,10 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()[0]
     lines = [
-        f"{datetime.date.today().isoformat()}, {machine()}; `python benchmarks/bench_quantize.py --base "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}; "
+        f"`python benchmarks/bench_quantize.py --base "
         f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}`.",
         "",
         f"Times: median wall time of {args.repeat} fresh processes run alternately (the ggufkit CLI's "
@@ -191,6 +193,9 @@ def main() -> None:
     ]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
+    load_after = os.getloadavg()[0]
+    load = f"{load_before:.1f} at the start, {load_after:.1f} at the end"
+    lines += ["", f"1-minute load average of the machine (other jobs included): {load}."]
     table = "\n".join(lines)
     print()
     print(table)
