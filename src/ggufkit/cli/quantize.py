@@ -167,6 +167,12 @@ def _print_summary(s) -> None:
     if s.imatrix_entries:
         print(f"  imatrix: {s.imatrix_entries} entries")
     print(f"  time:  {s.seconds:.2f} s")
+    missing = s.plan.missing_imatrix() if s.dry_run else []
+    if missing:
+        print(
+            f"  warning: a real run needs an importance matrix (--imatrix) for {len(missing)} tensors "
+            f"(first: {missing[0].name})"
+        )
     if s.fallbacks:
         print(f"  fallbacks: {len(s.fallbacks)} of {s.n_tensors} tensors")
         groups = defaultdict(list)
