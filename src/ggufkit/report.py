@@ -399,7 +399,8 @@ def _measure(
         "tensors": ident,
         "base_sha256": base["sha256"],
         "is_base": is_base,
-        **{k: v for k, v in opts.items() if k != "threads"},  # threads change speed, not results
+        # the text by its sha256 (not its name or path); threads change the speed, not the results
+        **{k: v for k, v in opts.items() if k not in ("threads", "text", "text_path")},
         "code": _code_fingerprint(_EVAL_CODE),
         "v": CACHE_VERSION,
     }
@@ -524,7 +525,7 @@ def _notes(rows: list[dict], quant: dict[str, dict], info, opts: dict) -> list[s
     for a, b in zip(by_size, by_size[1:]):
         if b["kld_mean"] < a["kld_mean"] and b["size_bytes"] < a["size_bytes"]:
             ta, tb = _bulk_type(a), _bulk_type(b)
-            why = f"; most of their tensors are {ta} and {tb} here" if ta != tb else ""
+            why = f"; most of {b['level']}'s tensors are {tb} here, {a['level']}'s {ta}" if ta != tb else ""
             notes.append(
                 f"{b['level']} measured closer to the base than the larger {a['level']} (KLD "
                 f"{b['kld_mean']:.4f} ± {b.get('kld_err') or 0:.4f} vs {a['kld_mean']:.4f} ± "
@@ -583,6 +584,7 @@ def run_report(
     from .evaluate import read_text
 
     t_start = time.perf_counter()
+    machine = _machine()  # before the run: the load it competes with
     model = Path(default_model_path() if model is None else model)
     if model.is_dir():
         raise ReportError(f"{model}: Hugging Face folders are not supported yet; convert to GGUF first")
@@ -694,7 +696,7 @@ def run_report(
     data = {
         "ggufkit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
+        "machine": machine,
         "model": str(model),
         "model_name": model.name,
         "model_sha256": model_sha,
@@ -819,9 +821,10 @@ def _summary_lines(data: dict) -> list[str]:
     base = b["type"] + (f", dequantized from {b['dequantized_from']}" if b["dequantized_from"] else "")
     return [
         f"Model: {data['model_name']} (sha256 {data['model_sha256'][:12]}); base {base}.",
-        f"Text: {o['text']}, ctx {o['ctx']}, {o['chunks']} chunks; quality engine {o['engine']}.",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; load average {m['load_average_1min']}; "
-        f"{data['created']}.",
+        f"Text: {o['text']}, ctx {o['ctx']}, {o['chunks']} chunks; quality engine {o['engine']}, "
+        f"{o['threads']} thread(s); took {data.get('seconds', 0):.0f} s.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; load average {m['load_average_1min']} at "
+        f"the start; {data['created']}.",
     ]
 
 
