@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit, prange
+from numba import njit
 
 from ..errors import EvalError
 from ..gguf_file import GGUFModel
@@ -229,13 +229,14 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
     return _round_q8_0(x)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _causal_softmax(s, first_pos, group):
     """In place over s [B, R, K]: row r is query position first_pos + r // group (`group` query heads share
     a kv head and sit side by side); it becomes softmax over keys 0..pos followed by zeros (causal mask).
-    One pass per row over the causal part only; rows in parallel."""
+    One pass per row over the causal part only. Serial on purpose: it runs between BLAS calls, and a
+    second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
     B, R, K = s.shape
-    for x in prange(B * R):
+    for x in range(B * R):
         b, r = x // R, x % R
         row = s[b, r]
         last = min(first_pos + r // group, K - 1)
@@ -410,12 +411,15 @@ class LlamaModel:
         vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
         dv = vh.shape[-1]
         out = np.empty((C, hkv, T, g, dv), np.float32)
-        for b0 in range(0, T, block):
-            b1 = min(b0 + block, T)
-            qb = qh[:, :, b0:b1].reshape(C, hkv, (b1 - b0) * g, d)
-            s = np.matmul(qb, kh[:, :, :b1].swapaxes(-1, -2))  # [C, Hkv, nb*g, b1]
-            _causal_softmax(s.reshape(C * hkv, (b1 - b0) * g, b1), b0, g)
-            out[:, :, b0:b1] = np.matmul(s, vh[:, :, :b1]).reshape(C, hkv, b1 - b0, g, dv)
+        # Plain 2-D matmuls: numpy's stacked matmul leaves BLAS for strided slices like kh[..., :b1, :].T.
+        for c in range(C):
+            for h in range(hkv):
+                kc, vc = kh[c, h], vh[c, h]
+                for b0 in range(0, T, block):
+                    b1 = min(b0 + block, T)
+                    s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[:b1].T  # [nb*g, b1]
+                    _causal_softmax(s[None], b0, g)
+                    out[c, h, b0:b1] = (s @ vc[:b1]).reshape(b1 - b0, g, dv)
         return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
 
     def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
