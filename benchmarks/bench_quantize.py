@@ -189,7 +189,9 @@ def main() -> None:
         f"{args.repeat} `quantize_file` calls in one warm process (the library, no start-up). Memory: the "
         "largest peak RSS (ru_maxrss) of the processes. CPU: user + system seconds of the process (all "
         "threads; less sensitive than wall time to other jobs on a shared machine). Ratios are ggufkit / "
-        "llama-quantize.",
+        "llama-quantize. A ggufkit process has a fixed floor of about 0.7-1 s and 170-180 MiB (Python, "
+        "numpy, numba and its loaded kernels) that llama-quantize does not have, so on small inputs the CLI "
+        "ratios measure start-up; the library column and the bigger input show the pipeline itself.",
     ]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
