@@ -116,11 +116,13 @@ class _Bar:
         self.bar = None
 
     def __call__(self, p) -> None:
+        desc = f"[{p.index + 1}/{p.n_tensors}] {p.name}"
         if self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(
                 total=p.bytes_total,
+                desc=desc,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
@@ -128,7 +130,7 @@ class _Bar:
                 leave=False,
                 dynamic_ncols=True,
             )
-        self.bar.set_description_str(f"[{p.index + 1}/{p.n_tensors}] {p.name}", refresh=False)
+        self.bar.set_description_str(desc, refresh=False)
         self.bar.update(p.bytes_done - self.bar.n)
 
     def close(self) -> None:
