@@ -82,15 +82,15 @@ def test_measured_quality_is_quoted_and_can_raise_the_level(llama8b):
     ram = int(q5 / 0.75) - 4096  # headroom: Q4_K_M, and Q5_K_M still fits
     report = _report(
         {
-            "Q4_K_M": {"ppl": 9.1, "kld_mean": 0.09, "same_top": 0.91},
-            "Q5_K_M": {"ppl": 8.9, "kld_mean": 0.04, "same_top": 0.95},
-            "Q8_0": {"ppl": 8.8, "kld_mean": 0.002, "same_top": 0.99},
+            "Q4_K_M": {"ppl": 9.1, "kld_mean": 0.09, "same_top": 91.0},
+            "Q5_K_M": {"ppl": 8.9, "kld_mean": 0.04, "same_top": 95.0},
+            "Q8_0": {"ppl": 8.8, "kld_mean": 0.002, "same_top": 99.0},
         }
     )
     p = pick.pick(llama8b, ram_bytes=ram, task="chat", report=report)
     assert p.level == "Q5_K_M" and "KLD" in p.reason and "0.0900" in p.reason
     assert p.measured["kld_mean"] == 0.04
-    good = _report({"Q4_K_M": {"ppl": 9.0, "kld_mean": 0.03, "same_top": 0.95}})
+    good = _report({"Q4_K_M": {"ppl": 9.0, "kld_mean": 0.03, "same_top": 95.0}})
     p = pick.pick(llama8b, ram_bytes=ram, task="chat", report=good)
     assert p.level == "Q4_K_M" and "measured: PPL 9.000, KLD 0.0300, same top token 95.0%" in p.reason
     # a higher level that does not fit is never picked for its quality
@@ -109,7 +109,7 @@ def test_find_report_by_model_sha256(tmp_path, monkeypatch, smollm2_path):
     assert pick.find_report(smollm2_path) is None
     mine = tmp_path / "reports" / "smollm2"
     mine.mkdir()
-    report = _report({"Q8_0": {"ppl": 20.5, "kld_mean": 0.001, "same_top": 0.99}})
+    report = _report({"Q8_0": {"ppl": 20.5, "kld_mean": 0.001, "same_top": 99.0}})
     report["model_sha256"] = sha256_file(smollm2_path)
     (mine / "report.json").write_text(json.dumps(report))
     assert pick.find_report(smollm2_path)["levels"][0]["ppl"] == 20.5

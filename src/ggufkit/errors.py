@@ -27,3 +27,7 @@ class EvalError(GgufkitError):
 
 class MemoryEstimateError(GgufkitError):
     """A memory estimate cannot be made from the given source."""
+
+
+class PickError(GgufkitError):
+    """A pick cannot be made as asked (task, report)."""

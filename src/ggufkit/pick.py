@@ -15,7 +15,7 @@ q4_0) KV cache, a smaller model.
 
 Reports: report.json holds top-level `model_sha256` (sha256 of the GGUF the ladder was made from) and
 `levels`: a list of {level, size_bytes, bpw, ppl, kld_mean, same_top, tok_s, ram_bytes} (ppl_delta_pct
-is quoted when present; same_top may be a fraction or a percentage). `find_report`
+is quoted when present; same_top is a percentage, 0-100). `find_report`
 looks for one whose model_sha256 matches in ggufkit's cache, models.cache_dir("reports")/<any>/report.json
 (or report.json directly there); `load_report` reads a given report.json or the folder holding it.
 """
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import memory
-from .errors import GgufkitError
+from .errors import PickError
 
 __all__ = ["Pick", "PickError", "pick", "find_report", "load_report", "TASKS", "FLOORS", "KLD_TOLERANCE"]
 
@@ -54,10 +54,6 @@ KLD_TOLERANCE = {
     "classify": 0.15,
     "extract": 0.15,
 }
-
-
-class PickError(GgufkitError):
-    """A pick cannot be made as asked (task, report)."""
 
 
 @dataclass
@@ -170,8 +166,7 @@ def _measured_text(row: dict) -> str:
     if row.get("kld_mean") is not None:
         parts.append(f"KLD {row['kld_mean']:.4f}")
     if row.get("same_top") is not None:
-        st = row["same_top"]
-        parts.append(f"same top token {st:.1%}" if st <= 1 else f"same top token {st:.1f}%")
+        parts.append(f"same top token {row['same_top']:.1f}%")  # report.json: percent, 0-100
     if row.get("tok_s") is not None:
         parts.append(f"{row['tok_s']:.1f} tok/s")
     return ", ".join(parts) or "no numbers"
