@@ -46,6 +46,10 @@ import math
 import numpy as np
 from numba import njit
 
+# fp16 conversions inside kernels: one implementation, in fp.py (checked against libggml on all patterns)
+from .fp import fp16_bits_to_fp32 as f16_bits_to_f32  # noqa: F401  (re-exported for kquants)
+from .fp import fp32_to_fp16_bits as f32_to_f16_bits  # noqa: F401
+
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
 _RINT_LIMIT = F32(4194303.0)
@@ -91,40 +95,6 @@ def _fix_wide(raw):
     for k in range(raw.shape[0]):
         if not abs(raw[k]) <= _RINT_LIMIT:
             raw[k] = F32(nearest_int(raw[k]))
-
-
-@njit(cache=True, error_model="numpy")
-def f32_to_f16_bits(f):
-    """f32_to_f16_bits(f: float32) -> int in [0, 65535]: IEEE binary16 round-to-nearest-even, as
-    GGML_FP32_TO_FP16 (and numpy astype(float16)): subnormals kept, |f| >= 65520 -> inf, NaN -> 0x7E00
-    with the sign kept, -0.0 -> 0x8000."""
-    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0
-    if f != f:
-        return sign | 0x7E00
-    a = abs(float(f))
-    if a >= 65520.0:
-        return sign | 0x7C00
-    if a < 6.103515625e-05:  # 2**-14: subnormal half, steps of 2**-24
-        return sign | int(np.rint(a * 16777216.0))
-    fr, ex = math.frexp(a)  # a = fr * 2**ex, fr in [0.5, 1)
-    # (exponent field << 10) + rounded 11-bit significand - implicit bit; a carry rolls into the exponent
-    return sign | (((ex + 14) << 10) + int(np.rint(fr * 2048.0)) - 1024)
-
-
-@njit(cache=True, error_model="numpy")
-def f16_bits_to_f32(h):
-    """f16_bits_to_f32(h: int in [0, 65535]) -> float32, exact (GGML_FP16_TO_FP32)."""
-    e = (h >> 10) & 0x1F
-    m = h & 0x3FF
-    if e == 0:
-        v = math.ldexp(float(m), -24)
-    elif e == 31:
-        v = math.inf if m == 0 else math.nan
-    else:
-        v = math.ldexp(float(m + 1024), e - 25)
-    if h & 0x8000:
-        v = -v
-    return F32(v)
 
 
 @njit(cache=True, error_model="numpy")
