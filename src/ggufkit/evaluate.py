@@ -69,7 +69,7 @@ def read_text(path: str | os.PathLike | None) -> tuple[str, str]:
         raise EvalError(f"{path}: cannot read: {e.strerror or e}") from None
 
 
-def make_chunks(tokens: np.ndarray, *, ctx: int, chunks: int | None, bos_id: int | None) -> np.ndarray:
+def make_chunks(tokens: np.ndarray, *, ctx: int, chunks: int | None) -> np.ndarray:
     """[n_chunk, ctx] token ids as llama-perplexity feeds them (first token of each chunk -> BOS if any).
 
     The returned array holds the ORIGINAL tokens; the BOS overwrite is applied by `chunk_inputs`."""
@@ -275,15 +275,6 @@ def _median(sorted_values: np.ndarray) -> float:
 
 
 # -- engines ---------------------------------------------------------------------------------------
-ChunkLogits = Callable[[np.ndarray, int], Iterator[np.ndarray]]
-
-
-@dataclass
-class _Run:
-    logits: Iterator[np.ndarray]
-    timing: dict
-
-
 def _builtin_logits(path, inputs: np.ndarray, first: int, threads: int | None) -> Iterator[np.ndarray]:
     from .engine.llama import LlamaModel, blas_threads
 
@@ -489,7 +480,7 @@ def evaluate(
             with open_gguf(base) as g:
                 ModelArgs.from_gguf(g)
     ids = tok.encode(body)
-    chunk_ids = make_chunks(ids, ctx=ctx, chunks=chunks, bos_id=tok.bos_id)
+    chunk_ids = make_chunks(ids, ctx=ctx, chunks=chunks)
     inputs = chunk_inputs(chunk_ids, tok.bos_id if tok.add_bos else None)
     first = ctx // 2
     targets = chunk_ids[:, first + 1 :]  # position first+k predicts token first+k+1
