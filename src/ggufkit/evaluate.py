@@ -44,7 +44,7 @@ from .models import cache_dir, sha256_file
 log = logging.getLogger(__name__)
 
 ENGINES = ("builtin", "llama.cpp")
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 KLD_CUTOFF = np.float32(-16.0)
 _F = np.float32
 
