@@ -4,10 +4,10 @@ References, made inside the tests and cached in ~/.cache/ggufkit by input identi
   - without an imatrix: llama_model_quantize from llama-cpp-python==0.3.36 (what llama-quantize runs);
   - with an imatrix or command-line options: the llama-quantize program built from the same source tree
     (tests/llamacpp.py reference_quantized); imatrices are made by llama-imatrix on a short text.
-Default run: every TYPE on the synthetic 256-wide model (F32), every TYPE but the two slow IQ4 ones on
-SmolLM2 F16, a few on SmolLM2 F32 / synthetic F16, and every quantized TYPE with an imatrix on the
-synthetic model. The full cross product (4 bases x 19 TYPEs x with/without imatrix) runs with
-GGUFKIT_FULL_MATRIX=1 (it takes about half an hour on 2 cores: IQ4 on SmolLM2 is ~1 min per file).
+The full cross product runs by default: 4 bases (SmolLM2 F16 and F32, synthetic F32 and F16) x 19 TYPEs
+without an imatrix and x 16 quantized TYPEs with one (about 2 minutes with references cached; making the
+references costs more the first time: llama.cpp's IQ4 on SmolLM2 is ~1 min per file). GGUFKIT_FULL_MATRIX=0
+trims it to a subset (every TYPE on the synthetic model and on SmolLM2 F16) for quick local runs.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ LEVELS = [
 ]
 QUANTIZED = [lv for lv in LEVELS if lv not in ("F16", "BF16", "F32")]
 SLOW_ON_SMOLLM2 = ("IQ4_NL", "IQ4_XS")  # ~1 minute per file on 2 cores, in llama.cpp as in ggufkit
-FULL = os.environ.get("GGUFKIT_FULL_MATRIX") == "1"
-full_only = pytest.mark.skipif(not FULL, reason="full cross product: set GGUFKIT_FULL_MATRIX=1")
+FULL = os.environ.get("GGUFKIT_FULL_MATRIX", "1") != "0"
+full_only = pytest.mark.skipif(not FULL, reason="trimmed cross product: GGUFKIT_FULL_MATRIX=0")
 REPO = Path(__file__).resolve().parents[1]
 
 
