@@ -12,6 +12,7 @@ Plus the base cache, the JSON output and the bad-input errors (one stderr line, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -77,10 +78,13 @@ def _llama_perplexity(base, model, text_file, folder: Path, ctx: int, chunks: in
     base_file = folder / f"base-{ctx}-{chunks}.kld"
     common = ["-f", str(text_file), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks)]
     common += ["-t", str(THREADS)]
+    # Passive OpenMP waiting changes no number; it only keeps spinning threads from starving a shared box.
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     subprocess.run(
         [exe, "-m", str(base), *common, "--kl-divergence-base", str(base_file)],
         check=True,
         capture_output=True,
+        env=env,
     )
     out = subprocess.run(
         [exe, "-m", str(model), *common, "--kl-divergence-base", str(base_file), "--kl-divergence"],
@@ -88,6 +92,7 @@ def _llama_perplexity(base, model, text_file, folder: Path, ctx: int, chunks: in
         capture_output=True,
         text=True,
         errors="replace",
+        env=env,
     )
     log = out.stdout + out.stderr
     stats: dict = {"base_file": base_file, "ctx": ctx, "chunks": chunks}
