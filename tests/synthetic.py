@@ -19,8 +19,12 @@ import numpy as np
 from ggufkit.models import cache_dir
 
 
-def _copy_tokenizer(writer: gguf.GGUFWriter, vocab_source: Path) -> None:
+def copy_tokenizer(writer: gguf.GGUFWriter, vocab_source, *, extra: dict[str, list] | None = None) -> int:
+    """Copy the tokenizer.* metadata of `vocab_source` into `writer`; `extra` maps an array key to values
+    appended to it (e.g. made-up tokens for a larger vocabulary). Returns the vocabulary size written."""
+    extra = extra or {}
     reader = gguf.GGUFReader(str(vocab_source))
+    n_vocab = 0
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -31,11 +35,15 @@ def _copy_tokenizer(writer: gguf.GGUFWriter, vocab_source: Path) -> None:
                 vals = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
             else:
                 vals = [field.parts[i][0].item() for i in field.data]
+            vals += extra.get(key, [])
+            if key == "tokenizer.ggml.tokens":
+                n_vocab = len(vals)
             writer.add_key_value(key, vals, vtype, sub_type=sub)
         elif vtype == gguf.GGUFValueType.STRING:
             writer.add_key_value(key, bytes(field.parts[-1]).decode("utf-8"), vtype)
         else:
             writer.add_key_value(key, field.parts[-1][0].item(), vtype)
+    return n_vocab
 
 
 def make_synthetic_llama(
@@ -82,7 +90,7 @@ def make_synthetic_llama(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type({"F32": 0, "F16": 1}[dtype])
     w.add_vocab_size(n_vocab)
-    _copy_tokenizer(w, Path(vocab_source))
+    copy_tokenizer(w, Path(vocab_source))
 
     w.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
     w.add_tensor("output_norm.weight", norm(n_embd))

@@ -126,36 +126,17 @@ def _extra_piece(i: int) -> str:
 
 
 def _copy_tokenizer(writer, vocab_source, extra_tokens: int, extra_merges: int) -> int:
-    """Copy the tokenizer.* metadata of `vocab_source`, appending `extra_tokens` made-up normal tokens and
+    """The tokenizer.* metadata of `vocab_source` plus `extra_tokens` made-up normal tokens and
     `extra_merges` made-up merges (a larger vocabulary, as Llama 3's 128k or Gemma's 256k); returns the
     vocabulary size."""
-    import gguf
+    from synthetic import copy_tokenizer
 
-    reader = gguf.GGUFReader(str(vocab_source))
-    n_vocab = 0
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = f.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = f.types[-1]
-            if sub == gguf.GGUFValueType.STRING:
-                vals = [bytes(f.parts[i]).decode("utf-8", "surrogateescape") for i in f.data]
-            else:
-                vals = [f.parts[i][0].item() for i in f.data]
-            if key == "tokenizer.ggml.tokens":
-                vals += [_extra_piece(i) for i in range(extra_tokens)]
-                n_vocab = len(vals)
-            elif key == "tokenizer.ggml.merges":
-                vals += [f"\u0120\u01c2 {_extra_piece(i)[2:]}" for i in range(extra_merges)]
-            elif key == "tokenizer.ggml.token_type":
-                vals += [1] * extra_tokens
-            writer.add_key_value(key, vals, vtype, sub_type=sub)
-        elif vtype == gguf.GGUFValueType.STRING:
-            writer.add_key_value(key, bytes(f.parts[-1]).decode("utf-8"), vtype)
-        else:
-            writer.add_key_value(key, f.parts[-1][0].item(), vtype)
-    return n_vocab
+    extra = {
+        "tokenizer.ggml.tokens": [_extra_piece(i) for i in range(extra_tokens)],
+        "tokenizer.ggml.merges": [f"\u0120\u01c2 {_extra_piece(i)[2:]}" for i in range(extra_merges)],
+        "tokenizer.ggml.token_type": [1] * extra_tokens,
+    }
+    return copy_tokenizer(writer, vocab_source, extra=extra)
 
 
 def make_small_model(
