@@ -129,3 +129,16 @@ def assert_same_floats(ours: np.ndarray, ref: np.ndarray, what: str = "") -> Non
         f"{what}: {len(bad)} of {a.size} values differ; first at {i}: ours {a[i]:#010x} ({ours[i]!r}), "
         f"ggml {b[i]:#010x} ({ref[i]!r})"
     )
+
+
+def check_against_libggml(x: np.ndarray, qtype, importance=None, what: str = "") -> np.ndarray:
+    """Quantize x with ggufkit and with libggml (ggml_quantize_chunk); assert equal bytes; return libggml's
+    bytes."""
+    from oracle import ggml_quantize
+
+    from ggufkit.quants import get_format, quantize
+
+    ours = quantize(x, qtype, importance=importance)
+    ref = ggml_quantize(x, qtype, importance)
+    assert_same_bytes(ours, ref, get_format(qtype).type_size, f"{qtype} {what}")
+    return ref

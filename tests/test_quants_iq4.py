@@ -8,6 +8,7 @@ from oracle import _TO_FLOAT, ggml_dequantize, ggml_quantize, libggml
 from quant_data import (
     assert_same_bytes,
     assert_same_floats,
+    check_against_libggml,
     hostile_cases,
     importance_rows,
     nonfinite_cases,
@@ -23,30 +24,23 @@ IMPORTANCE = importance_rows()
 NONFINITE = nonfinite_cases()
 
 
-def _check(x, qtype, importance=None, what=""):
-    ours = quantize(x, qtype, importance=importance)
-    ref = ggml_quantize(x, qtype, importance)
-    assert_same_bytes(ours, ref, get_format(qtype).type_size, f"{qtype} {what}")
-    return ref
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("qtype", TYPES)
 def test_without_importance_matches_libggml(qtype, case):
-    _check(CASES[case], qtype, what=case)
+    check_against_libggml(CASES[case], qtype, what=case)
 
 
 @pytest.mark.parametrize("imp", sorted(IMPORTANCE))
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("qtype", TYPES)
 def test_importance_matches_libggml(qtype, case, imp):
-    _check(CASES[case], qtype, IMPORTANCE[imp], what=f"{case} importance={imp}")
+    check_against_libggml(CASES[case], qtype, IMPORTANCE[imp], what=f"{case} importance={imp}")
 
 
 @pytest.mark.parametrize("qtype", TYPES)
 def test_importance_changes_the_result(qtype):
     x = CASES["student_t"]
-    ref = _check(x, qtype, IMPORTANCE["imatrix_like"])
+    ref = check_against_libggml(x, qtype, IMPORTANCE["imatrix_like"])
     assert not np.array_equal(ref, ggml_quantize(x, qtype)), "the importance path must be a different one"
     assert get_format(qtype).uses_importance
 
@@ -70,7 +64,7 @@ def test_nonfinite_matches_libggml(qtype, case, with_importance):
     # Documented in iq4.py: NaN/inf go through libggml's float32 operations; the bytes are deterministic.
     x = NONFINITE[case]
     imp = IMPORTANCE["imatrix_like"] if with_importance else None
-    ref = _check(x, qtype, imp, what=f"non-finite {case}")
+    ref = check_against_libggml(x, qtype, imp, what=f"non-finite {case}")
     assert_same_floats(dequantize(ref, qtype, x.shape), ggml_dequantize(ref, qtype, x.shape), "dequantize")
 
 
@@ -108,5 +102,5 @@ def test_many_rows_and_odd_shapes(qtype):
     rng = np.random.default_rng(11)
     for shape in [(1, 256), (1, 256 * 200), (700, 256), (9, 768)]:
         x = rng.standard_normal(shape).astype(np.float32)
-        _check(x, qtype, what=str(shape))
-        _check(x, qtype, rng.random(shape[1]).astype(np.float32), what=f"{shape} importance")
+        check_against_libggml(x, qtype, what=str(shape))
+        check_against_libggml(x, qtype, rng.random(shape[1]).astype(np.float32), what=f"{shape} importance")

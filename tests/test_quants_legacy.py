@@ -8,6 +8,7 @@ from oracle import ggml_dequantize, ggml_quantize
 from quant_data import (
     assert_same_bytes,
     assert_same_floats,
+    check_against_libggml,
     hostile_cases,
     importance_rows,
     nonfinite_cases,
@@ -23,24 +24,17 @@ IMPORTANCE = importance_rows()
 NONFINITE = nonfinite_cases()
 
 
-def _check(x, qtype, importance=None, what=""):
-    ours = quantize(x, qtype, importance=importance)
-    ref = ggml_quantize(x, qtype, importance)
-    assert_same_bytes(ours, ref, get_format(qtype).type_size, f"{qtype} {what}")
-    return ref
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("qtype", TYPES)
 def test_ref_path_matches_libggml(qtype, case):
-    _check(CASES[case], qtype, what=case)
+    check_against_libggml(CASES[case], qtype, what=case)
 
 
 @pytest.mark.parametrize("imp", sorted(IMPORTANCE))
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("qtype", IMPORTANCE_TYPES)
 def test_importance_path_matches_libggml(qtype, case, imp):
-    _check(CASES[case], qtype, IMPORTANCE[imp], what=f"{case} importance={imp}")
+    check_against_libggml(CASES[case], qtype, IMPORTANCE[imp], what=f"{case} importance={imp}")
 
 
 @pytest.mark.parametrize("qtype", IMPORTANCE_TYPES)
@@ -52,7 +46,7 @@ def test_importance_sigma2_is_per_row(qtype, n_per_row):
         np.float32
     )
     imp = rng.gamma(0.5, 2.0, n_per_row).astype(np.float32)
-    ref = _check(x, qtype, imp, what=f"n_per_row={n_per_row}")
+    ref = check_against_libggml(x, qtype, imp, what=f"n_per_row={n_per_row}")
     assert not np.array_equal(ref, ggml_quantize(x, qtype)), "importance must change the bytes here"
 
 
@@ -72,7 +66,7 @@ def test_nonfinite_matches_libggml(qtype, case, with_importance):
     # Documented in legacy.py: NaN/inf flow through the same float32 operations and x86 conversions.
     x = NONFINITE[case]
     imp = IMPORTANCE["imatrix_like"] if with_importance else None
-    ref = _check(x, qtype, imp, what=f"non-finite {case}")
+    ref = check_against_libggml(x, qtype, imp, what=f"non-finite {case}")
     assert_same_floats(dequantize(ref, qtype, x.shape), ggml_dequantize(ref, qtype, x.shape), "dequantize")
 
 
@@ -111,6 +105,8 @@ def test_many_rows_and_odd_shapes(qtype):
     rng = np.random.default_rng(7)
     for shape in [(1, 32), (1, 32 * 1000), (3000, 32), (17, 160)]:
         x = rng.standard_normal(shape).astype(np.float32)
-        _check(x, qtype, what=str(shape))
+        check_against_libggml(x, qtype, what=str(shape))
         if qtype in IMPORTANCE_TYPES:
-            _check(x, qtype, rng.random(shape[1]).astype(np.float32), what=f"{shape} importance")
+            check_against_libggml(
+                x, qtype, rng.random(shape[1]).astype(np.float32), what=f"{shape} importance"
+            )
