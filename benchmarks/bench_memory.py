@@ -8,7 +8,7 @@ measured peak, the error, and a naive "file size + KV cache" estimate for compar
 one estimate vs one llama-bench run (the only other way to know).
 
     python benchmarks/bench_memory.py [--quick]     # --quick: skip the 8192-token runs
-    python benchmarks/bench_memory.py --fit         # re-derive memory.py's runtime overhead constants
+    python benchmarks/bench_memory.py --fit         # re-derive the runtime overhead constants
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from synthetic import synthetic_llama  # noqa: E402
 from test_memory import llama_bench_peak_rss, make_small_model  # noqa: E402
 
 from ggufkit import memory  # noqa: E402
+from ggufkit.memory import estimator  # noqa: E402
 from ggufkit.models import cache_dir, default_model_path  # noqa: E402
 
 
@@ -44,9 +45,9 @@ def residual(path, n_ctx: int = 2048) -> tuple[float, memory.ModelInfo]:
 
 
 def fit_overhead(src: Path) -> None:
-    """memory.py's OVERHEAD_* constants: small 4-layer llama models that differ only in vocabulary size
-    and merge count give bytes per token and per merge; SmolLM2 (272 tensors vs 38) gives bytes per tensor;
-    the rest is the base."""
+    """ggufkit.memory.estimator's OVERHEAD_* constants: small 4-layer llama models that differ only in
+    vocabulary size and merge count give bytes per token and per merge; SmolLM2 (272 tensors vs 38) gives
+    bytes per tensor; the rest is the base."""
     tokens, merges = 150_848, 150_848
     made = {}
     for name, kw in [
@@ -70,8 +71,9 @@ def fit_overhead(src: Path) -> None:
         f"OVERHEAD_PER_MERGE = {per_merge:.0f} B, OVERHEAD_PER_TENSOR = {per_tensor:.0f} B"
     )
     print(
-        f"in ggufkit.memory: {memory.OVERHEAD_BASE / 1024:.0f} KiB, {memory.OVERHEAD_PER_TOKEN} B, "
-        f"{memory.OVERHEAD_PER_MERGE} B, {memory.OVERHEAD_PER_TENSOR} B"
+        f"in ggufkit.memory.estimator: {estimator.OVERHEAD_BASE / 1024:.0f} KiB, "
+        f"{estimator.OVERHEAD_PER_TOKEN} B, {estimator.OVERHEAD_PER_MERGE} B, "
+        f"{estimator.OVERHEAD_PER_TENSOR} B"
     )
 
 

@@ -70,7 +70,7 @@ CACHE_VERSION = 2  # bump when a cached record changes shape
 _FLOAT_TYPES = ("F32", "F16", "BF16")
 # the modules whose code decides a level file's bytes / a level's measurements: part of the cache keys
 _QUANT_CODE = ("quantize.py", "recipes.py", "gguf_writer.py", "quants")
-_EVAL_CODE = ("evaluate.py", "engine", "memory.py")
+_EVAL_CODE = ("evaluate.py", "engine", "memory")
 
 
 class ReportError(GgufkitError):

@@ -1,0 +1,108 @@
+"""Where a model's shapes come from: a GGUF (header and tensor table only, no tensor data), a Hugging Face
+folder (config.json, see hf_config.py), or a bare size such as "7B" or "qwen2:1.5B" (see sizes.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
+
+from ..errors import GgufkitError, MemoryEstimateError
+from .hf_config import from_folder
+from .model import ModelInfo, per_layer, swa_layers
+from .sizes import from_size
+
+
+def load_source(source: str | os.PathLike) -> ModelInfo:
+    """A GGUF file, a Hugging Face model folder (config.json) or a bare size ("7B", "qwen2:1.5B")."""
+    path = Path(source)
+    if path.is_dir():
+        return from_folder(path)
+    if path.is_file():
+        if path.name == "config.json":
+            return from_folder(path.parent)
+        return from_gguf(path)
+    if os.sep in str(source) or str(source).endswith(".gguf"):
+        raise MemoryEstimateError(f"{source}: no such file or folder")
+    return from_size(str(source))
+
+
+_SWA_DEFAULT = {"gemma2": 4096, "llama4": 8192}  # window when the GGUF has no sliding_window key
+
+
+def from_gguf(path: Path) -> ModelInfo:
+    from ..gguf_file import open_gguf
+    from ..recipes import TensorSpec
+
+    try:
+        model = open_gguf(path)
+    except GgufkitError:
+        raise
+    except OSError as e:
+        raise MemoryEstimateError(f"{path}: cannot read: {e.strerror or e}") from None
+    arch = model.architecture
+    if not arch:
+        raise MemoryEstimateError(f"{path}: GGUF has no general.architecture")
+
+    def key(name, default=None, *, required=True):
+        value = model.get(f"{arch}.{name}", default)
+        if value is None and required:
+            raise MemoryEstimateError(f"{path}: GGUF lacks {arch}.{name}, needed for the estimate")
+        return value
+
+    n_layer = int(key("block_count"))
+    n_embd = int(key("embedding_length"))
+    head_count = key("attention.head_count")
+    n_head = per_layer(head_count, n_layer, f"{arch}.attention.head_count")[0]
+    n_head_kv = per_layer(
+        key("attention.head_count_kv", head_count), n_layer, f"{arch}.attention.head_count_kv"
+    )
+    hd_k = int(key("attention.key_length", n_embd // max(n_head, 1)))
+    hd_v = int(key("attention.value_length", hd_k))
+    n_ff = max(per_layer(key("feed_forward_length", 0), n_layer, f"{arch}.feed_forward_length"))
+    tokens = model.get("tokenizer.ggml.tokens")
+    merges = model.get("tokenizer.ggml.merges")
+    n_vocab = int(key("vocab_size", len(tokens) if tokens is not None else None))
+    n_swa = int(key("attention.sliding_window", _SWA_DEFAULT.get(arch, 0)))
+    is_swa = swa_layers(arch, n_layer, n_swa, key("attention.sliding_window_pattern", None, required=False))
+    specs = [TensorSpec(t.name, tuple(t.shape), T(t.ggml_type)) for t in model.tensors]
+    file_type = _file_type_name(model.get("general.file_type"), specs)
+    return ModelInfo(
+        name=path.name,
+        kind="gguf",
+        arch=arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=hd_k,
+        head_dim_v=hd_v,
+        n_ff=n_ff,
+        n_vocab=n_vocab,
+        n_ctx_train=int(key("context_length", 0)),
+        n_merges=len(merges) if merges is not None else 0,
+        n_swa=n_swa,
+        is_swa=is_swa,
+        n_expert=int(key("expert_count", 0)),
+        n_expert_used=int(key("expert_used_count", 0)),
+        n_ff_exp=int(key("expert_feed_forward_length", 0)),
+        tensors=specs,
+        file_type=file_type,
+        path=path,
+        file_tensors=[(t.name, tuple(t.shape), T(t.ggml_type), t.nbytes, t.offset) for t in model.tensors],
+    )
+
+
+def _file_type_name(ftype, specs) -> str:
+    from ..recipes import LEVELS
+
+    if ftype is not None:
+        for lv in LEVELS.values():
+            if lv.ftype_id == int(ftype):
+                return lv.name
+    counts: dict[str, int] = {}
+    for s in specs:
+        counts[s.ggml_type.name] = counts.get(s.ggml_type.name, 0) + math.prod(s.shape)
+    return max(counts, key=counts.get) if counts else "?"
