@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from llamacpp import base_model, reference_quantized  # noqa: E402
+from memory_oracle import llama_bench_peak_rss, make_small_model  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
-from test_memory import llama_bench_peak_rss, make_small_model  # noqa: E402
 
 from ggufkit import memory  # noqa: E402
 from ggufkit.memory import estimator  # noqa: E402

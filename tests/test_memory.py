@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
 import pytest
+from memory_oracle import llama_bench_peak_rss, llama_cpp_buffers, make_small_model
 
 from ggufkit import memory
 from ggufkit.cli import main as cli_main
@@ -30,70 +26,6 @@ from ggufkit.errors import GgufkitError, MemoryEstimateError
 SLOW = os.environ.get("GGUFKIT_SLOW_TESTS", "1") != "0"
 slow = pytest.mark.skipif(not SLOW, reason="8176-token prompt skipped: GGUFKIT_SLOW_TESTS=0")
 TOLERANCE = 0.10
-
-
-# Runs argv[1:] as a forked child of this small interpreter and prints "<exit status> <ru_maxrss KiB>" on
-# stderr. The indirection matters: Linux keeps a process's peak RSS across exec (the larger of the old and
-# new address space's), and Python's subprocess starts children with vfork, so a child started directly by
-# the test process would report the test process's own peak (hundreds of MiB with numba and llama_cpp
-# loaded). A child forked here starts from this interpreter's ~10 MiB, below any llama-bench peak.
-_PEAK_RSS = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[1], sys.argv[1:])
-_, status, usage = os.wait4(pid, 0)
-sys.stdout.flush()
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, file=sys.stderr)
-"""
-
-
-def llama_bench_peak_rss(model, n_ctx: int, *, threads: int = 2) -> int:
-    """Peak RSS in bytes of llama-bench running a prompt of n_ctx-16 tokens then 16 generated tokens in one
-    context of n_ctx (its `-pg` test; -p 0 -n 0 turn off the separate pp/tg tests), with its defaults
-    otherwise (batch 2048, ubatch 512, f16 KV, flash attention auto, mmap). No warmup: a warmup would
-    process the same prompt again in the same context, which takes time and touches nothing new."""
-    from llamacpp import tool
-
-    args = f"-pg {n_ctx - 16},16 -t {threads} -p 0 -n 0 -r 1 --no-warmup -o json".split()
-    cmd = [str(tool("llama-bench")), "-m", str(model), *args]
-    with tempfile.TemporaryFile() as out_f, tempfile.TemporaryFile() as err_f:
-        run = subprocess.run([sys.executable, "-c", _PEAK_RSS, *cmd], stdout=out_f, stderr=err_f)
-        out_f.seek(0)
-        err_f.seek(0)
-        out, err = out_f.read().decode(), err_f.read().decode(errors="replace")
-    status, _, maxrss = err.rstrip().rpartition("\n")[2].partition(" ")
-    if run.returncode != 0 or status != "0":
-        raise RuntimeError(f"llama-bench failed ({status}): {' '.join(cmd)}\n{err[-2000:]}")
-    result = json.loads(out)
-    assert result and result[0]["n_prompt"] == n_ctx - 16 and result[0]["n_gen"] == 16, result
-    return int(maxrss) * 1024  # Linux reports KiB
-
-
-def llama_cpp_buffers(model, n_ctx: int, *, type_k: str = "f16", type_v: str = "f16") -> dict:
-    """The buffer sizes (MiB, as llama.cpp logs them with 2 decimals) of a context made by llama.cpp through
-    llama-cpp-python, in a child process so the log on fd 2 can be read."""
-    types = {"f16": 1, "q8_0": 8, "q4_0": 2}
-    code = (
-        "import llama_cpp, sys\n"
-        f"llama_cpp.Llama({str(model)!r}, n_ctx={n_ctx}, n_batch=2048, n_ubatch=512, flash_attn=True,\n"
-        f"    type_k={types[type_k]}, type_v={types[type_v]}, swa_full=False, n_threads=2, verbose=True)\n"
-    )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, errors="replace")
-    assert run.returncode == 0, run.stderr[-2000:]
-    sizes = {}
-    sizes["kv_caches"] = [float(x) for x in re.findall(r"KV buffer size =\s+([\d.]+) MiB", run.stderr)]
-    for name, pattern in {
-        "mapped": r"CPU_Mapped model buffer size =\s+([\d.]+) MiB",
-        "repack": r"CPU_REPACK model buffer size =\s+([\d.]+) MiB",
-        "kv": r"KV buffer size =\s+([\d.]+) MiB",
-        "cells": r"n_ctx\s+= (\d+)",
-        "output": r"output buffer size =\s+([\d.]+) MiB",
-        "compute": r"CPU compute buffer size =\s+([\d.]+) MiB",
-    }.items():
-        m = re.search(pattern, run.stderr)
-        sizes[name] = float(m.group(1)) if m else 0.0
-    return sizes
 
 
 def mib(n: int) -> float:
@@ -113,91 +45,6 @@ def smollm2_levels(smollm2_f16):
         "Q8_0": reference_quantized(smollm2_f16, "Q8_0"),
         "Q4_K_M": reference_quantized(smollm2_f16, "Q4_K_M"),
     }
-
-
-def _extra_piece(i: int) -> str:
-    """A short made-up token text (8 bytes at most, like real BPE pieces), unique per i."""
-    digits = ""
-    while True:
-        i, r = divmod(i, 36)
-        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + digits
-        if i == 0:
-            return "\u0120\u01c2" + digits
-
-
-def _copy_tokenizer(writer, vocab_source, extra_tokens: int, extra_merges: int) -> int:
-    """The tokenizer.* metadata of `vocab_source` plus `extra_tokens` made-up normal tokens and
-    `extra_merges` made-up merges (a larger vocabulary, as Llama 3's 128k or Gemma's 256k); returns the
-    vocabulary size."""
-    from synthetic import copy_tokenizer
-
-    extra = {
-        "tokenizer.ggml.tokens": [_extra_piece(i) for i in range(extra_tokens)],
-        "tokenizer.ggml.merges": [f"\u0120\u01c2 {_extra_piece(i)[2:]}" for i in range(extra_merges)],
-        "tokenizer.ggml.token_type": [1] * extra_tokens,
-    }
-    return copy_tokenizer(writer, vocab_source, extra=extra)
-
-
-def make_small_model(
-    path, vocab_source, *, arch: str = "gemma2", extra_tokens: int = 0, extra_merges: int = 0
-) -> Path:
-    """A small seeded F16 model (4 layers, 256 wide, 4 heads and 2 KV heads of 64, tied embeddings) with
-    `vocab_source`'s vocabulary (plus `extra_tokens`). arch "gemma2": a sliding window of 256 on every
-    other layer, the sliding-window KV cache path; arch "llama": plain."""
-    import gguf
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    d, n_layer, n_head, n_kv, hd, n_ff = 256, 4, 4, 2, 64, 512
-    w = gguf.GGUFWriter(str(path), arch)
-    for add, value in [
-        (w.add_context_length, 8192),
-        (w.add_embedding_length, d),
-        (w.add_block_count, n_layer),
-        (w.add_feed_forward_length, n_ff),
-        (w.add_head_count, n_head),
-        (w.add_head_count_kv, n_kv),
-        (w.add_key_length, hd),
-        (w.add_value_length, hd),
-        (w.add_rope_dimension_count, hd),
-        (w.add_layer_norm_rms_eps, 1e-6),
-        (w.add_file_type, 1),
-    ]:
-        add(value)
-    if arch == "gemma2":
-        w.add_sliding_window(256)
-    n_vocab = _copy_tokenizer(w, vocab_source, extra_tokens, extra_merges)
-
-    def mat(rows, cols):
-        return (rng.standard_normal((rows, cols)) * (0.5 / np.sqrt(cols))).astype(np.float16)
-
-    def vec(n):
-        return (0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    w.add_tensor("token_embd.weight", mat(n_vocab, d))
-    w.add_tensor("output_norm.weight", vec(d))
-    post = [("post_attention_norm", d), ("post_ffw_norm", d)] if arch == "gemma2" else []
-    for i in range(n_layer):
-        p = f"blk.{i}."
-        for name, t in [
-            ("attn_norm", vec(d)),
-            ("attn_q", mat(n_head * hd, d)),
-            ("attn_k", mat(n_kv * hd, d)),
-            ("attn_v", mat(n_kv * hd, d)),
-            ("attn_output", mat(d, n_head * hd)),
-            ("ffn_norm", vec(d)),
-            ("ffn_gate", mat(n_ff, d)),
-            ("ffn_up", mat(n_ff, d)),
-            ("ffn_down", mat(d, n_ff)),
-            *[(name, vec(n)) for name, n in post],
-        ]:
-            w.add_tensor(p + name + ".weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
 
 
 @pytest.fixture(scope="session")
