@@ -5,7 +5,11 @@ Everything is compared with libggml from llama-cpp-python 0.3.36 (tests/oracle.p
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -16,10 +20,12 @@ from hypothesis.extra import numpy as hnp
 from oracle import ggml_dequantize, ggml_quantize, libggml
 from quant_data import assert_same_bytes, assert_same_floats, hostile_cases, importance_rows
 
-from ggufkit.quants import dequantize, formats, get_format, quantize, row_bytes
+from ggufkit import quants
+from ggufkit.quants import dequantize, formats, get_format, native, quantize, row_bytes
 
 FORMATS = list(formats())  # every registered type, in ggml type-id order; none is skipped below
 BLOCKED = [n for n in FORMATS if get_format(n).block_size > 1]
+BACKENDS = ("native", "jit") if native.compiler() else ("jit",)  # both kernel builds give these bytes
 
 
 def _names(message: str, *numbers: int) -> bool:
@@ -132,18 +138,70 @@ def test_round_trip_shapes_and_dtypes(qtype):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("qtype", FORMATS)
-def test_importance_has_an_effect_exactly_where_libggml_has_one(qtype):
+def test_importance_has_an_effect_exactly_where_libggml_has_one(qtype, backend):
+    """Both kernel builds (the native library, the numba JIT fallback) on hostile data, both directions."""
     fmt = get_format(qtype)
     x = hostile_cases()["student_t"]
+    x[1, 7], x[2, 3] = np.inf, np.nan
     imp = importance_rows()["imatrix_like"]
     ggml_plain, ggml_imp = ggml_quantize(x, qtype), ggml_quantize(x, qtype, imp)
     assert fmt.uses_importance == (not np.array_equal(ggml_plain, ggml_imp))
-    ours_plain, ours_imp = quantize(x, qtype), quantize(x, qtype, importance=imp)
-    assert_same_bytes(ours_plain, ggml_plain, fmt.type_size, f"{qtype} without importance")
-    assert_same_bytes(ours_imp, ggml_imp, fmt.type_size, f"{qtype} with importance")
+    old = quants.set_backend(backend)
+    try:
+        ours_plain, ours_imp = quantize(x, qtype), quantize(x, qtype, importance=imp)
+        y = dequantize(ours_imp, qtype, x.shape)
+    finally:
+        quants.set_backend(old)
+    assert_same_bytes(ours_plain, ggml_plain, fmt.type_size, f"{qtype} without importance ({backend})")
+    assert_same_bytes(ours_imp, ggml_imp, fmt.type_size, f"{qtype} with importance ({backend})")
+    assert_same_floats(y, ggml_dequantize(ggml_imp, qtype, x.shape), f"{qtype} dequantize ({backend})")
     if not fmt.uses_importance:
         assert np.array_equal(ours_plain, ours_imp)
+
+
+# ---------------------------------------------------------------- kernel builds: native library, JIT fallback
+
+_NO_NUMBA = """
+import sys
+import numpy as np
+from ggufkit import quants
+x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)
+for name in quants.formats():
+    quants.dequantize(quants.quantize(x, name, importance=np.ones(512, np.float32)), name, x.shape)
+print(quants.backend(), sorted(m for m in ("numba", "llvmlite") if m in sys.modules))
+"""
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    src = str(Path(quants.__file__).parents[2])
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH")))))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full | env)
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
+def test_native_library_serves_every_type_without_numba():
+    """With a C compiler the default kernels are the native library, and a process using them for every
+    type never imports numba or llvmlite (the library is built on first use if missing)."""
+    assert quants.backend() == "native", native.status()
+    done = _python(_NO_NUMBA)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["native", "[]"], done.stdout + done.stderr
+
+
+def test_without_a_compiler_the_jit_kernels_take_over(tmp_path):
+    """No C compiler: no library, a warning, the reason recorded, and the JIT kernels give libggml's bytes."""
+    code = _NO_NUMBA + "from ggufkit.quants import native; print(native.status())\n"
+    code += "print(quants.quantize(x[:2], 'Q4_K').tobytes().hex())\n"
+    done = _python(code, CC=str(tmp_path / "no-such-cc"), GGUFKIT_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "jit ['llvmlite', 'numba']"
+    assert "no C compiler" in lines[1] and "no C compiler" in done.stderr
+    assert list((tmp_path / "native").glob("*.failed")) and not list((tmp_path / "native").glob("*.so"))
+    x = np.random.default_rng(0).standard_normal((8, 512)).astype(np.float32)[:2]
+    assert bytes.fromhex(lines[2]) == ggml_quantize(x, "Q4_K").tobytes()
 
 
 # ---------------------------------------------------------------- property test over every type

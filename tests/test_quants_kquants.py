@@ -9,6 +9,7 @@ quants/search.py that can be checked without C internals: fp16 rounding and near
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,10 +18,11 @@ import oracle
 import pytest
 
 from ggufkit import quants
-from ggufkit.quants import search
+from ggufkit.quants import native, search
 
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 WIDTH = 512  # two super-blocks per row
+BACKENDS = ("native", "jit") if native.compiler() else ("jit",)  # both kernel builds give these bytes
 
 
 def _ggml_quantize(x, qtype, importance=None):
@@ -319,19 +321,19 @@ def test_nearest_int_is_cs_bit_trick():
 def test_row_counts_and_thread_chunks(qtype):
     """0 and 1 rows, and more rows than threads (rows are split into per-thread chunks that must keep each
     block's importance column), give libggml's bytes."""
-    import numba
-
     rng = np.random.default_rng(9)
     imp = _importance(768, 4)
     for n_rows in (0, 1, 7):
         x = rng.standard_normal((n_rows, 768)).astype(np.float32)
-        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
-            numba.set_num_threads(threads)
+        for backend, threads in itertools.product(BACKENDS, sorted({1, quants.max_threads()})):
+            old_backend, old_threads = quants.set_backend(backend), quants.set_threads(threads)
             try:
                 got = quants.quantize(x, qtype, importance=imp)
             finally:
-                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-            _assert_same_bytes(got, oracle.ggml_quantize(x, qtype, imp), f"{qtype} {n_rows} rows {threads}T")
+                quants.set_backend(old_backend)
+                quants.set_threads(old_threads)
+            want = oracle.ggml_quantize(x, qtype, imp)
+            _assert_same_bytes(got, want, f"{qtype} {n_rows} rows {backend} {threads}T")
         assert quants.dequantize(got, qtype, x.shape).shape == x.shape
 
 

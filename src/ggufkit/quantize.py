@@ -38,10 +38,12 @@ __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_
 
 log = logging.getLogger(__name__)
 
-# numba's parallel kernels run on libgomp, which by default spin-waits between parallel regions; when the
-# cores are shared with other processes that makes each region 10-20x slower (measured: F16->F32 of 1M
-# values 24 ms spinning vs 1.2 ms passive, 2 threads on a loaded 2-core machine). Passive waiting costs
-# nothing measurable otherwise. libgomp reads this when numba first starts its pool; the user's value wins.
+# The numba JIT kernels (the fallback when the native library is unavailable: quants/native.py) run on
+# libgomp, which by default spin-waits between parallel regions; when the cores are shared with other
+# processes that makes each region 10-20x slower (measured: F16->F32 of 1M values 24 ms spinning vs 1.2 ms
+# passive, 2 threads on a loaded 2-core machine). Passive waiting costs nothing measurable otherwise.
+# libgomp reads this when numba first starts its pool; the user's value wins. (The native path has no
+# OpenMP: its threads are a Python thread pool.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GGML_QNT_VERSION = 2  # ggml.h: written as general.quantization_version
@@ -235,14 +237,10 @@ def _rows_per_chunk(n_per_row: int, rows_per_slice: int) -> int:
 
 
 def _set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
-    import numba
-
-    limit = int(numba.config.NUMBA_NUM_THREADS)
-    want = threads if threads and threads > 0 else (os.cpu_count() or 1)
-    use = max(1, min(int(want), limit))
-    old = numba.get_num_threads()
-    numba.set_num_threads(use)
-    return use, lambda: numba.set_num_threads(old)
+    want = threads if threads and threads > 0 else quants.max_threads()
+    use = max(1, min(int(want), quants.max_threads()))
+    old = quants.set_threads(use)
+    return use, lambda: quants.set_threads(old)
 
 
 def _load_imatrix(path, include_weights, exclude_weights):

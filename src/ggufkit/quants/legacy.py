@@ -196,20 +196,20 @@ def _q8_0_ref(x, out):
 # ---------------------------------------------------------------- importance paths (one row each)
 
 
-@njit(parallel=True, cache=True)
-def _impl_kernel(x, qw, nmax, with_min, out, works):
-    """quantize_row_q{4,5}_{0,1}_impl: x [n_rows, n_per_row], out [n_rows, n_blocks, type_size].
+@njit(cache=True, nogil=True)
+def impl_rows(x, qw, nmax, with_min, out, work, r0, r1):
+    """quantize_row_q{4,5}_{0,1}_impl on rows r0..r1 of x [n_rows, n_per_row] into out [n_rows, n_blocks,
+    type_size], serially (the parallel kernel below and the native library both run it on row ranges).
 
     nmax 8/16 without min (Q4_0/Q5_0: make_qx_quants, levels 0..2*nmax-1), 15/31 with min
-    (Q4_1/Q5_1: make_qkx3_quants(-0.9, 0.05, 36), m = -the_min). works: per-thread search scratch.
+    (Q4_1/Q5_1: make_qkx3_quants(-0.9, 0.05, 36), m = -the_min). work: search scratch (search_work()).
     """
-    n_rows, n = x.shape
+    n = x.shape[1]
     five_bit = nmax == 16 or nmax == 31
     qs_at = 2 + (2 if with_min else 0) + (4 if five_bit else 0)
-    for r in prange(n_rows):
-        work = works[get_thread_id()]
-        w = np.empty(QK, dtype=np.float32)
-        L = np.empty(QK, dtype=np.uint8)
+    w = np.empty(QK, dtype=np.float32)
+    L = np.empty(QK, dtype=np.uint8)
+    for r in range(r0, r1):
         sum_x2 = _F0
         for j in range(n):
             sum_x2 += x[r, j] * x[r, j]
@@ -239,6 +239,13 @@ def _impl_kernel(x, qw, nmax, with_min, out, works):
             if five_bit:
                 for k in range(4):
                     blk[qs_at - 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+@njit(parallel=True, cache=True)
+def _impl_kernel(x, qw, nmax, with_min, out, works):
+    """impl_rows over all rows, one row per parallel item; works: per-thread search scratch."""
+    for r in prange(x.shape[0]):
+        impl_rows(x, qw, nmax, with_min, out, works[get_thread_id()], r, r + 1)
 
 
 def _impl_path(nmax: int, with_min: bool):

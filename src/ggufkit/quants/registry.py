@@ -1,8 +1,11 @@
 """The one table of block formats: type -> block size, bytes per block, quantize and dequantize kernels.
 
 Block size and bytes per block come from gguf-py's GGML_QUANT_SIZES (the same facts as ggml's type
-traits); everything that converts shapes to bytes goes through `row_bytes`. Each format module
-(fp, legacy, kquants, iq4) registers its kernels here; nothing else in ggufkit hard-codes 256 or 144.
+traits); everything that converts shapes to bytes goes through `row_bytes`; nothing else in ggufkit
+hard-codes 256 or 144. The kernels come from one of two builds of the same numba source (fp, legacy,
+kquants, iq4): the native library (quants/native.py: compiled ahead of time, loaded with ctypes, no numba
+in the process; the default) or the numba JIT modules, which register themselves here on import (the
+fallback when the library cannot be built, e.g. without a C compiler). Both give the same bytes.
 
 Kernel contract (the registry does every check before calling one):
   quantize_rows(x: float32 C-contiguous [n_rows, n_per_row], importance: float32 [n_per_row] | None)
@@ -12,6 +15,7 @@ Kernel contract (the registry does every check before calling one):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +25,31 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
 
+# name -> (module of its numba kernels, has an importance-weighted (imatrix) algorithm in llama.cpp)
+_TABLE = {
+    "F32": ("fp", False),
+    "F16": ("fp", False),
+    "Q4_0": ("legacy", True),
+    "Q4_1": ("legacy", True),
+    "Q5_0": ("legacy", True),
+    "Q5_1": ("legacy", True),
+    "Q8_0": ("legacy", False),
+    "Q2_K": ("kquants", True),
+    "Q3_K": ("kquants", True),
+    "Q4_K": ("kquants", True),
+    "Q5_K": ("kquants", True),
+    "Q6_K": ("kquants", True),
+    "IQ4_NL": ("iq4", True),
+    "IQ4_XS": ("iq4", True),
+    "BF16": ("fp", False),
+}
+
+
+@dataclass(frozen=True)
+class Kernels:
+    quantize_rows: QuantizeRows
+    dequantize_rows: DequantizeRows
+
 
 @dataclass(frozen=True)
 class BlockFormat:
@@ -28,8 +57,6 @@ class BlockFormat:
     ggml_type: GGMLQuantizationType
     block_size: int  # elements per block
     type_size: int  # bytes per block
-    quantize_rows: QuantizeRows
-    dequantize_rows: DequantizeRows
     uses_importance: bool  # has an importance-weighted (imatrix) algorithm in llama.cpp
 
     @property
@@ -39,18 +66,43 @@ class BlockFormat:
     def row_bytes(self, n_per_row: int) -> int:
         return row_bytes(self, n_per_row)
 
+    def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        return kernels(self.name).quantize_rows(x, importance)
 
-_FORMATS: dict[GGMLQuantizationType, BlockFormat] = {}
+    def dequantize_rows(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
+        return kernels(self.name).dequantize_rows(data, n_per_row)
+
+
+def _format(name: str) -> BlockFormat:
+    qt = GGMLQuantizationType[name]
+    block_size, type_size = GGML_QUANT_SIZES[qt]
+    return BlockFormat(name, qt, block_size, type_size, _TABLE[name][1])
+
+
+# every supported format by name, in ggml type-id order
+FORMATS: dict[str, BlockFormat] = {
+    f.name: f for f in sorted((_format(n) for n in _TABLE), key=lambda f: int(f.ggml_type))
+}
+_BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+# -- kernels: the native library (quants.native: ahead-of-time compiled, no numba in the process) or the
+# numba JIT modules (fp, legacy, kquants, iq4), which register themselves on import. Both give the same
+# bytes (tests check both against libggml); "auto" takes the native library when it loads or builds.
+
+_JIT: dict[str, Kernels] = {}
 _LOADED = False
+_BACKENDS = ("auto", "native", "jit")
+_backend = "auto"
+_threads: int | None = None
 
 
 def register(
     name: str, *, quantize_rows: QuantizeRows, dequantize_rows: DequantizeRows, uses_importance: bool
 ) -> BlockFormat:
-    qt = GGMLQuantizationType[name]
-    block_size, type_size = GGML_QUANT_SIZES[qt]
-    fmt = BlockFormat(name, qt, block_size, type_size, quantize_rows, dequantize_rows, uses_importance)
-    _FORMATS[qt] = fmt
+    """Called by the JIT kernel modules for each format they implement."""
+    fmt = FORMATS[name]
+    assert uses_importance == fmt.uses_importance, name
+    _JIT[name] = Kernels(quantize_rows, dequantize_rows)
     return fmt
 
 
@@ -60,27 +112,93 @@ def _load() -> None:
         from . import fp, iq4, kquants, legacy  # noqa: F401  (they register themselves)
 
         _LOADED = True
+        if _threads is not None:
+            _numba_threads(_threads)
+
+
+def jit_kernels(name: str) -> Kernels:
+    """The numba JIT kernels of a format (imports numba)."""
+    _load()
+    return _JIT[name]
+
+
+def kernels(name: str) -> Kernels:
+    """The kernels the current backend uses for a format."""
+    if _backend != "jit":
+        from . import native
+
+        k = native.kernels(name)
+        if k is not None:
+            return k
+        if _backend == "native":
+            raise RuntimeError(f"native kernels are not available: {native.status()}")
+    return jit_kernels(name)
+
+
+def set_backend(name: str) -> str:
+    """Choose the kernels: "auto" (default: native when available, else JIT), "native" or "jit".
+    Results are identical; this changes only how the process gets its compiled code. Returns the old one."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    old, _backend = _backend, name
+    return old
+
+
+def backend() -> str:
+    """The backend in use: "native" or "jit" (resolving "auto", which may build the native library)."""
+    if _backend == "jit":
+        return "jit"
+    from . import native
+
+    return "native" if native.library() is not None else "jit"
+
+
+def _numba_threads(n: int) -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(n, int(numba.config.NUMBA_NUM_THREADS))))
+
+
+def max_threads() -> int:
+    """Threads available to the kernels (the CPUs this process may run on)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def get_threads() -> int:
+    return _threads if _threads is not None else max_threads()
+
+
+def set_threads(n: int | None) -> int | None:
+    """Threads for the kernels of both backends (None: all CPUs). Returns the previous setting."""
+    global _threads
+    old = _threads
+    _threads = None if n is None else max(1, int(n))
+    if _LOADED:
+        _numba_threads(get_threads())
+    return old
 
 
 def formats() -> dict[str, BlockFormat]:
     """All supported formats by name, in ggml type-id order."""
-    _load()
-    return {f.name: f for f in sorted(_FORMATS.values(), key=lambda f: int(f.ggml_type))}
+    return dict(FORMATS)
 
 
 def get_format(qtype: str | int | GGMLQuantizationType) -> BlockFormat:
     """Look up a format by name (case-insensitive), ggml type id, or gguf.GGMLQuantizationType."""
-    _load()
     try:
         if isinstance(qtype, str):
             qt = GGMLQuantizationType[qtype.upper()]
         else:
             qt = GGMLQuantizationType(int(qtype))
     except (KeyError, ValueError):
-        raise ValueError(f"unknown quantization type {qtype!r}; supported: {', '.join(formats())}") from None
-    if qt not in _FORMATS:
-        raise ValueError(f"quantization type {qt.name} is not supported; supported: {', '.join(formats())}")
-    return _FORMATS[qt]
+        raise ValueError(f"unknown quantization type {qtype!r}; supported: {', '.join(FORMATS)}") from None
+    if qt not in _BY_TYPE:
+        raise ValueError(f"quantization type {qt.name} is not supported; supported: {', '.join(FORMATS)}")
+    return _BY_TYPE[qt]
 
 
 def row_bytes(qtype, n_per_row: int) -> int:

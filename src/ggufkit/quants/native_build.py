@@ -1,0 +1,386 @@
+"""Compile the numba block kernels ahead of time into one plain shared library (run by quants.native).
+
+The kernel source stays the numba code of fp.py, legacy.py, kquants.py and iq4.py: here the same Python
+functions are compiled once more, serially (prange is range without parallel=True; quants.native runs row
+chunks on its own threads) and with error_model="numpy", behind one C entry point:
+
+    int64 gk_run(int64 op, int64 ggml_type, void *src, int64 n_rows, int64 n_per_row,
+                 void *importance, int64 has_importance, void *dst)
+        op 0: quantize float32 src [n_rows, n_per_row] -> dst blocks; importance float32 [n_per_row]
+        op 1: dequantize src blocks -> float32 dst [n_rows, n_per_row]
+        returns 0, 1 for a type it does not handle, -1 if a kernel took an error path
+
+LLVM emits the cfunc's module as an object file for the host CPU (numba's own target options), and the C
+compiler links it with a small shim into kernels-<key>.so. The shim supplies the few runtime symbols the
+object needs that live in numba's extension modules (the process loading the library has no numba):
+  - NRT_MemInfo_alloc_aligned / NRT_MemInfo_call_dtor / NRT_Free: the kernels' np.empty scratch, as a
+    malloc'd block behind numba's MemInfo header {refct, dtor, dtor_info, data, size, allocator}, which
+    the inlined reference counting reads (the layout is numba-version specific: the cache key holds
+    numba's version);
+  - numba_attempt_nocopy_reshape: reshapes of uniformly strided arrays (all the kernels do), else "copy
+    needed", which the kernel treats as an error;
+  - numba_frexpf;
+  - the error paths (numba_gil_ensure/release, numba_do_raise, numba_unpickle,
+    numba_runtime_build_excinfo_struct): they set a thread-local flag that gk_run reports as -1. Those
+    paths also reference a few CPython API functions (PyErr_*), resolved by the Python process.
+Before the library is installed it is loaded here and checked byte for byte against the JIT kernels on
+every type, with and without importance, on data with zeros, spikes, NaN and inf (tests check both
+against libggml).
+
+Usage: python -m ggufkit.quants.native_build OUTPUT.so   (exit 0: OUTPUT.so installed; else a message)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+from numba import carray, cfunc, njit, types
+
+from . import fp, iq4, kquants, legacy
+from .native import compiler
+from .registry import FORMATS
+
+_serial = njit(nogil=True, error_model="numpy")
+
+_f16_rows = _serial(fp._f16_rows.py_func)
+_bf16_rows = _serial(fp._bf16_rows.py_func)
+_f16_to_f32_rows = _serial(fp._f16_to_f32_rows.py_func)
+_bf16_to_f32_rows = _serial(fp._bf16_to_f32_rows.py_func)
+_q4_0_ref = _serial(legacy._q4_0_ref.py_func)
+_q4_1_ref = _serial(legacy._q4_1_ref.py_func)
+_q5_0_ref = _serial(legacy._q5_0_ref.py_func)
+_q5_1_ref = _serial(legacy._q5_1_ref.py_func)
+_q8_0_ref = _serial(legacy._q8_0_ref.py_func)
+_q4_0_deq = _serial(legacy._q4_0_deq.py_func)
+_q4_1_deq = _serial(legacy._q4_1_deq.py_func)
+_q5_0_deq = _serial(legacy._q5_0_deq.py_func)
+_q5_1_deq = _serial(legacy._q5_1_deq.py_func)
+_q8_0_deq = _serial(legacy._q8_0_deq.py_func)
+_iq4_quantize = _serial(iq4._quantize_kernel.py_func)
+_iq4_nl_deq = _serial(iq4._iq4_nl_deq.py_func)
+_iq4_xs_deq = _serial(iq4._iq4_xs_deq.py_func)
+_legacy_impl = legacy.impl_rows
+_kquant_blocks = kquants._quantize_blocks
+
+_KV = iq4._KV
+_QK_K = kquants.QK_K
+
+
+def _t(name: str) -> int:
+    return int(FORMATS[name].ggml_type)
+
+
+F16, BF16 = _t("F16"), _t("BF16")
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = _t("Q4_0"), _t("Q4_1"), _t("Q5_0"), _t("Q5_1"), _t("Q8_0")
+Q2_K, Q6_K = _t("Q2_K"), _t("Q6_K")
+IQ4_NL, IQ4_XS = _t("IQ4_NL"), _t("IQ4_XS")
+_SIZE = np.zeros(64, np.int64)  # bytes per block by ggml type id (a frozen constant in the library)
+for _f in FORMATS.values():
+    _SIZE[int(_f.ggml_type)] = _f.type_size
+_IMPL_NMAX = {Q4_0: (8, False), Q4_1: (15, True), Q5_0: (16, False), Q5_1: (31, True)}
+_N0, _M0 = _IMPL_NMAX[Q4_0]
+_N1, _M1 = _IMPL_NMAX[Q4_1]
+_N2, _M2 = _IMPL_NMAX[Q5_0]
+_N3, _M3 = _IMPL_NMAX[Q5_1]
+
+
+@_serial
+def _legacy_importance(t, x, qw, out):
+    work = np.empty((8, 64), np.float32)  # search.search_work()
+    n_rows = x.shape[0]
+    if t == Q4_0:
+        _legacy_impl(x, qw, _N0, _M0, out, work, 0, n_rows)
+    elif t == Q4_1:
+        _legacy_impl(x, qw, _N1, _M1, out, work, 0, n_rows)
+    elif t == Q5_0:
+        _legacy_impl(x, qw, _N2, _M2, out, work, 0, n_rows)
+    else:
+        _legacy_impl(x, qw, _N3, _M3, out, work, 0, n_rows)
+
+
+@_serial
+def _quantize(t, src, n_rows, n_per_row, qw_p, has_qw, dst):
+    size = _SIZE[t]
+    if t == F16 or t == BF16:
+        out16 = carray(dst, (n_rows, n_per_row), np.uint16)
+        if t == F16:
+            _f16_rows(carray(src, (n_rows, n_per_row), np.float32), out16)
+        else:
+            _bf16_rows(carray(src, (n_rows, n_per_row), np.uint32), out16)
+        return 0
+    qw = carray(qw_p, (n_per_row if has_qw else 1,), np.float32)
+    if Q2_K <= t <= Q6_K:
+        nb = n_rows * (n_per_row // _QK_K)
+        qw2 = qw.reshape((n_per_row // _QK_K, _QK_K)) if has_qw else np.empty((0, _QK_K), np.float32)
+        xb = carray(src, (nb, _QK_K), np.float32)
+        _kquant_blocks(t - Q2_K, xb, qw2, carray(dst, (nb, size), np.uint8))
+        return 0
+    if t == IQ4_NL or t == IQ4_XS:
+        block = 32 if t == IQ4_NL else _QK_K
+        nb = n_rows * (n_per_row // block)
+        out = carray(dst, (nb, size), np.uint8)
+        out[:] = 0
+        _iq4_quantize(carray(src, (nb, block), np.float32), qw, has_qw != 0, n_per_row // block, _KV, out)
+        return 0
+    nb = n_rows * (n_per_row // 32)
+    if has_qw and t != Q8_0:
+        x = carray(src, (n_rows, n_per_row), np.float32)
+        _legacy_importance(t, x, qw, carray(dst, (n_rows, n_per_row // 32, size), np.uint8))
+        return 0
+    xb = carray(src, (nb, 32), np.float32)
+    out = carray(dst, (nb, size), np.uint8)
+    if t == Q4_0:
+        _q4_0_ref(xb, out)
+    elif t == Q4_1:
+        _q4_1_ref(xb, out)
+    elif t == Q5_0:
+        _q5_0_ref(xb, out)
+    elif t == Q5_1:
+        _q5_1_ref(xb, out)
+    elif t == Q8_0:
+        _q8_0_ref(xb, out)
+    else:
+        return 1
+    return 0
+
+
+@_serial
+def _dequantize(t, src, n_rows, n_per_row, dst):
+    size = _SIZE[t]
+    if t == F16 or t == BF16:
+        h = carray(src, (n_rows, n_per_row), np.uint16)
+        if t == F16:
+            _f16_to_f32_rows(h, carray(dst, (n_rows, n_per_row), np.float32))
+        else:
+            _bf16_to_f32_rows(h, carray(dst, (n_rows, n_per_row), np.uint32))
+        return 0
+    block = _QK_K if t == IQ4_XS else 32
+    nb = n_rows * (n_per_row // block)
+    data = carray(src, (nb, size), np.uint8)
+    y = carray(dst, (nb, block), np.float32)
+    if t == Q4_0:
+        _q4_0_deq(data, y)
+    elif t == Q4_1:
+        _q4_1_deq(data, y)
+    elif t == Q5_0:
+        _q5_0_deq(data, y)
+    elif t == Q5_1:
+        _q5_1_deq(data, y)
+    elif t == Q8_0:
+        _q8_0_deq(data, y)
+    elif t == IQ4_NL:
+        _iq4_nl_deq(data, _KV, y)
+    elif t == IQ4_XS:
+        _iq4_xs_deq(data, _KV, y)
+    else:
+        return 1
+    return 0
+
+
+_I64, _PTR = types.int64, types.voidptr
+_SIG = _I64(_I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR)
+
+
+@cfunc(_SIG, nopython=True, error_model="numpy")
+def _gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst):
+    if op == 0:
+        return _quantize(t, src, n_rows, n_per_row, qw, has_qw, dst)
+    return _dequantize(t, src, n_rows, n_per_row, dst)
+
+
+# The types the library handles (F32 is a copy; K-quant dequantizing is numpy, kdequant.py).
+QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                  "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
+DEQUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
+
+_SHIM = r"""
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern int64_t gk_kernel(int64_t, int64_t, void *, int64_t, int64_t, void *, int64_t, void *)
+    __asm__("@KERNEL@");
+
+static __thread int gk_failed;
+
+typedef void (*gk_dtor)(void *data, size_t size, void *info);
+typedef struct {
+    size_t refct; gk_dtor dtor; void *dtor_info; void *data; size_t size; void *allocator;
+} gk_meminfo;
+
+static void gk_free_data(void *data, size_t size, void *info) { (void)data; (void)size; (void)info; }
+
+gk_meminfo *NRT_MemInfo_alloc_aligned(size_t size, unsigned align) {
+    if (align < 16) align = 16;
+    char *base = malloc(sizeof(gk_meminfo) + size + align);
+    if (!base) { gk_failed = 1; return NULL; }
+    gk_meminfo *mi = (gk_meminfo *)base;
+    uintptr_t p = (uintptr_t)(base + sizeof(gk_meminfo));
+    p = (p + align - 1) / align * align;
+    mi->refct = 1; mi->dtor = gk_free_data; mi->dtor_info = NULL;
+    mi->data = (void *)p; mi->size = size; mi->allocator = NULL;
+    return mi;
+}
+gk_meminfo *NRT_MemInfo_alloc_safe_aligned(size_t size, unsigned align) {
+    return NRT_MemInfo_alloc_aligned(size, align);
+}
+void NRT_MemInfo_call_dtor(gk_meminfo *mi) {
+    if (mi->dtor) mi->dtor(mi->data, mi->size, mi->dtor_info);
+    free(mi);
+}
+void *NRT_Allocate(size_t size) { void *p = malloc(size); if (!p) gk_failed = 1; return p; }
+void NRT_Free(void *ptr) { free(ptr); }
+
+float numba_frexpf(float x, int *exp) {
+    if (isnan(x) || isinf(x) || x == 0.0f) { *exp = 0; return x; }
+    return frexpf(x, exp);
+}
+
+/* Strides of a no-copy reshape to C order: possible when the old array, without its unit axes, is
+   uniformly strided (each stride = next stride * next dim). Returns 1 and fills newstrides, else 0. */
+int numba_attempt_nocopy_reshape(intptr_t nd, const intptr_t *dims, const intptr_t *strides,
+                                 intptr_t newnd, const intptr_t *newdims, intptr_t *newstrides,
+                                 intptr_t itemsize, int is_f_order) {
+    intptr_t n_old = 1, n_new = 1, inner = itemsize, prev = -1, i;
+    for (i = 0; i < nd; i++) n_old *= dims[i];
+    for (i = 0; i < newnd; i++) n_new *= newdims[i];
+    if (n_old != n_new || is_f_order) return 0;
+    if (n_old == 0) { for (i = 0; i < newnd; i++) newstrides[i] = itemsize; return 1; }
+    for (i = nd - 1; i >= 0; i--) {
+        if (dims[i] == 1) continue;
+        if (prev < 0) inner = strides[i];
+        else if (strides[i] != strides[prev] * dims[prev]) return 0;
+        prev = i;
+    }
+    for (i = newnd - 1; i >= 0; i--) { newstrides[i] = inner; inner *= newdims[i]; }
+    return 1;
+}
+
+/* Error paths: take the GIL as numba would, remember the failure, raise nothing. */
+extern int PyGILState_Ensure(void);
+extern void PyGILState_Release(int);
+void numba_gil_ensure(int *state) { gk_failed = 1; *state = PyGILState_Ensure(); }
+void numba_gil_release(int *state) { PyGILState_Release(*state); }
+int numba_do_raise(void *exc) { (void)exc; gk_failed = 1; return 0; }
+void *numba_unpickle(const char *data, int n, const char *hashed) {
+    (void)data; (void)n; (void)hashed; gk_failed = 1; return NULL;
+}
+void *numba_runtime_build_excinfo_struct(void *gv, void *args) {
+    (void)gv; (void)args; gk_failed = 1; return NULL;
+}
+
+int64_t gk_run(int64_t op, int64_t t, void *src, int64_t n_rows, int64_t n_per_row, void *qw, int64_t has_qw,
+               void *dst) {
+    gk_failed = 0;
+    int64_t r = gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst);
+    return gk_failed ? -1 : r;
+}
+"""
+
+
+def _object_code() -> bytes:
+    lib = _gk_kernel._library
+    codegen = lib.codegen
+    target = llvm.Target.from_triple(llvm.get_process_triple())
+    tm = target.create_target_machine(
+        cpu=codegen._get_host_cpu_name(),
+        features=codegen._tm_features,
+        opt=3,
+        reloc="pic",
+        codemodel="default",
+    )
+    return tm.emit_object(llvm.parse_assembly(lib.get_llvm_str()))
+
+
+def _link(cc: str, obj: bytes, out: Path, workdir: Path) -> None:
+    (workdir / "kernels.o").write_bytes(obj)
+    (workdir / "shim.c").write_text(_SHIM.replace("@KERNEL@", _gk_kernel.native_name))
+    cmd = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(workdir / "shim.c"), str(workdir / "kernels.o")]
+    cmd.append("-lm")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+
+
+def _self_test_data(rng, n_rows: int, n_per_row: int) -> np.ndarray:
+    x = rng.standard_normal((n_rows, n_per_row)).astype(np.float32)
+    x[0, :40] = 0.0
+    x[1, 3] = 300.0
+    x[1, 70] = np.nan
+    x[2, 5] = np.inf
+    x[3] *= np.float32(1e-30)
+    return x
+
+
+def self_test(path: Path) -> None:
+    """Load the library and compare it with the JIT kernels on every type (raises on any difference)."""
+    from . import registry
+
+    so = ctypes.CDLL(str(path))
+    run = so.gk_run
+    run.restype = ctypes.c_int64
+    run.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    rng = np.random.default_rng(7)
+    x = _self_test_data(rng, 5, 512)
+    imp = rng.random(512).astype(np.float32)
+    for name in QUANTIZE_TYPES:
+        fmt = FORMATS[name]
+        jit = registry.jit_kernels(name)
+        for qw in (None, imp):
+            want = jit.quantize_rows(x, qw if fmt.uses_importance else None)
+            got = np.zeros_like(want)
+            use = qw is not None and fmt.uses_importance
+            q = qw if use else np.zeros(1, np.float32)
+            t = int(fmt.ggml_type)
+            status = run(0, t, x.ctypes.data, 5, 512, q.ctypes.data, int(use), got.ctypes.data)
+            if status != 0 or not np.array_equal(got, want):
+                raise RuntimeError(f"self-test: {name} quantize (importance {use}) differs from the JIT's")
+            if name in DEQUANTIZE_TYPES:
+                y_want = jit.dequantize_rows(want, 512)
+                y = np.zeros_like(y_want)
+                status = run(1, int(fmt.ggml_type), want.ctypes.data, 5, 512, None, 0, y.ctypes.data)
+                if status != 0 or y.view(np.uint32).tobytes() != y_want.view(np.uint32).tobytes():
+                    raise RuntimeError(f"self-test: {name} dequantize differs from the JIT kernel")
+
+
+def build(out: Path) -> None:
+    """Compile, link, self-test, and install the library at `out` (atomic rename)."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install cc/gcc/clang)")
+    obj = _object_code()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=out.parent) as tmp:
+        tmpdir = Path(tmp)
+        so = tmpdir / "kernels.so"
+        _link(cc, obj, so, tmpdir)
+        self_test(so)
+        os.replace(so, out)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m ggufkit.quants.native_build OUTPUT.so", file=sys.stderr)
+        return 2
+    try:
+        build(Path(argv[0]))
+    except Exception as e:  # noqa: BLE001  (the parent records the reason and falls back to the JIT)
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"numba {numba.__version__}: built {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
