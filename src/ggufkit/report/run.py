@@ -1,0 +1,261 @@
+"""run_report: the ladder, step by step (see the package docstring), and the rows of its table."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..gguf_file import open_gguf
+from ..models import cache_dir, default_model_path, sha256_file
+from .measure import (
+    FLOAT_TYPES,
+    ReportError,
+    default_threads,
+    llama_cpp_available,
+    machine_facts,
+    measure_file,
+    prepare_base,
+    quantize_level,
+    resolve_engine,
+    speed_tokens,
+)
+from .notes import notes_for
+from .render import write_outputs
+
+DEFAULT_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
+QUICK_LEVELS = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+PICK_CTX = 4096  # ram_bytes and the recommendation are at this context
+DEFAULT_CTX, DEFAULT_CHUNKS, QUICK_CHUNKS = 512, 8, 3
+
+
+@dataclass(frozen=True)
+class ReportProgress:
+    """Passed to the progress callback: step `index` of `n_steps` (the base, then one per level) is
+    `fraction` done; `label` says what runs now."""
+
+    index: int
+    n_steps: int
+    level: str
+    label: str
+    fraction: float
+
+
+@dataclass
+class Report:
+    data: dict  # what report.json holds
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)  # kind -> written path
+
+    @property
+    def levels(self) -> list[dict]:
+        return self.data["levels"]
+
+
+def run_report(
+    model: str | os.PathLike | None = None,
+    *,
+    levels: Sequence[str] | None = None,
+    text: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    quick: bool = False,
+    ctx: int = DEFAULT_CTX,
+    chunks: int | None = None,
+    engine: str = "auto",
+    threads: int | None = None,
+    ram_bytes: int | None = None,
+    task: str = "chat",
+    work: str | os.PathLike | None = None,
+    progress: Callable[[ReportProgress], None] | None = None,
+) -> Report:
+    """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
+    and write report.md/json/html/png into `out` (default cache_dir("reports")/<model sha256>). Returns the
+    Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
+    base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
+    from .. import memory, recipes
+    from .. import pick as picker
+    from ..evaluate import read_text
+
+    t_start = time.perf_counter()
+    machine = machine_facts()  # before the run: the load it competes with
+    model = Path(default_model_path() if model is None else model)
+    if model.is_dir():
+        raise ReportError(f"{model}: Hugging Face folders are not supported yet; convert to GGUF first")
+    if not model.is_file():
+        raise ReportError(f"{model}: no such file")
+    names = []
+    for lv in levels or (QUICK_LEVELS if quick else DEFAULT_LEVELS):
+        name = recipes.level(lv).name
+        if name in FLOAT_TYPES:
+            raise ReportError(
+                f"{name} is not a quantization level for the ladder (the base is full precision)"
+            )
+        if name not in names:
+            names.append(name)
+    chunks = chunks or (QUICK_CHUNKS if quick else DEFAULT_CHUNKS)
+    engine = resolve_engine(engine)
+    threads = threads if threads and threads > 0 else default_threads()
+    body, text_name = read_text(text)
+    model_sha = sha256_file(model)
+    work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out) if out is not None else cache_dir("reports", model_sha)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_steps = 1 + len(names)
+
+    def step(index: int, level: str):
+        def cb(label: str, fraction: float) -> None:
+            if progress:
+                progress(ReportProgress(index, n_steps, level, label, min(max(fraction, 0.0), 1.0)))
+
+        return cb
+
+    notes: list[str] = []
+    base_step = step(0, "base")
+    base = prepare_base(
+        model, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+    )
+    opts = {
+        "text": text_name,
+        "text_path": None if text is None else str(text),
+        "text_sha256": hashlib.sha256(body.encode()).hexdigest(),
+        "ctx": ctx,
+        "chunks": chunks,
+        "engine": engine,
+        "speed_engine": "llama.cpp" if llama_cpp_available() else "builtin",
+        "threads": threads,
+    }
+    tokens = speed_tokens(base["path"], opts["text_path"])
+    base_rec = measure_file(
+        Path(base["path"]),
+        base["sha256"],
+        base,
+        opts,
+        work,
+        tokens,
+        lambda label, f: base_step(label, 0.5 + 0.5 * f),
+        is_base=True,
+    )
+    quant: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    for i, lv in enumerate(names, start=1):
+        cb = step(i, lv)
+        cb("quantizing", 0.0)
+        q = quantize_level(base, lv, work, lambda label, f, cb=cb: cb(label, 0.2 * f), threads=threads)
+        quant[lv] = q
+        results[lv] = measure_file(Path(q["path"]), q["tensor_sha256"], base, opts, work, tokens, cb)
+        cb("done", 1.0)
+
+    rows = [_base_row(base, base_rec, results)]
+    for lv in names:
+        q, r = quant[lv], results[lv]
+        rows.append(
+            {
+                "level": lv,
+                "base": False,
+                "size_bytes": q["size_bytes"],
+                "bpw": q["bpw"],
+                "ppl": r["ppl"],
+                "ppl_err": r["ppl_err"],
+                "base_ppl": r["base_ppl"],
+                "ppl_delta": r["ppl"] - r["base_ppl"],
+                "ppl_delta_pct": 100 * (r["ppl"] / r["base_ppl"] - 1),
+                "ln_ppl_ratio_err": r["ln_ppl_ratio_err"],
+                "kld_mean": r["kld_mean"],
+                "kld_err": r["kld_err"],
+                "kld_p99": r["kld_p99"],
+                "same_top": r["same_top"],
+                "same_top_err": r["same_top_err"],
+                "rms_dp": r["rms_dp"],
+                "tok_s": r["tok_s"],
+                "pp_tok_s": r["pp_tok_s"],
+                "tok_s_engine": r["tok_s_engine"],
+                "tok_s_kind": r["tok_s_kind"],
+                "threads": r.get("threads"),
+                "ram_bytes": r["ram_by_ctx"][str(PICK_CTX)],
+                "ram_by_ctx": r["ram_by_ctx"],
+                "n_fallback": q["n_fallback"],
+                "n_quantized": q["n_quantized"],
+                "fallbacks": q["fallbacks"],
+                "file_sha256": q["file_sha256"],
+                "tensor_sha256": q["tensor_sha256"],
+                "path": q["path"],
+                "quantized_now": not q["reused"],
+                "measured_now": not r["reused"],
+            }
+        )
+    info = memory.load_source(model)
+    notes += notes_for(rows, quant, info, opts)
+    data = {
+        "ggufkit_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "model": str(model),
+        "model_name": model.name,
+        "model_sha256": model_sha,
+        "base": base,
+        "options": {k: v for k, v in opts.items() if k != "text_path"} | {"levels": names, "quick": quick},
+        "units": {
+            "same_top": "percent",
+            "ppl_delta_pct": "percent",
+            "rms_dp": "percent",
+            "kld_mean": "nats per token",
+            "ram_bytes": f"needed bytes at n_ctx {PICK_CTX}, f16 KV",
+        },
+        "levels": rows,
+        "notes": notes,
+    }
+    ram = memory.available_memory() if ram_bytes is None else int(ram_bytes)
+    choice = picker.pick(info, ram_bytes=ram, task=task, n_ctx=PICK_CTX, report=data)
+    data["recommendation"] = {
+        "level": choice.level,
+        "reason": choice.reason,
+        "task": task,
+        "n_ctx": PICK_CTX,
+        "ram_bytes": ram,
+        "suggestions": choice.suggestions,
+    }
+    data["seconds"] = time.perf_counter() - t_start
+    return Report(data, out_dir, write_outputs(data, out_dir))
+
+
+def _base_row(base: dict, rec: dict, results: dict[str, dict]) -> dict:
+    """The base: PPL as llama-perplexity reports it in its KL-divergence runs; KLD 0 and 100% same top by
+    definition."""
+    any_r = next(iter(results.values()), {})
+    path = Path(base["path"])
+    with open_gguf(path) as g:
+        n_el = sum(math.prod(t.shape) for t in g.tensors)
+        n_bytes = sum(t.nbytes for t in g.tensors)
+    return {
+        "level": base["type"],
+        "base": True,
+        "size_bytes": path.stat().st_size,
+        "bpw": 8.0 * n_bytes / n_el,
+        "ppl": any_r.get("base_ppl"),
+        "ppl_err": any_r.get("base_ppl_err"),
+        "base_ppl": any_r.get("base_ppl"),
+        "ppl_delta": 0.0,
+        "ppl_delta_pct": 0.0,
+        "kld_mean": 0.0,
+        "kld_p99": 0.0,
+        "same_top": 100.0,
+        "rms_dp": 0.0,
+        "tok_s": rec["tok_s"],
+        "pp_tok_s": rec["pp_tok_s"],
+        "tok_s_engine": rec["tok_s_engine"],
+        "tok_s_kind": rec["tok_s_kind"],
+        "threads": rec.get("threads"),
+        "ram_bytes": rec["ram_by_ctx"][str(PICK_CTX)],
+        "ram_by_ctx": rec["ram_by_ctx"],
+        "n_fallback": 0,
+        "file_sha256": base["sha256"],
+        "path": str(path),
+        "dequantized_from": base["dequantized_from"],
+    }
