@@ -26,11 +26,13 @@ import pytest
 from llamacpp import llama_model_quantize, llama_quantize_dry_run, reference_quantized, tool
 
 import ggufkit
+from ggufkit import quants
 from ggufkit.cli import main as cli_main
 from ggufkit.errors import GgufkitError, QuantizeError
 from ggufkit.gguf_file import open_gguf
 from ggufkit.models import cache_dir, sha256_file
 from ggufkit.quantize import parse_override_kv, quantize_file
+from ggufkit.quants import native
 
 LEVELS = [
     "Q2_K",
@@ -210,6 +212,44 @@ def test_matches_llama_quantize_with_imatrix(bases, imatrices, base, level, tmp_
     summary = quantize_file(src, out, level, imatrix=imx, threads=2)
     assert summary.imatrix_entries > 0
     assert_identical(out, reference_quantized(src, level, imatrix=imx))
+
+
+@pytest.mark.parametrize("level,with_imatrix", [("Q4_K_M", False), ("Q5_1", True), ("IQ4_XS", True)])
+def test_jit_fallback_matches(bases, imatrices, level, with_imatrix, tmp_path):
+    """The numba JIT kernels (used when the native library cannot be built) on a subset of the files."""
+    src = bases["synthetic_f32"]
+    imx = str(imatrices["synthetic_f32"]) if with_imatrix else None
+    old = quants.set_backend("jit")
+    try:
+        quantize_file(src, tmp_path / "out.gguf", level, imatrix=imx, threads=2)
+    finally:
+        quants.set_backend(old)
+    ref = reference_quantized(src, level, imatrix=imx) if imx else lmq_reference(src, level)
+    assert_identical(tmp_path / "out.gguf", ref)
+
+
+_NO_NUMBA_CLI = """
+import sys
+from ggufkit.cli import main
+rc = main(sys.argv[1:])
+print(rc, sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"}))
+"""
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
+def test_cli_process_never_imports_numba(bases, imatrices, tmp_path):
+    """`ggufkit quantize` with the native library: numba and llvmlite are never imported (they cost ~0.7 s
+    and ~100 MiB per process), and the file is still llama-quantize's."""
+    assert quants.backend() == "native", native.status()
+    src, imx = bases["synthetic_f16"], str(imatrices["synthetic_f16"])
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    argv = ["quantize", "--imatrix", imx, str(src), str(tmp_path / "o.gguf"), "Q4_K_M", "2"]
+    run = subprocess.run(
+        [sys.executable, "-c", _NO_NUMBA_CLI, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "0 []", run.stdout
+    assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q4_K_M", imatrix=imx))
 
 
 @pytest.mark.parametrize("level", ["Q4_K_M", "IQ4_XS", "Q4_0"])
