@@ -33,6 +33,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from .errors import QuantizeError
+from .gguf_writer import n_dims
 
 # -- levels -----------------------------------------------------------------------------------------------
 
@@ -283,14 +284,6 @@ def _order_key(name: str):
     return (_layer_of(name), name.encode("utf-8", "surrogateescape"))
 
 
-def _n_dims(shape: Sequence[int]) -> int:
-    """ggml_n_dims: trailing dimensions of 1 do not count (a [576, 1] tensor is 1-D)."""
-    n = len(shape)
-    while n > 1 and shape[n - 1] == 1:
-        n -= 1
-    return max(n, 1)
-
-
 # Substrings that keep a tensor out of quantization (tensor_allows_quantization), by the reason shown.
 _NEVER = {
     "norm": "_norm.weight",
@@ -309,7 +302,7 @@ _NEVER_NEEDLES = [(needle, why) for why, needles in _NEVER.items() for needle in
 
 def _not_quantized_reason(spec: TensorSpec, leave_output_tensor: bool) -> str | None:
     name = spec.name
-    if _n_dims(spec.shape) < 2:
+    if n_dims(spec.shape) < 2:  # ggml_n_dims: a [576, 1] tensor is 1-D
         return "1-D"
     if not name.endswith("weight") and len(name) != 5:  # C: rfind("weight") == size() - 6, npos for size 5
         return "not a weight"
@@ -317,10 +310,7 @@ def _not_quantized_reason(spec: TensorSpec, leave_output_tensor: bool) -> str | 
         return "--leave-output-tensor"
     if name in ("position_embd.weight", "token_types.weight"):
         return "positional embedding"
-    for needle, why in _NEVER_NEEDLES:
-        if needle in name:
-            return why
-    return None
+    return _first_match(name, _NEVER_NEEDLES)
 
 
 # (substring, category) in tensor_get_category's order: the first match wins.
@@ -336,10 +326,16 @@ def _category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for needle, cat in _CATEGORIES:
+    return _first_match(name, _CATEGORIES) or "other"
+
+
+def _first_match(name: str, table) -> str | None:
+    """The value of the first (substring, value) in `table` whose substring occurs in `name` (the order is
+    llama-quant.cpp's: the first match wins)."""
+    for needle, value in table:
         if needle in name:
-            return cat
-    return "other"
+            return value
+    return None
 
 
 _ATTN_V_LIKE = ("attn_v", "attn_qkv", "attn_kv_b")
