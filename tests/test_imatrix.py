@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 from llamacpp import llama_quantize_dry_run, reference_quantized, tool
 from oracle import ggml_quantize
+from test_recipes import llama_quantize_refusal
 
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf_file import open_gguf
@@ -54,48 +55,18 @@ def real_imatrix(smollm2_f16) -> tuple[Path, Path]:
     key = hashlib.sha256(text.encode() + str(os.stat(smollm2_f16).st_size).encode()).hexdigest()[:10]
     root = cache_dir("imatrix")
     txt, out, dat = root / f"text-{key}.txt", root / f"smollm2-{key}.gguf", root / f"smollm2-{key}.dat"
+
+    def llama_imatrix(dst: Path, *args: str) -> None:
+        tmp = dst.with_name(f"tmp{os.getpid()}{dst.suffix}")
+        cmd = [str(tool("llama-imatrix")), "-m", str(smollm2_f16), *args, "-o", str(tmp)]
+        subprocess.run(cmd, check=True, capture_output=True)
+        os.replace(tmp, dst)
+
     if not out.exists():
         txt.write_text(text, encoding="utf-8")
-        tmp = out.with_name(f"tmp{os.getpid()}.gguf")
-        subprocess.run(
-            [
-                str(tool("llama-imatrix")),
-                "-m",
-                str(smollm2_f16),
-                "-f",
-                str(txt),
-                "-o",
-                str(tmp),
-                "-c",
-                "128",
-                "--chunks",
-                "3",
-                "-t",
-                "2",
-                "--no-ppl",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        os.replace(tmp, out)
+        llama_imatrix(out, "-f", str(txt), "-c", "128", "--chunks", "3", "-t", "2", "--no-ppl")
     if not dat.exists():  # llama-imatrix's own conversion of the same data to the legacy format
-        tmp = dat.with_name(f"tmp{os.getpid()}.dat")
-        subprocess.run(
-            [
-                str(tool("llama-imatrix")),
-                "-m",
-                str(smollm2_f16),
-                "--in-file",
-                str(out),
-                "-o",
-                str(tmp),
-                "--output-format",
-                "dat",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        os.replace(tmp, dat)
+        llama_imatrix(dat, "--in-file", str(out), "--output-format", "dat")
     return out, dat
 
 
@@ -458,22 +429,9 @@ def test_imatrix_for_another_model(synthetic_f16, real_imatrix, tmp_path):
         pytest.raises(QuantizeError, match=r"another model.*blk\.0\.attn_k\.weight.*576.*256"),
     ):
         plan_for_gguf(m, "Q4_K_M", imatrix=vectors)
-    run = subprocess.run(
-        [
-            str(tool("llama-quantize")),
-            "--imatrix",
-            str(real_imatrix[0]),
-            str(synthetic_f16),
-            str(tmp_path / "x.gguf"),
-            "Q8_0",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert (
-        run.returncode != 0
-        and "imatrix size 576 is different from tensor size 256" in run.stdout + run.stderr
+    out = tmp_path / "x.gguf"
+    assert "imatrix size 576 is different from tensor size 256" in llama_quantize_refusal(
+        "--imatrix", str(real_imatrix[0]), str(synthetic_f16), str(out), "Q8_0", "2"
     )
 
 

@@ -35,6 +35,13 @@ from ggufkit.recipes import (
 ALL_LEVELS = list(LEVELS)  # the 19 of issue 3 plus Q2_K_S
 
 
+def llama_quantize_refusal(*args: str) -> str:
+    """Runs llama-quantize with `args`, which it must refuse (non-zero exit); returns what it printed."""
+    run = subprocess.run([str(tool("llama-quantize")), *args], capture_output=True, text=True)
+    assert run.returncode != 0, f"llama-quantize accepted {args}"
+    return run.stdout + run.stderr
+
+
 # -- sparse model files ----------------------------------------------------------------------------------
 
 
@@ -315,20 +322,10 @@ def test_unusable_override(smollm2_f16, tmp_path):
             "Q8_0",
             output_tensor_type="iq4_xs",
         )
-    run = subprocess.run(
-        [
-            str(tool("llama-quantize")),
-            "--token-embedding-type",
-            "q6_K",
-            str(smollm2_f16),
-            str(tmp_path / "x.gguf"),
-            "Q8_0",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
+    out = tmp_path / "x.gguf"
+    assert "token_embd.weight" in llama_quantize_refusal(
+        "--token-embedding-type", "q6_K", str(smollm2_f16), str(out), "Q8_0", "1"
     )
-    assert run.returncode != 0 and "token_embd.weight" in run.stdout + run.stderr
 
 
 # -- imatrix-dependent choices ---------------------------------------------------------------------------
@@ -405,12 +402,8 @@ def test_q2_k_s_requires_an_imatrix(synthetic_f16, tmp_path):
     with pytest.raises(QuantizeError, match="importance matrix"):
         plan.check_imatrix_requirement()
     assert "will require an imatrix" in llama_quantize_dry_run(synthetic_f16, "Q2_K_S").log
-    run = subprocess.run(
-        [str(tool("llama-quantize")), str(synthetic_f16), str(tmp_path / "x.gguf"), "Q2_K_S"],
-        capture_output=True,
-        text=True,
-    )
-    assert run.returncode != 0 and "requires an imatrix" in run.stderr + run.stdout
+    refused = llama_quantize_refusal(str(synthetic_f16), str(tmp_path / "x.gguf"), "Q2_K_S")
+    assert "requires an imatrix" in refused
     im = write_imatrix_for(tmp_path / "im.gguf", synthetic_f16)
     our_plan(synthetic_f16, "Q2_K_S", imatrix=im).check_imatrix_requirement()
 

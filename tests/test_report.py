@@ -28,6 +28,8 @@ from ggufkit import report as rep
 from ggufkit.models import sha256_file
 
 LEVELS = ["Q8_0", "Q3_K_S", "Q2_K"]
+# the ladder's run; the re-run test repeats it with the same options and must reuse every result
+LADDER_OPTIONS = dict(levels=LEVELS, ctx=256, chunks=2, engine="builtin", threads=1, ram_bytes=8 << 30)
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -58,18 +60,7 @@ def ladder(smollm2_path, tmp_path_factory, cache_root):
     work = tmp_path_factory.mktemp("report-work")
     events = []
     with own_cache(cache_root):
-        r = rep.run_report(
-            smollm2_path,
-            levels=LEVELS,
-            out=out,
-            ctx=256,
-            chunks=2,
-            engine="builtin",
-            threads=1,
-            ram_bytes=8 << 30,
-            work=work,
-            progress=events.append,
-        )
+        r = rep.run_report(smollm2_path, out=out, work=work, progress=events.append, **LADDER_OPTIONS)
     return r, events
 
 
@@ -200,17 +191,8 @@ def test_rerun_reuses_everything(ladder, smollm2_path, tmp_path, cache_root):
     assert all(row["quantized_now"] for row in first.values())
     assert first["Q3_K_S"]["measured_now"] and not first["Q2_K"]["measured_now"]  # identical tensors
     with own_cache(cache_root):
-        again = rep.run_report(
-            smollm2_path,
-            levels=LEVELS,
-            out=tmp_path,
-            ctx=256,
-            chunks=2,
-            engine="builtin",
-            threads=1,
-            ram_bytes=8 << 30,
-            work=Path(first["Q8_0"]["path"]).parents[1],
-        )
+        work = Path(first["Q8_0"]["path"]).parents[1]
+        again = rep.run_report(smollm2_path, out=tmp_path, work=work, **LADDER_OPTIONS)
     for row in again.levels:
         if not row.get("base"):
             assert row["quantized_now"] is False and row["measured_now"] is False, row["level"]
