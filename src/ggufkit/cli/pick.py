@@ -37,7 +37,7 @@ def run(args) -> int:
 
         args.source = str(default_model_path())
     model = memory.load_source(args.source)
-    ram = memory.available_memory() if args.ram.strip().lower() == "auto" else memory.parse_bytes(args.ram)
+    ram = memory.parse_budget(args.ram)
     if args.report:
         report = picker.load_report(args.report)
     else:

@@ -41,11 +41,7 @@ def _mib(n: int) -> str:
 
 def run(args) -> int:
     model = memory.load_source(args.source)
-    ram = None
-    if args.ram:
-        ram = (
-            memory.available_memory() if args.ram.strip().lower() == "auto" else memory.parse_bytes(args.ram)
-        )
+    ram = memory.parse_budget(args.ram) if args.ram else None
     contexts = args.ctx or memory.default_contexts(model)
     options = dict(kv_type=args.kv_type, n_batch=args.batch, n_ubatch=args.ubatch)
     own = [None] if model.kind == "gguf" else []

@@ -19,6 +19,7 @@ from .fit import (
     default_contexts,
     fit_table,
     format_table,
+    parse_budget,
     parse_bytes,
 )
 from .model import ModelInfo, describe
@@ -40,6 +41,7 @@ __all__ = [
     "fit_table",
     "format_table",
     "load_source",
+    "parse_budget",
     "parse_bytes",
     "parse_param_count",
     "runtime_overhead",

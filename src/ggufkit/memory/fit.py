@@ -90,6 +90,11 @@ def parse_bytes(text: str) -> int:
     return int(float(m[1]) * base**power)
 
 
+def parse_budget(text: str) -> int:
+    """A RAM budget as the CLI takes it: a size for parse_bytes, or "auto" for available_memory()."""
+    return available_memory() if str(text).strip().lower() == "auto" else parse_bytes(text)
+
+
 def available_memory() -> int:
     """The memory the OS says is available to a new process (Linux MemAvailable), in bytes."""
     try:
