@@ -8,11 +8,12 @@ the Python version and the host CPU (model and feature flags). This module only 
 numpy and ctypes, nothing else. ctypes releases the GIL during a call, so row chunks run on a thread pool.
 
 The first use builds the library in a subprocess (`python -m ggufkit.quants.native_build`, which needs
-numba, llvmlite and a C compiler; about a minute), under a file lock so that concurrent processes build
-it once, installed by an atomic rename. If the build fails (no C compiler, say), the reason is written to
-kernels-<key>.failed, logged once, and the caller gets None: the registry then uses the numba JIT kernels,
-which give the same bytes. `python -m ggufkit.quants.native build` retries a failed build; `status` shows
-the state.
+numba, llvmlite and a C compiler; 30-100 s), under a file lock so that concurrent processes build it once,
+installed by an atomic rename. If it cannot be built, a warning is logged once and the caller gets None:
+the registry then uses the numba JIT kernels, which give the same bytes. Without a C compiler nothing is
+attempted (the check is repeated on every run, so installing one is enough); a build that fails on its
+own is recorded in kernels-<key>.failed and not retried until `python -m ggufkit.quants.native build`.
+`python -m ggufkit.quants.native status` shows the state.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,6 +61,7 @@ _QUANTIZE = frozenset(
 _DEQUANTIZE = frozenset(("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"))
 BUILD_TIMEOUT = 1800  # seconds; a cold build is about a minute of CPU
 
+_lock = threading.Lock()
 _state: dict = {}  # "lib": CDLL | None once decided, "why": reason when None
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -74,21 +77,25 @@ def _cpu_identity() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def _version_file(package: str) -> bytes:
+    """The version module of an installed package, found without importing it (nor importlib.metadata,
+    which costs a Python start-up's worth of imports)."""
+    from importlib.util import find_spec
 
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "none"
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return b"none"
+    path = Path(next(iter(spec.submodule_search_locations)), "_version.py")
+    return path.read_bytes() if path.exists() else str(path.parent).encode()
 
 
 def cache_key() -> str:
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update(name.encode() + b"\0" + (_HERE / name).read_bytes())
-    parts = (_version("numba"), _version("llvmlite"), platform.python_version(), platform.machine())
-    h.update("\0".join(parts).encode())
+    for package in ("numba", "llvmlite"):
+        h.update(package.encode() + b"\0" + _version_file(package))
+    h.update(f"{platform.python_version()} {platform.machine()}".encode())
     h.update(_cpu_identity().encode())
     return h.hexdigest()[:20]
 
@@ -125,7 +132,8 @@ def _load(path: Path) -> ctypes.CDLL:
 
 def build(path: Path | None = None, *, force: bool = False) -> Path:
     """Build the library (in a subprocess, under a lock) unless it exists; returns its path.
-    Raises RuntimeError with the builder's message if it cannot be built (and records it)."""
+    Raises RuntimeError with the reason if it cannot be built. A build that failed on its own (not for
+    want of a compiler, not killed) is recorded and not retried until force=True."""
     path = path or library_path()
     failed = _failed_path(path)
     with open(path.with_suffix(".lock"), "w") as lock:
@@ -135,8 +143,7 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
         if failed.exists() and not force:
             raise RuntimeError(failed.read_text().strip())
         if compiler() is None:
-            failed.write_text("cannot build the native kernels: no C compiler (set CC, or install gcc)\n")
-            raise RuntimeError(failed.read_text().strip())
+            raise RuntimeError("cannot build the native kernels: no C compiler (set CC, or install gcc)")
         log.warning("compiling ggufkit's native kernels into %s (once per machine, about a minute)", path)
         env = dict(os.environ)
         src_root = str(_HERE.parent.parent)  # the folder holding the ggufkit package
@@ -149,27 +156,30 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
                 env=env,
                 timeout=BUILD_TIMEOUT,
             )
-            ok, why = done.returncode == 0 and path.exists(), (done.stderr or done.stdout).strip()
         except (OSError, subprocess.TimeoutExpired) as e:
-            ok, why = False, str(e)
-        if not ok:
-            why = why.splitlines()[-1] if why else "the builder failed without a message"
-            failed.write_text(f"cannot build the native kernels: {why}\n")
-            raise RuntimeError(failed.read_text().strip())
+            raise RuntimeError(f"cannot build the native kernels: {e}") from None
+        if done.returncode != 0 or not path.exists():
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            last = lines[-1] if lines else f"exit status {done.returncode}"
+            why = f"cannot build the native kernels: {last}"
+            if done.returncode == 1:  # the builder's own verdict (a signal or a crash may not recur)
+                failed.write_text(why + "\n")
+            raise RuntimeError(why)
         failed.unlink(missing_ok=True)
     return path
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded library, building it on first use; None (with the reason in status()) if unavailable."""
-    if "lib" not in _state:
-        lib, why = None, ""
-        try:
-            lib = _load(build())
-        except (RuntimeError, OSError) as e:
-            why = str(e)
-            log.warning("%s; using the numba JIT kernels (same results)", why)
-        _state["lib"], _state["why"] = lib, why
+    with _lock:
+        if "lib" not in _state:
+            lib, why = None, ""
+            try:
+                lib = _load(build())
+            except (RuntimeError, OSError) as e:
+                why = str(e)
+                log.warning("%s; using the numba JIT kernels (same results)", why)
+            _state["lib"], _state["why"] = lib, why
     return _state["lib"]
 
 
