@@ -6,7 +6,7 @@ child: ru_maxrss, which counts mapped input pages the process touched), their ra
 two outputs have the same sha256. The page cache is warmed by one untimed run of each first.
 
     python benchmarks/bench_quantize.py [--base synthetic_f32] [--levels Q4_K_M,Q6_K,Q8_0,Q2_K]
-                                        [--threads N] [--repeat 3] [--write-docs]
+                                        [--threads N] [--repeat 3] [--first-use] [--write-docs]
 
 Bases: synthetic_f32 / synthetic_f16 (tests/synthetic.py: 256-wide rows, untied output, so K-quants run on
 every tensor), synthetic_big_f16 / synthetic_big_f32 (same generator, 2048 wide, ~290M weights),
@@ -100,16 +100,62 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {system}, Python {platform.python_version()}"
 
 
+def ggufkit_env(**extra) -> dict[str, str]:
+    """The ggufkit process's environment: this checkout first, and Python's bytecode cache allowed (an
+    installed package has its .pyc files; with PYTHONDONTWRITEBYTECODE set, as some sandboxes do, every
+    run would recompile ggufkit's modules: ~0.05 s)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env | extra
+
+
+def first_use(level: str, threads: int) -> list[str]:
+    """What the first use costs (building the native library in an empty cache, with numba's cache of the
+    JIT kernels warm and cold) and what a run without a C compiler does (numba JIT kernels)."""
+    from ggufkit.quants import native
+
+    src = base_path("synthetic_f32")
+    build = [sys.executable, "-m", "ggufkit.quants.native", "build"]
+    quantize = [sys.executable, "-m", "ggufkit", "quantize", str(src)]
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
+        warm = run_measured(build, ggufkit_env(GGUFKIT_CACHE=f"{tmp}/warm"))
+        cold = run_measured(build, ggufkit_env(GGUFKIT_CACHE=f"{tmp}/cold", NUMBA_CACHE_DIR=f"{tmp}/numba"))
+        no_cc = ggufkit_env(GGUFKIT_CACHE=f"{tmp}/nocc", CC=f"{tmp}/no-such-cc")
+        jit_cmd = [*quantize, f"{tmp}/jit.gguf", level, str(threads)]
+        run_measured(jit_cmd, no_cc)  # warm-up
+        jit = run_measured(jit_cmd, no_cc)
+        nat_cmd = [*quantize, f"{tmp}/native.gguf", level, str(threads)]
+        run_measured(nat_cmd, ggufkit_env())
+        nat = run_measured(nat_cmd, ggufkit_env())
+        same = sha256(Path(f"{tmp}/jit.gguf")) == sha256(Path(f"{tmp}/native.gguf"))
+        warning = subprocess.run(jit_cmd, capture_output=True, text=True, env=no_cc).stderr.strip()
+    out += [
+        "First use and fallback (`first_use` in the script): building the native kernels "
+        f"(`python -m ggufkit.quants.native build`, library {native.library_path().name}) in an empty "
+        f"cache took {warm[0]:.1f} s wall, {warm[2]:.1f} s CPU, {warm[1] / 2**20:.0f} MiB with numba's "
+        f"cache of the JIT kernels warm (their self-test reuses it), and {cold[0]:.1f} s wall, "
+        f"{cold[2]:.1f} s CPU with it cold (a fresh install). The first `ggufkit quantize` does this once, "
+        "under a lock, and says so on stderr.",
+        "",
+        f"Without a C compiler (CC pointing nowhere) `ggufkit quantize` prints one warning (`{warning}`) and "
+        f"runs on numba's JIT kernels: synthetic_f32 {level}, {threads} threads, {jit[0]:.2f} s wall, "
+        f"{jit[1] / 2**20:.0f} MiB peak RSS, against {nat[0]:.2f} s and {nat[1] / 2**20:.0f} MiB with the "
+        f"native library; same sha256: {'yes' if same else 'NO'}.",
+    ]
+    return out
+
+
 def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[str]:
     src = base_path(base)
     quantize = str(tool("llama-quantize"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = ggufkit_env()
     ours_cmd = [sys.executable, "-m", "ggufkit", "quantize"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         ref_out, our_out = Path(tmp) / "ref.gguf", Path(tmp) / "ours.gguf"
         for level in levels:
-            # untimed warm-up: page cache, and numba's on-disk cache of the kernels this TYPE uses
+            # untimed warm-up: page cache (and the native library or numba's cache, if not there yet)
             run_measured([quantize, str(src), str(ref_out), level, str(threads)])
             run_measured([*ours_cmd, str(src), str(our_out), level, str(threads)], env)
             ref_t, ref_m, ref_c, our_t, our_m, our_c = [], [], [], [], [], []
@@ -176,23 +222,27 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--first-use", action="store_true", help="also measure the native build and the fallback")
     args = ap.parse_args()
 
     load_before = os.getloadavg()[0]
     lines = [
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}; "
         f"`python benchmarks/bench_quantize.py --base "
-        f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}`.",
+        f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}"
+        f"{' --first-use' if args.first_use else ''}`.",
         "",
         f"Times: median wall time of {args.repeat} fresh processes run alternately (the ggufkit CLI's "
-        "includes Python start-up, imports and loading numba's cached kernels: about a second), and of "
+        "includes Python start-up and imports), and of "
         f"{args.repeat} `quantize_file` calls in one warm process (the library, no start-up). Memory: the "
         "largest peak RSS (ru_maxrss) of the processes. CPU: user + system seconds of the process (all "
         "threads; less sensitive than wall time to other jobs on a shared machine). Ratios are ggufkit / "
-        "llama-quantize. A ggufkit process has a fixed floor of about 0.7-1 s and 170-180 MiB (Python, "
-        "numpy, numba and its loaded kernels) that llama-quantize does not have, so on small inputs the CLI "
-        "ratios measure start-up; the library column and the bigger input show the pipeline itself.",
+        "llama-quantize. The ggufkit CLI runs on the native kernel library (quants/native.py: the numba "
+        "kernels compiled ahead of time, loaded with ctypes), so numba and llvmlite are never imported; "
+        "its fixed floor is Python, numpy, gguf-py and reading the GGUF header: about 0.25 s and 55 MiB.",
     ]
+    if args.first_use:
+        lines += ["", *first_use(args.levels.split(",")[0], args.threads)]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
     load_after = os.getloadavg()[0]

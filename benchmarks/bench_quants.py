@@ -4,13 +4,17 @@ For every type in the registry (with and without importance weights where the ty
 algorithm) it prints MB/s of float32 input for ggufkit and for libggml (llama-cpp-python==0.3.36 via
 tests/oracle.py), single-threaded and on all cores, and their ratio; it asserts that the bytes are equal.
 libggml on N cores = the rows split into N chunks, each chunk one ggml_quantize_chunk call on a thread
-(ctypes releases the GIL), as llama-quantize does; ggufkit on N cores = numba's parallel kernels with
-numba.set_num_threads(N) (numpy-only kernels are unaffected by the thread count).
+(ctypes releases the GIL), as llama-quantize does; ggufkit on N cores = quants.set_threads(N): the native
+library's row chunks on N threads (--backend native, the default), or numba's parallel kernels
+(--backend jit); numpy-only kernels are unaffected by the thread count.
 
-It also measures, in fresh subprocesses with an empty numba cache directory, the first-call cost per type
-(compile) and then the same with that cache warm, plus the import time.
+It also measures, in fresh subprocesses with an empty numba cache directory, the JIT kernels' first-call
+cost per type (compile) and then the same with that cache warm, plus the import time. (The native
+library has no per-type first call: it is built once per machine; bench_quantize.py --first-use times
+that.)
 
-    python benchmarks/bench_quants.py [--rows 256 --cols 4096 --repeat 3] [--write-docs]
+    python benchmarks/bench_quants.py [--rows 256 --cols 4096 --repeat 3] [--backend native|jit]
+                                      [--write-docs]
 
 --write-docs replaces the "## Block kernels" section of docs/benchmarks.md with the table.
 """
@@ -82,7 +86,10 @@ import json, sys, time
 t = time.perf_counter(), time.process_time()
 import numpy as np
 from ggufkit import quants
-fmts = quants.formats()  # imports every format module
+from ggufkit.quants import registry
+quants.set_backend("jit")
+registry.jit_kernels("F32")  # imports numba and every kernel module
+fmts = quants.formats()
 out = {"import": (time.perf_counter() - t[0], time.process_time() - t[1])}
 x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
 imp = np.ones(256, np.float32)
@@ -111,8 +118,10 @@ def main(argv=None) -> int:
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--types", default="", help="comma-separated subset (default: every registered type)")
+    ap.add_argument("--backend", default="native", choices=("native", "jit"))
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args(argv)
+    quants.set_backend(args.backend)
 
     with tempfile.TemporaryDirectory() as cache:
         cold = first_call_costs(cache)
@@ -134,7 +143,7 @@ def main(argv=None) -> int:
                 for threads in (1, n_all):
                     # 1 thread: process CPU time (robust to other jobs on a shared machine); N: wall time
                     clock = time.process_time if threads == 1 else time.perf_counter
-                    numba.set_num_threads(threads)
+                    quants.set_threads(threads)
                     quants.quantize(x[: 4 * threads], name, importance=importance)  # start the threads
                     t_ours = t_ref = float("inf")
                     for _ in range(args.repeat):  # interleaved, best of each
@@ -156,14 +165,14 @@ def main(argv=None) -> int:
                     f"{rn[0]:8.1f} libggml {rn[1]:8.1f} MB/s x{rn[0] / rn[1]:5.2f}",
                     flush=True,
                 )
-    numba.set_num_threads(n_all)
+    quants.set_threads(None)
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         "## Block kernels",
         "",
-        f"`python benchmarks/bench_quants.py --rows {args.rows} --cols {args.cols} --repeat {args.repeat}` "
-        f"on {date}; {machine()}.",
+        f"`python benchmarks/bench_quants.py --rows {args.rows} --cols {args.cols} --repeat {args.repeat} "
+        f"--backend {args.backend}` on {date}; {machine()}; ggufkit kernels: {quants.backend()}.",
         f"Input: seeded gaussian float32 [{args.rows}, {args.cols}] ({mb:.1f} MB), importance = gamma(1, 1) "
         "per column. MB/s of float32 input, best of the interleaved repeats; x = ggufkit / libggml (> 1: "
         "ggufkit faster). libggml = `ggml_quantize_chunk` of llama-cpp-python 0.3.36, on N threads as N row "
@@ -184,7 +193,8 @@ def main(argv=None) -> int:
         )
     lines += [
         "",
-        "First call per type in a fresh process (quantize, quantize with importance, dequantize of 2 rows; "
+        "JIT kernels (the fallback without a C compiler), first call per type in a fresh process (quantize, "
+        "quantize with importance, dequantize of 2 rows; "
         "a type's first call also pays for kernels it shares with types before it): cold = empty numba "
         "cache (compile), warm = the cache the cold run filled. Seconds, wall / process CPU.",
         "",
