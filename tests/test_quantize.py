@@ -221,9 +221,10 @@ def test_jit_fallback_matches(bases, imatrices, level, with_imatrix, tmp_path):
     imx = str(imatrices["synthetic_f32"]) if with_imatrix else None
     old = quants.set_backend("jit")
     try:
-        quantize_file(src, tmp_path / "out.gguf", level, imatrix=imx, threads=2)
+        summary = quantize_file(src, tmp_path / "out.gguf", level, imatrix=imx, threads=2)
     finally:
         quants.set_backend(old)
+    assert summary.kernels == "jit"
     ref = reference_quantized(src, level, imatrix=imx) if imx else lmq_reference(src, level)
     assert_identical(tmp_path / "out.gguf", ref)
 
@@ -249,6 +250,7 @@ def test_cli_process_never_imports_numba(bases, imatrices, tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines()[-1] == "0 []", run.stdout
+    assert "(native kernels)" in run.stdout
     assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q4_K_M", imatrix=imx))
 
 

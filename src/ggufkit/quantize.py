@@ -84,6 +84,7 @@ class QuantizeSummary:
     plan: object  # recipes.Plan
     fallbacks: list = field(default_factory=list)  # TensorPlans whose type fell back (reason says why)
     imatrix_entries: int = 0
+    kernels: str = ""  # "native" (the compiled library) or "jit" (numba's fallback); "" for a dry run
 
     @property
     def bits_per_weight_before(self) -> float:
@@ -370,6 +371,7 @@ def quantize_file(
         ]
         n_threads, restore = _set_threads(threads)
         summary.threads = n_threads
+        summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
         reader = _Reader(src)
         try:
             with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:

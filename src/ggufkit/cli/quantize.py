@@ -168,7 +168,7 @@ def _print_summary(s) -> None:
         print(f"  file:  {s.file_size} bytes")
     if s.imatrix_entries:
         print(f"  imatrix: {s.imatrix_entries} entries")
-    print(f"  time:  {s.seconds:.2f} s")
+    print(f"  time:  {s.seconds:.2f} s" + (f" ({s.kernels} kernels)" if s.kernels else ""))
     missing = s.plan.missing_imatrix() if s.dry_run else []
     if missing:
         print(
