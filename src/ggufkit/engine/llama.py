@@ -257,8 +257,12 @@ def _causal_softmax(s, first_pos, group):
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.einsum("...i,...i->...", x, x, dtype=np.float32)[..., None] / np.float32(x.shape[-1])
-    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * weight
+    """x / rms(x) * weight, rounded as ggml's rms_norm: float32 squares summed in double, the mean rounded
+    to float32, scale = 1/sqrt(mean + eps) in float32, then (x * scale) * weight."""
+    sq = np.square(x, dtype=np.float32)
+    ms = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(np.float32)[..., None]
+    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
+    return x * scale * weight
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
@@ -362,20 +366,27 @@ class LlamaModel:
 
     # -- rope ---------------------------------------------------------------------------------------
     def _rope_tables(self, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin [n_pos, rope_dim/2]. Angles as ggml makes them: theta_i = pos * freq_scale * s^i,
-        s = base^(-2/n_dims), the powers accumulated in float32 (ggml multiplies theta by s each step)."""
+        """cos, sin [n_pos, rope_dim/2], with ggml's rounding: per position the angle starts at pos and is
+        multiplied by s = base^(-2/n_dims) in float32 once per pair (so each angle carries the rounding of
+        that chain), divided by the rope frequency factor, scaled by freq_scale; cos and sin are taken of
+        that float32 angle and rounded to float32."""
         a = self.args
         half = a.rope_dimension_count // 2
-        s = np.float32(np.power(np.float32(a.rope_freq_base), np.float32(-2.0 / a.rope_dimension_count)))
-        powers = np.empty(half, np.float32)
-        acc = np.float32(1.0)
+        s = np.float32(
+            np.power(
+                np.float64(a.rope_freq_base),
+                np.float64(np.float32(-2.0) / np.float32(a.rope_dimension_count)),
+            )
+        )
+        theta = np.empty((n_pos, half), np.float32)
+        acc = np.arange(n_pos, dtype=np.float32)
         for i in range(half):
-            powers[i] = acc
-            acc = np.float32(acc * s)
-        theta = np.arange(n_pos, dtype=np.float32)[:, None] * powers[None, :]
-        theta = theta * np.float32(a.freq_scale)
+            theta[:, i] = acc
+            acc = acc * s
         if self._rope_freqs is not None:
             theta = theta / self._rope_freqs.reshape(-1)[:half]
+        theta = theta * np.float32(a.freq_scale)
+        theta = theta.astype(np.float64)
         return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
