@@ -2,6 +2,10 @@
 
 - SmolLM2-135M F16 (llama arch, tied output, GQA 3): logits close to llama.cpp's, argmax equal on >= 99.5 %
   of positions.
+- SmolLM2-135M Q4_K_M made by llama-quantize (Q5_0, Q8_0, Q4_K (repacked by llama.cpp), Q6_K weights):
+  every operation, fed llama.cpp's own intermediate tensors (captured with cb_eval), gives llama.cpp's
+  output to float32 summation order, and would not without the 8-bit activation rounding; the whole forward
+  pass agrees with llama.cpp's as well as llama.cpp agrees with itself when its norm weights move by 1 ulp.
 - Seeded synthetic models (F32 weights, SmolLM2's vocabulary) for the other code paths: llama with an
   untied output and GQA 4; qwen2 (q/k/v biases, NeoX rope); qwen3 (per-head q/k RMS norm, NeoX rope).
 - The activation rounding that emulates llama.cpp's CPU matmuls, against libggml's own quantizers.
@@ -18,7 +22,7 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
-from ggufkit.engine.llama import LlamaModel, ModelArgs, round_activations
+from ggufkit.engine.llama import LlamaModel, ModelArgs, _rms_norm, _silu, round_activations
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
 from ggufkit.evaluate import default_text
@@ -81,6 +85,191 @@ def test_smollm2_f16_matches_llama_cpp(smollm2_f16):
     print(f"relative RMS logit difference {rms:.2e}, argmax agreement {agree:.4f}")
     assert rms < 2e-3
     assert agree >= 0.995
+
+
+# -- SmolLM2 Q4_K_M: llama.cpp's intermediate tensors -------------------------------------------------
+@pytest.fixture(scope="module")
+def q4_k_m(smollm2_f16) -> Path:
+    from llamacpp import reference_quantized
+
+    return reference_quantized(smollm2_f16, "Q4_K_M")
+
+
+class _GgmlTensor(ctypes.Structure):
+    """struct ggml_tensor of the ggml in llama-cpp-python 0.3.36 (ggml.h), as far as we read it."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+def _llama_cpp_tensors(path, tokens: np.ndarray, names: set[str]) -> dict[str, list[np.ndarray]]:
+    """llama.cpp's F32 graph tensors called `names` for one batch of tokens, in the order computed
+    (a name used twice, e.g. Qcur before and after rope, gives two arrays), each [tokens, ...]."""
+    import llama_cpp
+
+    got: dict[str, list[np.ndarray]] = {}
+
+    @llama_cpp.ggml_backend_sched_eval_callback
+    def callback(ptr, ask, _user):
+        t = ctypes.cast(ptr, ctypes.POINTER(_GgmlTensor)).contents
+        name = t.name.decode()
+        if ask or name not in names:
+            return ask and name in names
+        assert t.type == 0, f"{name} is not F32"
+        ne, nb = list(t.ne)[::-1], list(t.nb)[::-1]
+        span = 4 + sum((n - 1) * b for n, b in zip(ne, nb))
+        raw = np.frombuffer((ctypes.c_char * span).from_address(t.data), np.uint8)
+        arr = np.lib.stride_tricks.as_strided(raw.view(np.float32), shape=ne, strides=nb)
+        got.setdefault(name, []).append(arr.reshape(len(tokens), -1).copy())
+        return True
+
+    n = len(tokens)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, n_ubatch=n, n_threads=2, verbose=False)
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = n
+    params.n_threads = params.n_threads_batch = 2
+    params.flash_attn_type = 1  # on, as llama-perplexity's "auto" picks on the CPU
+    params.cb_eval = callback
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    try:
+        batch.n_tokens = n
+        for i, tok in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = int(tok), i, 1, 1
+            batch.seq_id[i][0] = 0
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+        llm.close()
+    return got
+
+
+def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    ours = ours.reshape(ref.shape)
+    return float(np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
+
+
+def test_q4_k_m_each_operation_is_llama_cpps(q4_k_m):
+    """Layer 0 (attn_v Q8_0, ffn_down Q6_K), layer 3 (attn_v Q5_0, ffn_down Q4_K, which llama.cpp repacks to
+    q4_K_8x8 with its own activation quantizer on AVX2+), the output (Q8_0, tied token_embd): each
+    operation of our engine, given llama.cpp's inputs, reproduces llama.cpp's output to float32 summation
+    order (~3e-7), where leaving out the 8-bit activation rounding would be ~1e-2 off. So the engine computes
+    what llama.cpp computes; what remains is the order of float additions."""
+    layers = (0, 3)
+    per_layer = ["attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm"]
+    per_layer += ["ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out"]
+    names = {"embd", "result_norm", "result_output"} | {f"{n}-{il}" for il in (2, *layers) for n in per_layer}
+    tokens = _text_tokens(q4_k_m, 256)
+    ref = _llama_cpp_tensors(q4_k_m, tokens, names)
+    T = len(tokens)
+    with open_gguf(q4_k_m) as g:
+        m = LlamaModel(g)
+        a = m.args
+        eps = a.layer_norm_rms_epsilon
+        np.testing.assert_array_equal(m._embed(tokens), ref["embd"][0])
+        cos, sin = m._rope_tables(T)
+        seen_types = set()
+        for il in layers:
+            w, ty = m._layer(il)
+
+            def r(name, i=0, il=il):
+                return ref[f"{name}-{il}"][i]
+
+            x_in = ref["embd"][0] if il == 0 else ref[f"l_out-{il - 1}"][0]
+            assert _rel(_rms_norm(x_in, w["attn_norm"], eps), r("attn_norm")) < 1e-7
+            assert _rel(_rms_norm(r("ffn_inp"), w["ffn_norm"], eps), r("ffn_norm")) < 1e-7
+            matmuls = [
+                ("attn_q", r("attn_norm"), r("Qcur")),
+                ("attn_k", r("attn_norm"), r("Kcur")),
+                ("attn_v", r("attn_norm"), r("Vcur")),
+                ("attn_output", r("kqv_out"), r("attn_out")),
+                ("ffn_gate", r("ffn_norm"), r("ffn_gate")),
+                ("ffn_up", r("ffn_norm"), r("ffn_up")),
+                ("ffn_down", r("ffn_swiglu"), r("ffn_out")),
+            ]
+            for n, x, want in matmuls:
+                seen_types.add(ty[n].name)
+                assert _rel(m._matmul(x, w[n], ty[n]), want) < 2e-6, (il, n, ty[n].name)
+                assert _rel(x @ w[n].T, want) > 1e-3, (il, n, "unrounded activations should be far off")
+            q = m._rope(r("Qcur", 1).reshape(1, T, a.head_count, -1).copy(), cos, sin)
+            assert _rel(q, r("Qcur", 2)) < 1e-6
+            k = m._rope(r("Kcur", 1).reshape(1, T, a.head_count_kv, -1).copy(), cos, sin)
+            assert _rel(k, r("Kcur", 2)) < 1e-6
+            f16 = lambda t: t.astype(np.float16).astype(np.float32)  # noqa: E731  (llama.cpp's KV cache)
+            k = f16(r("Kcur", 2)).reshape(1, T, a.head_count_kv, -1)
+            v = f16(r("Vcur", 1)).reshape(1, T, a.head_count_kv, -1)
+            attn = m._attention(r("Qcur", 2).reshape(1, T, a.head_count, -1), k, v)
+            assert _rel(attn, r("kqv_out")) < 2e-6
+            assert _rel(_silu(r("ffn_gate")) * r("ffn_up"), r("ffn_swiglu")) < 1e-6
+            del w
+        assert seen_types == {"Q5_0", "Q8_0", "Q4_K", "Q6_K"}
+        name = m._output_name()
+        out = m._matmul(ref["result_norm"][0], m._weight(name), m._type(name))
+        assert _rel(out, ref["result_output"][0]) < 2e-6
+
+
+def _nudged_copy(path: Path, dst: Path, seed: int) -> Path:
+    """A copy of `path` whose F32 norm weights moved by -1, 0 or +1 ulp at random: the same model to every
+    practical purpose, a different float-order history for llama.cpp."""
+    import shutil
+
+    shutil.copyfile(path, dst)
+    rng = np.random.default_rng(seed)
+    with open_gguf(path) as g:
+        spots = [(t.abs_offset, t.n_elements) for t in g.tensors if t.ggml_type == T.F32 and "norm" in t.name]
+    with open(dst, "r+b") as f:
+        for offset, n in spots:
+            f.seek(offset)
+            bits = np.frombuffer(f.read(4 * n), "<i4") + rng.integers(-1, 2, n).astype("<i4")
+            f.seek(offset)
+            f.write(bits.tobytes())
+    return dst
+
+
+def test_q4_k_m_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(q4_k_m, tmp_path):
+    """The issue asks for >= 99.5 % argmax agreement on Q4_K_M; llama.cpp does not reach that against itself.
+
+    Before each quantized matmul llama.cpp rounds the activations to 8 bits (Q8_0 blocks of 32, Q8_K blocks of
+    256). Rounding turns an input difference e into a difference of order sqrt(e * step) (a fraction e/step of
+    the values crosses a rounding boundary and moves a whole step), so a float32 summation-order difference
+    of 1e-7 grows, stage after stage, until the two runs hold independent draws of the rounding noise (~2.5 %
+    relative RMS on the logits). Bit-equal logits would need llama.cpp's exact summation order in every
+    kernel (tinyBLAS lanes, repacked Q4_K gemm, Q6_K vec_dot, flash attention, its own expf in SiLU).
+    The honest bar: our logits are as close to llama.cpp's as llama.cpp's are to its own on a copy whose norm
+    weights moved by 1 ulp (measured 2026-11-27: ours 95.7-96.7 %, llama.cpp vs itself 95.1-95.9 %).
+    With F16 weights (F16 rounding steps are 2^-11, not 2^-7) the same test gives 99.8 %: see above."""
+    tokens = _text_tokens(q4_k_m, 512)
+    ref = _llama_cpp_logits(q4_k_m, tokens)
+    ours = _ours(q4_k_m, tokens)
+    selves = [
+        _llama_cpp_logits(_nudged_copy(q4_k_m, tmp_path / f"nudged{s}.gguf", s), tokens) for s in (1, 2)
+    ]
+
+    def agree(x):
+        return float(np.mean(x.argmax(axis=1) == ref.argmax(axis=1)))
+
+    self_agree = float(np.mean([agree(x) for x in selves]))
+    self_rms = float(np.mean([_rel(x, ref) for x in selves]))
+    print(
+        f"ours vs llama.cpp: argmax {agree(ours):.4f}, relative RMS {_rel(ours, ref):.2e}; "
+        f"llama.cpp vs itself (1-ulp norms): argmax {self_agree:.4f}, relative RMS {self_rms:.2e}"
+    )
+    assert self_agree < 0.995  # the issue's bar is out of reach for llama.cpp itself
+    assert agree(ours) >= self_agree - 0.01
+    assert _rel(ours, ref) <= 1.25 * self_rms
 
 
 # -- synthetic models for the other architectures ----------------------------------------------------
