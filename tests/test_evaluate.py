@@ -194,15 +194,17 @@ def test_builtin_engine_measures_the_same_damage(
     print(json.dumps({k: (getattr(ours, k), ref[k]) for k in _FIELDS}, indent=1))
     assert ours.base_ppl == pytest.approx(ref["base_ppl"], rel=0.005)
     assert ours.kld_mean == pytest.approx(ref["kld_mean"], rel=0.05)
-    # The issue asks for PPL within 0.5 % and same-top within 0.5 points. Both engines round activations
-    # to 8 bits before each quantized matmul; that rounding is chaotic (any float-order difference flips
-    # some decisions, and the flips decorrelate within a few layers), so on a quantized model the two
-    # engines draw different realizations of the same rounding noise. On 2040 tokens the paired
-    # per-token NLL difference has a standard error of ~0.25 % in PPL, and the measured gaps were
-    # +0.6..+0.9 % (PPL) and +0.2..+0.4 points (same-top) across engine revisions. The bounds below are
-    # what this sample size can hold reliably; KLD (the low-noise statistic) keeps the issue's 5 %.
-    assert ours.ppl == pytest.approx(ref["ppl"], rel=0.015)
-    assert abs(ours.same_top - ref["same_top"]) <= 1.0
+    # The issue's bars. Both engines round activations to 8 bits before each quantized matmul, and every
+    # operation of ours gives llama.cpp's result to float32 summation order (tests/test_engine.py, op by op
+    # against llama.cpp's own tensors). The summation-order differences still flip some rounding decisions,
+    # and the flips grow until the two engines hold independent draws of the same rounding noise; so PPL(Q)
+    # is one draw from a spread. Measured 2026-11-27 (8 chunks): llama.cpp against itself on copies whose norm
+    # weights moved by 1 ulp: PPL 12.918..12.983 (SD 0.19 %); the paired gap ours - llama.cpp over six such
+    # copies: 0.00..+0.89 %, SD 0.3 %. This file and float order give +0.42 %. A BLAS build that sums in a
+    # different order can land outside 0.5 % without anything being wrong; KLD (+0.6 %) and same-top
+    # (+0.05 points) are far less sensitive.
+    assert ours.ppl == pytest.approx(ref["ppl"], rel=0.005)
+    assert abs(ours.same_top - ref["same_top"]) <= 0.5
 
 
 def test_base_is_cached_and_reused(smollm2_f16, q4_k_m, cache_root):

@@ -20,12 +20,20 @@ within the chunk (each chunk starts with an empty KV cache, as in llama-perplexi
 Numerics (llamacpp_numerics=True, the default): llama.cpp's CPU backend rounds the activations to the
 weight's "vec_dot type" before each matmul (F16 for F16 weights, Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
 Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS) and keeps the KV cache in F16; this engine rounds the same
-way and multiplies in float32. That rounding is part of the damage llama-perplexity measures (about
-0.003 KLD on SmolLM2-135M Q8_0), so leaving it out would under-report every quantized level. It is chaotic
-at the step scale: any float-order difference flips some rounding decisions and the flips decorrelate
-after a few layers, so on a quantized model our logits match llama.cpp's statistically (PPL, KLD,
-same-top) rather than position by position. With F16 weights (F16 rounding is fine) the two engines'
-logits agree to ~0.007 RMS.
+way and multiplies in float32. rms_norm (mean of squares summed in double) and the rope angles (a float32
+chain theta *= base^(-2/n) per pair) are rounded as ggml rounds them. That rounding is part of the damage
+llama-perplexity measures (about 0.003 KLD on SmolLM2-135M Q8_0), so leaving it out would under-report
+every quantized level.
+
+Fed llama.cpp's own intermediate tensors (tests/test_engine.py), every operation gives llama.cpp's output
+to float32 summation order: the norms bit for bit; matmuls (checked for Q5_0, Q8_0, Q6_K and the Q4_K
+that llama.cpp repacks), rope and attention to ~3e-7 relative. The summation order itself is not llama.cpp's (BLAS here,
+tinyBLAS / repacked gemm / vec_dot lanes there), and 8-bit rounding amplifies such differences: an input
+difference e becomes one of order sqrt(e * step), so after a few layers the two engines carry independent
+draws of the same rounding noise. On SmolLM2-135M Q4_K_M the logits then differ by ~2.5 % relative RMS
+and the argmax on ~4 % of positions, about as much as llama.cpp differs from itself when its norm
+weights move by 1 ulp; PPL, KLD and same-top agree within the spread of those draws (docs/benchmarks.md).
+With F16 weights (rounding steps of 2^-11) the logits agree to ~7e-4 relative RMS, argmax 99.8 %.
 """
 
 from __future__ import annotations
