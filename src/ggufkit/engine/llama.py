@@ -25,15 +25,16 @@ chain theta *= base^(-2/n) per pair) are rounded as ggml rounds them. That round
 llama-perplexity measures (about 0.003 KLD on SmolLM2-135M Q8_0), so leaving it out would under-report
 every quantized level.
 
-Fed llama.cpp's own intermediate tensors (tests/test_engine.py), every operation gives llama.cpp's output
-to float32 summation order: the norms bit for bit; matmuls (checked for Q5_0, Q8_0, Q6_K and the Q4_K
-that llama.cpp repacks), rope and attention to ~3e-7 relative. The summation order itself is not llama.cpp's (BLAS here,
-tinyBLAS / repacked gemm / vec_dot lanes there), and 8-bit rounding amplifies such differences: an input
-difference e becomes one of order sqrt(e * step), so after a few layers the two engines carry independent
-draws of the same rounding noise. On SmolLM2-135M Q4_K_M the logits then differ by ~2.5 % relative RMS
-and the argmax on ~4 % of positions, about as much as llama.cpp differs from itself when its norm
-weights move by 1 ulp; PPL, KLD and same-top agree within the spread of those draws (docs/benchmarks.md).
-With F16 weights (rounding steps of 2^-11) the logits agree to ~7e-4 relative RMS, argmax 99.8 %.
+Fed llama.cpp's own intermediate tensors (tests/test_engine.py), every operation gives llama.cpp's output to
+float32 summation order: the norms bit for bit; matmuls (checked for Q5_0, Q8_0, Q6_K and the Q4_K that
+llama.cpp repacks), rope and attention to ~3e-7 relative. The summation order itself is not llama.cpp's
+(BLAS here, tinyBLAS / repacked gemm / vec_dot lanes there), and 8-bit rounding amplifies such differences:
+an input difference e becomes one of order sqrt(e * step), so after a few layers the two engines carry
+independent draws of the same rounding noise. On SmolLM2-135M Q4_K_M the logits then differ by ~2.5 %
+relative RMS and the argmax on ~4 % of positions, about as much as llama.cpp differs from itself when its
+norm weights move by 1 ulp; PPL, KLD and same-top agree within the spread of those draws
+(docs/benchmarks.md). With F16 weights (rounding steps of 2^-11) the logits agree to ~7e-4 relative RMS,
+argmax 99.8 %.
 """
 
 from __future__ import annotations
