@@ -211,6 +211,10 @@ _SHIM = r"""
 extern int64_t gk_kernel(int64_t, int64_t, void *, int64_t, int64_t, void *, int64_t, void *)
     __asm__("@KERNEL@");
 
+/* Everything here but gk_run is hidden: the kernels bind to these definitions when linked, never to
+   same-named symbols of a numba loaded in the same process. */
+#define GK_LOCAL __attribute__((visibility("hidden")))
+
 static __thread int gk_failed;
 
 typedef void (*gk_dtor)(void *data, size_t size, void *info);
@@ -220,7 +224,7 @@ typedef struct {
 
 static void gk_free_data(void *data, size_t size, void *info) { (void)data; (void)size; (void)info; }
 
-gk_meminfo *NRT_MemInfo_alloc_aligned(size_t size, unsigned align) {
+GK_LOCAL gk_meminfo *NRT_MemInfo_alloc_aligned(size_t size, unsigned align) {
     if (align < 16) align = 16;
     char *base = malloc(sizeof(gk_meminfo) + size + align);
     if (!base) { gk_failed = 1; return NULL; }
@@ -231,24 +235,24 @@ gk_meminfo *NRT_MemInfo_alloc_aligned(size_t size, unsigned align) {
     mi->data = (void *)p; mi->size = size; mi->allocator = NULL;
     return mi;
 }
-gk_meminfo *NRT_MemInfo_alloc_safe_aligned(size_t size, unsigned align) {
+GK_LOCAL gk_meminfo *NRT_MemInfo_alloc_safe_aligned(size_t size, unsigned align) {
     return NRT_MemInfo_alloc_aligned(size, align);
 }
-void NRT_MemInfo_call_dtor(gk_meminfo *mi) {
+GK_LOCAL void NRT_MemInfo_call_dtor(gk_meminfo *mi) {
     if (mi->dtor) mi->dtor(mi->data, mi->size, mi->dtor_info);
     free(mi);
 }
-void *NRT_Allocate(size_t size) { void *p = malloc(size); if (!p) gk_failed = 1; return p; }
-void NRT_Free(void *ptr) { free(ptr); }
+GK_LOCAL void *NRT_Allocate(size_t size) { void *p = malloc(size); if (!p) gk_failed = 1; return p; }
+GK_LOCAL void NRT_Free(void *ptr) { free(ptr); }
 
-float numba_frexpf(float x, int *exp) {
+GK_LOCAL float numba_frexpf(float x, int *exp) {
     if (isnan(x) || isinf(x) || x == 0.0f) { *exp = 0; return x; }
     return frexpf(x, exp);
 }
 
 /* Strides of a no-copy reshape to C order: possible when the old array, without its unit axes, is
    uniformly strided (each stride = next stride * next dim). Returns 1 and fills newstrides, else 0. */
-int numba_attempt_nocopy_reshape(intptr_t nd, const intptr_t *dims, const intptr_t *strides,
+GK_LOCAL int numba_attempt_nocopy_reshape(intptr_t nd, const intptr_t *dims, const intptr_t *strides,
                                  intptr_t newnd, const intptr_t *newdims, intptr_t *newstrides,
                                  intptr_t itemsize, int is_f_order) {
     intptr_t n_old = 1, n_new = 1, inner = itemsize, prev = -1, i;
@@ -269,13 +273,13 @@ int numba_attempt_nocopy_reshape(intptr_t nd, const intptr_t *dims, const intptr
 /* Error paths: take the GIL as numba would, remember the failure, raise nothing. */
 extern int PyGILState_Ensure(void);
 extern void PyGILState_Release(int);
-void numba_gil_ensure(int *state) { gk_failed = 1; *state = PyGILState_Ensure(); }
-void numba_gil_release(int *state) { PyGILState_Release(*state); }
-int numba_do_raise(void *exc) { (void)exc; gk_failed = 1; return 0; }
-void *numba_unpickle(const char *data, int n, const char *hashed) {
+GK_LOCAL void numba_gil_ensure(int *state) { gk_failed = 1; *state = PyGILState_Ensure(); }
+GK_LOCAL void numba_gil_release(int *state) { PyGILState_Release(*state); }
+GK_LOCAL int numba_do_raise(void *exc) { (void)exc; gk_failed = 1; return 0; }
+GK_LOCAL void *numba_unpickle(const char *data, int n, const char *hashed) {
     (void)data; (void)n; (void)hashed; gk_failed = 1; return NULL;
 }
-void *numba_runtime_build_excinfo_struct(void *gv, void *args) {
+GK_LOCAL void *numba_runtime_build_excinfo_struct(void *gv, void *args) {
     (void)gv; (void)args; gk_failed = 1; return NULL;
 }
 
@@ -303,13 +307,18 @@ def _object_code() -> bytes:
 
 
 def _link(cc: str, obj: bytes, out: Path, workdir: Path) -> None:
+    """Link the kernels' object and the shim into `out`, exporting gk_run only (a GNU ld version script:
+    numba's own NRT_incref etc. in the object stay private), or, if the linker has no version scripts,
+    everything."""
     (workdir / "kernels.o").write_bytes(obj)
     (workdir / "shim.c").write_text(_SHIM.replace("@KERNEL@", _gk_kernel.native_name))
+    (workdir / "exports.map").write_text("{ global: gk_run; local: *; };\n")
     cmd = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(workdir / "shim.c"), str(workdir / "kernels.o")]
-    cmd.append("-lm")
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+    for extra in ([f"-Wl,--version-script={workdir / 'exports.map'}", "-lm"], ["-lm"]):
+        done = subprocess.run(cmd + extra, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+    raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
 
 
 def _self_test_data(rng, n_rows: int, n_per_row: int) -> np.ndarray:
