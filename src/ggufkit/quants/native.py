@@ -8,11 +8,13 @@ the Python version and the host CPU (model and feature flags). This module only 
 numpy and ctypes, nothing else. ctypes releases the GIL during a call, so row chunks run on a thread pool.
 
 The first use builds the library in a subprocess (`python -m ggufkit.quants.native_build`, which needs
-numba, llvmlite and a C compiler; 30-100 s), under a file lock so that concurrent processes build it once,
-installed by an atomic rename. If it cannot be built, a warning is logged once and the caller gets None:
-the registry then uses the numba JIT kernels, which give the same bytes. Without a C compiler nothing is
-attempted (the check is repeated on every run, so installing one is enough); a build that fails on its
-own is recorded in kernels-<key>.failed and not retried until `python -m ggufkit.quants.native build`.
+numba, llvmlite and a C compiler; about 75 s of CPU, 40-120 s wall: with an empty numba cache every kernel
+is compiled from the source the key hashes, twice: serially for the library and as the JIT kernels it is
+checked against), under a file lock so that concurrent processes build it once, installed by an atomic
+rename. If it cannot be built, a warning is logged once and the caller gets None: the registry then uses
+the numba JIT kernels, which give the same bytes. Without a C compiler nothing is attempted (the check is
+repeated on every run, so installing one is enough); a build that fails on its own is recorded in
+kernels-<key>.failed and not retried until `python -m ggufkit.quants.native build`.
 `python -m ggufkit.quants.native status` shows the state.
 """
 
@@ -27,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,19 +148,22 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
         if compiler() is None:
             raise RuntimeError("cannot build the native kernels: no C compiler (set CC, or install gcc)")
         log.warning("compiling ggufkit's native kernels into %s (once per machine, about a minute)", path)
-        env = dict(os.environ)
         src_root = str(_HERE.parent.parent)  # the folder holding the ggufkit package
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
-        try:
-            done = subprocess.run(
-                [sys.executable, "-m", "ggufkit.quants.native_build", str(path)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=BUILD_TIMEOUT,
-            )
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeError(f"cannot build the native kernels: {e}") from None
+        pythonpath = os.pathsep.join(p for p in (src_root, os.environ.get("PYTHONPATH")) if p)
+        # an empty numba cache: every kernel compiled from the source the key hashes (numba's on-disk
+        # cache does not notice edits to functions inlined from another module)
+        with tempfile.TemporaryDirectory(prefix=".numba-", dir=path.parent) as numba_cache:
+            env = dict(os.environ, PYTHONPATH=pythonpath, NUMBA_CACHE_DIR=numba_cache)
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-m", "ggufkit.quants.native_build", str(path)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=BUILD_TIMEOUT,
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise RuntimeError(f"cannot build the native kernels: {e}") from None
         if done.returncode != 0 or not path.exists():
             lines = (done.stderr or done.stdout).strip().splitlines()
             last = lines[-1] if lines else f"exit status {done.returncode}"
