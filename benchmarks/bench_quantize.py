@@ -110,17 +110,13 @@ def ggufkit_env(**extra) -> dict[str, str]:
 
 
 def first_use(level: str, threads: int) -> list[str]:
-    """What the first use costs (building the native library in an empty cache, with numba's cache of the
-    JIT kernels warm and cold) and what a run without a C compiler does (numba JIT kernels)."""
-    from ggufkit.quants import native
-
+    """What the first use costs (building the native library in an empty cache) and what a run without a
+    C compiler does (numba JIT kernels)."""
     src = base_path("synthetic_f32")
     build = [sys.executable, "-m", "ggufkit.quants.native", "build"]
     quantize = [sys.executable, "-m", "ggufkit", "quantize", str(src)]
-    out = []
     with tempfile.TemporaryDirectory(prefix="bench-native-") as tmp:
-        warm = run_measured(build, ggufkit_env(GGUFKIT_CACHE=f"{tmp}/warm"))
-        cold = run_measured(build, ggufkit_env(GGUFKIT_CACHE=f"{tmp}/cold", NUMBA_CACHE_DIR=f"{tmp}/numba"))
+        built = run_measured(build, ggufkit_env(GGUFKIT_CACHE=f"{tmp}/cache"))
         no_cc = ggufkit_env(GGUFKIT_CACHE=f"{tmp}/nocc", CC=f"{tmp}/no-such-cc")
         jit_cmd = [*quantize, f"{tmp}/jit.gguf", level, str(threads)]
         run_measured(jit_cmd, no_cc)  # warm-up
@@ -130,20 +126,18 @@ def first_use(level: str, threads: int) -> list[str]:
         nat = run_measured(nat_cmd, ggufkit_env())
         same = sha256(Path(f"{tmp}/jit.gguf")) == sha256(Path(f"{tmp}/native.gguf"))
         warning = subprocess.run(jit_cmd, capture_output=True, text=True, env=no_cc).stderr.strip()
-    out += [
-        "First use and fallback (`first_use` in the script): building the native kernels "
-        f"(`python -m ggufkit.quants.native build`, library {native.library_path().name}) in an empty "
-        f"cache took {warm[0]:.1f} s wall, {warm[2]:.1f} s CPU, {warm[1] / 2**20:.0f} MiB with numba's "
-        f"cache of the JIT kernels warm (their self-test reuses it), and {cold[0]:.1f} s wall, "
-        f"{cold[2]:.1f} s CPU with it cold (a fresh install). The first `ggufkit quantize` does this once, "
-        "under a lock, and says so on stderr.",
+    return [
+        "First use and fallback (`--first-use`): building the native kernels in an empty cache "
+        f"(`python -m ggufkit.quants.native build`, what the first `ggufkit quantize` runs, once, under a "
+        f"lock, saying so on stderr) took {built[0]:.1f} s wall, {built[2]:.1f} s CPU, peak RSS "
+        f"{built[1] / 2**20:.0f} MiB: every kernel is compiled from source with an empty numba cache, for "
+        "the library and as the JIT kernels the library is checked against before it is installed.",
         "",
         f"Without a C compiler (CC pointing nowhere) `ggufkit quantize` prints one warning (`{warning}`) and "
         f"runs on numba's JIT kernels: synthetic_f32 {level}, {threads} threads, {jit[0]:.2f} s wall, "
         f"{jit[1] / 2**20:.0f} MiB peak RSS, against {nat[0]:.2f} s and {nat[1] / 2**20:.0f} MiB with the "
         f"native library; same sha256: {'yes' if same else 'NO'}.",
     ]
-    return out
 
 
 def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[str]:
