@@ -218,7 +218,9 @@ def _run_chunks(lib, op: int, qtype: int, src, n_rows, n_per_row, qw, has_qw, ds
             return lib.gk_run(op, qtype, s0 + r0 * src_row, r1 - r0, n_per_row, q, has_qw, d0 + r0 * dst_row)
         return 0
 
-    status = list(_executor(n).map(run, range(n))) if n > 1 else [run(0)]
+    # chunks 1.. on the pool, chunk 0 on this thread (one thread wake-up fewer per call)
+    futures = [_executor(n - 1).submit(run, i) for i in range(1, n)] if n > 1 else []
+    status = [run(0), *(f.result() for f in futures)]
     if any(s != 0 for s in status):
         raise RuntimeError(f"native kernel for ggml type {qtype} failed (status {status})")
 
