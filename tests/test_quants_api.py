@@ -271,3 +271,18 @@ def test_smollm2_every_2d_tensor_matches_libggml(smollm2_tensors, qtype, with_im
         assert_same_floats(dequantize(ref, qtype, x.shape), ggml_dequantize(ref, qtype, x.shape), name)
         covered += 1
     assert covered == (211 if 576 % fmt.block_size == 0 else 30)  # 256-blocks fit only ffn_down (1536)
+
+
+def test_a_recorded_build_failure_is_not_retried(tmp_path):
+    """A build that failed on its own is recorded per key: later processes read the reason and use the JIT
+    kernels without starting the builder again (python -m ggufkit.quants.native build retries)."""
+    code = (
+        "from ggufkit.quants import native\n"
+        "why = 'cannot build the native kernels: test'\n"
+        "native.library_path().with_suffix('.failed').write_text(why)\n"
+        "print(native.library() is None, native.status())\n"
+    )
+    done = _python(code, GGUFKIT_CACHE=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True cannot build the native kernels: test"
+    assert not list((tmp_path / "native").glob("*.so")) and not list((tmp_path / "native").glob(".*"))
