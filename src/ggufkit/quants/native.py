@@ -43,26 +43,11 @@ log = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
 _SOURCES = ("fp.py", "search.py", "legacy.py", "kquants.py", "iq4.py", "native_build.py")  # in the .so
-_QUANTIZE = frozenset(
-    (
-        "F16",
-        "BF16",
-        "Q4_0",
-        "Q4_1",
-        "Q5_0",
-        "Q5_1",
-        "Q8_0",
-        "Q2_K",
-        "Q3_K",
-        "Q4_K",
-        "Q5_K",
-        "Q6_K",
-        "IQ4_NL",
-        "IQ4_XS",
-    )
-)  # fmt: skip  (native_build.QUANTIZE_TYPES)
-_DEQUANTIZE = frozenset(("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"))
-BUILD_TIMEOUT = 1800  # seconds; a cold build is about a minute of CPU
+# what gk_run handles (F32 is a copy here; K-quant dequantizing is numpy, kdequant.py)
+QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                  "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
+DEQUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
+BUILD_TIMEOUT = 1800  # seconds; a build is about 75 s of CPU
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": CDLL | None once decided, "why": reason when None
@@ -284,8 +269,8 @@ def kernels(name: str) -> registry.Kernels | None:
             if lib is None:
                 return None
             fmt = registry.FORMATS[name]
-            assert name in _QUANTIZE, name
-            deq = _dequantizer(lib, fmt) if name in _DEQUANTIZE else _k_dequantizer(fmt)
+            assert name in QUANTIZE_TYPES, name
+            deq = _dequantizer(lib, fmt) if name in DEQUANTIZE_TYPES else _k_dequantizer(fmt)
             _kernels[name] = registry.Kernels(_quantizer(lib, fmt), deq)
     return _kernels[name]
 

@@ -45,7 +45,7 @@ import numpy as np
 from numba import carray, cfunc, njit, types
 
 from . import fp, iq4, kquants, legacy
-from .native import compiler
+from .native import DEQUANTIZE_TYPES, QUANTIZE_TYPES, compiler
 from .registry import FORMATS
 
 _serial = njit(nogil=True, error_model="numpy")
@@ -195,11 +195,6 @@ def _gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst):
         return _quantize(t, src, n_rows, n_per_row, qw, has_qw, dst)
     return _dequantize(t, src, n_rows, n_per_row, dst)
 
-
-# The types the library handles (F32 is a copy; K-quant dequantizing is numpy, kdequant.py).
-QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                  "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
-DEQUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
 
 _SHIM = r"""
 #include <math.h>
