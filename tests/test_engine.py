@@ -171,7 +171,8 @@ def test_q4_k_m_each_operation_is_llama_cpps(q4_k_m):
     layers = (0, 3)
     per_layer = ["attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm"]
     per_layer += ["ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out"]
-    names = {"embd", "result_norm", "result_output"} | {f"{n}-{il}" for il in (2, *layers) for n in per_layer}
+    names = {"embd", "l_out-2", "result_norm", "result_output"}
+    names |= {f"{n}-{il}" for il in layers for n in per_layer}
     tokens = _text_tokens(q4_k_m, 256)
     ref = _llama_cpp_tensors(q4_k_m, tokens, names)
     T = len(tokens)
