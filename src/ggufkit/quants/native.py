@@ -52,7 +52,7 @@ BUILD_TIMEOUT = 1800  # seconds; a build is about 75 s of CPU
 _lock = threading.Lock()
 _state: dict = {}  # "lib": CDLL | None once decided, "why": reason when None
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_lock = threading.Lock()
 
 
 def _cpu_identity() -> str:
@@ -181,12 +181,14 @@ def status() -> str:
     return _state["why"]
 
 
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    if _pool is None or _pool_size < n:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="ggufkit-native"), n
+def _executor() -> ThreadPoolExecutor:
+    """One pool for the process, never resized (callers on several threads may share it); its threads
+    start on demand, so its size is only a bound: the CPUs but the caller's own."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(1, registry.max_threads() - 1)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="ggufkit-kernels")
     return _pool
 
 
@@ -204,7 +206,7 @@ def _run_chunks(lib, op: int, qtype: int, src, n_rows, n_per_row, qw, has_qw, ds
         return 0
 
     # chunks 1.. on the pool, chunk 0 on this thread (one thread wake-up fewer per call)
-    futures = [_executor(n - 1).submit(run, i) for i in range(1, n)] if n > 1 else []
+    futures = [_executor().submit(run, i) for i in range(1, n)] if n > 1 else []
     status = [run(0), *(f.result() for f in futures)]
     if any(s != 0 for s in status):
         raise RuntimeError(f"native kernel for ggml type {qtype} failed (status {status})")
