@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -188,6 +189,22 @@ def test_native_library_serves_every_type_without_numba():
     done = _python(_NO_NUMBA)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["native", "[]"], done.stdout + done.stderr
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
+def test_native_kernels_called_from_several_threads():
+    """Callers on several threads share the library's thread pool; every result is still libggml's."""
+    x = hostile_cases(n_rows=24, n_per_row=1024)["student_t"]
+    imp = importance_rows(n_per_row=1024)["imatrix_like"]
+    want = {q: ggml_quantize(x, q, imp) for q in ("Q4_K", "Q5_0", "IQ4_XS")}
+    old = quants.set_backend("native")
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda q: (q, quantize(x, q, importance=imp)), list(want) * 4))
+    finally:
+        quants.set_backend(old)
+    for q, out in got:
+        assert_same_bytes(out, want[q], get_format(q).type_size, f"{q} from a thread")
 
 
 def test_without_a_compiler_the_jit_kernels_take_over(tmp_path):
