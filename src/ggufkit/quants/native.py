@@ -21,7 +21,6 @@ kernels-<key>.failed and not retried until `python -m ggufkit.quants.native buil
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import logging
 import os
@@ -122,6 +121,10 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
     """Build the library (in a subprocess, under a lock) unless it exists; returns its path.
     Raises RuntimeError with the reason if it cannot be built. A build that failed on its own (not for
     want of a compiler, not killed) is recorded and not retried until force=True."""
+    try:
+        import fcntl
+    except ImportError:
+        raise RuntimeError("cannot build the native kernels: no fcntl (not a POSIX system)") from None
     path = path or library_path()
     failed = _failed_path(path)
     with open(path.with_suffix(".lock"), "w") as lock:
