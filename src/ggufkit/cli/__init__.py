@@ -2,6 +2,10 @@
 
 No computing here: every subcommand module (cli/<name>.py) only parses arguments, calls the library and
 prints. Library errors (ggufkit.errors.GgufkitError) become one line on stderr and exit status 2.
+
+Start-up is part of every command's time (a small `ggufkit quantize` job is over in a fraction of a second),
+so when the command line names a subcommand only that module is imported; `ggufkit --help`, no command or
+an unknown one import them all, to list every subcommand with its help.
 """
 
 from __future__ import annotations
@@ -25,7 +29,18 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first argument that is not an option), if known."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+        if arg == "--":
+            return None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: with every subcommand, or only `command`'s (the others are not imported)."""
     parser = argparse.ArgumentParser(
         prog="ggufkit",
         description="Quantize models to GGUF levels byte-identical to llama.cpp, measure what each level "
@@ -33,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ggufkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in COMMANDS.values():
+    for name, module in COMMANDS.items():
+        if command is not None and name != command:
+            continue
         mod = importlib.import_module(f"{__name__}.{module}")
         mod.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_chosen(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
