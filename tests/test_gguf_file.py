@@ -49,6 +49,9 @@ def write_small_gguf(
     w.add_key_value("test.arr_i16", [1, -2, 3], V.ARRAY, sub_type=V.INT16)
     w.add_key_value("test.arr_f64", [0.5, 1.5], V.ARRAY, sub_type=V.FLOAT64)
     w.add_key_value("test.arr_bool", [True, False, True], V.ARRAY, sub_type=V.BOOL)
+    # NUL bytes inside elements, and lengths whose own bytes hold zeros (256 = 00 01 00 ...): the lazy NUL
+    # check counts zero bytes against those of the length fields.
+    w.add_key_value("test.arr_str", ["a\0b", "", "x" * 256, "\0"], V.ARRAY, sub_type=V.STRING)
     w.add_block_count(2)
     w.add_context_length(128)
     w.add_embedding_length(64)
@@ -145,6 +148,9 @@ def test_small_file_reads_like_gguf_py(small):
         assert m.get("test.bool") is True and m.get("test.str") == "héllo wörld"
         assert m.kv["test.arr_i16"].sub_type == V.INT16 and list(m.get("test.arr_i16")) == [1, -2, 3]
         assert m.get("tokenizer.ggml.tokens") == TOKENS
+        assert m.get("test.arr_str") == ["a\0b", "", "x" * 256, "\0"] and m.kv["test.arr_str"].has_nul()
+        assert not m.kv["tokenizer.ggml.tokens"].has_nul()
+        _check_values(m)
         assert m.get("missing", "dflt") == "dflt"
         # The KV raws tile the metadata section exactly, in file order, from the end of the header.
         blob = b"".join(kv.raw for kv in m.kv.values())
@@ -432,6 +438,23 @@ def _check_successful_read(m: GGUFModel, data: bytes) -> None:
         assert t.nbytes > 0 and t.data().size == t.nbytes
     blob = b"".join(kv.raw for kv in m.kv.values())
     assert data[24 : 24 + len(blob)] == blob
+    _check_values(m)
+
+
+def _check_values(m: GGUFModel) -> None:
+    """Every value reads (string arrays decode on first use) and each lazy NUL check agrees with the
+    decoded strings; re-encoding a string array gives back its raw bytes."""
+    for kv in m.kv.values():
+        lazy = kv.has_nul()  # before the first decode: from the raw bytes
+        value = kv.value
+        if kv.type == V.STRING:
+            assert lazy == ("\0" in value), kv.key
+        elif kv.type == V.ARRAY and kv.sub_type == V.STRING:
+            assert isinstance(value, list) and lazy == any("\0" in v for v in value), kv.key
+            elements = b"".join(
+                struct.pack("<Q", len(b)) + b for b in (v.encode("utf-8", "surrogateescape") for v in value)
+            )
+            assert kv.raw.endswith(elements) and kv.has_nul() == lazy, kv.key
 
 
 def test_mutation_corpus(small, tmp_path):

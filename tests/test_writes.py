@@ -147,6 +147,11 @@ def _tiny_llama(path: Path, *, extra=()) -> Path:
     "extra",
     [
         pytest.param([("test.nul", V.STRING, "before\0after")], id="string-with-NUL"),
+        pytest.param(
+            [("test.nul_array", V.ARRAY, ["plain", "", "before\0after", "y" * 256, "\0"])],
+            id="string-array-with-NUL",
+        ),
+        pytest.param([("test.array", V.ARRAY, ["plain", "", "y" * 256, "z" * 65536])], id="string-array"),
         pytest.param([("general.alignment", V.UINT32, 64)], id="input-alignment-64"),
         pytest.param(
             [

@@ -24,6 +24,7 @@ of truth for what is known.
 
 from __future__ import annotations
 
+import array
 import mmap
 import os
 import stat
@@ -70,20 +71,99 @@ def _show(name: str, limit: int = 80) -> str:
     return text + ("..." if len(name) > limit else "")
 
 
-@dataclass(eq=False)
+class _Strings:
+    """Where each element of a string array lies in its KV's raw bytes, for decoding on first use.
+
+    The reader checks every element's length when it opens the file (that walk is cheap); decoding ~100k
+    vocabulary strings is not, and most commands never look at them (quantize copies KVs as raw bytes).
+    Values decode with errors="surrogateescape", which cannot fail, so a lazy decode raises nothing.
+    """
+
+    __slots__ = ("starts", "end", "base")
+
+    def __init__(self, starts: array.array, end: int):
+        self.starts = starts  # array("q"): file offset of each element's bytes (after its 8-byte length)
+        self.end = end  # file offset just past the last element
+        self.base = 0  # file offset of the KV's raw bytes (set by _parse)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _lengths(self) -> np.ndarray:
+        starts = np.frombuffer(self.starts, np.int64)
+        return np.diff(starts, append=self.end + 8) - 8  # the next element's bytes follow its 8-byte length
+
+    def decode(self, raw: bytes) -> list[str]:
+        b = self.base
+        return [
+            raw[s - b : s - b + n].decode("utf-8", "surrogateescape")
+            for s, n in zip(self.starts, self._lengths().tolist())
+        ]
+
+    def has_nul(self, raw: bytes) -> bool:
+        """Whether an element's bytes hold a NUL: the region's zero bytes are more than its length fields'."""
+        if not self.starts:
+            return False
+        region = raw[self.starts[0] - 8 - self.base : self.end - self.base]
+        in_lengths = np.count_nonzero(self._lengths().astype("<u8").view(np.uint8) == 0)
+        return region.count(0) > in_lengths
+
+
 class KV:
     """One metadata entry. `raw` is its exact serialized bytes in the file (key included).
 
     value: int, float, bool or str for scalars; for arrays a list of str (STRING elements) or a numpy
     array (numeric and BOOL elements), with `sub_type` the element type. Strings that are not valid UTF-8
-    keep their bytes as lone surrogates (str.encode("utf-8", "surrogateescape") gives them back).
+    keep their bytes as lone surrogates (str.encode("utf-8", "surrogateescape") gives them back). The
+    strings of a string array are decoded from `raw` the first time `value` is read.
     """
 
-    key: str
-    type: GGUFValueType
-    value: object
-    sub_type: GGUFValueType | None = None
-    raw: bytes = field(default=b"", repr=False)
+    __slots__ = ("key", "type", "sub_type", "raw", "_value", "_strings")
+
+    def __init__(
+        self,
+        key: str,
+        type: GGUFValueType,
+        value: object,
+        sub_type: GGUFValueType | None = None,
+        raw: bytes = b"",
+    ):
+        self.key = key
+        self.type = type
+        self.sub_type = sub_type
+        self.raw = raw
+        self._value = value
+        self._strings: _Strings | None = None
+
+    @classmethod
+    def _string_array(cls, key: str, strings: _Strings, raw: bytes) -> KV:
+        kv = cls(key, GGUFValueType.ARRAY, None, GGUFValueType.STRING, raw)
+        kv._strings = strings
+        return kv
+
+    @property
+    def value(self) -> object:
+        if self._strings is not None:
+            self._value = self._strings.decode(self.raw)
+            self._strings = None
+        return self._value
+
+    def has_nul(self) -> bool:
+        """Whether the string value, or an element of a string array value, holds a NUL byte."""
+        if self.type == GGUFValueType.STRING:
+            return "\0" in self.value
+        if self.type == GGUFValueType.ARRAY and self.sub_type == GGUFValueType.STRING:
+            if self._strings is not None:
+                return self._strings.has_nul(self.raw)
+            return any("\0" in v for v in self.value)
+        return False
+
+    def __repr__(self) -> str:
+        sub = f", sub_type={self.sub_type!r}" if self.sub_type is not None else ""
+        if self._strings is not None:
+            value = f"<{len(self._strings)} strings, decoded on first use>"
+            return f"KV(key={self.key!r}, type={self.type!r}, value={value}{sub})"
+        return f"KV(key={self.key!r}, type={self.type!r}, value={self._value!r}{sub})"
 
 
 @dataclass(eq=False)
@@ -258,6 +338,7 @@ class _Parser:
         return v
 
     def array(self, what: str) -> tuple[GGUFValueType, object]:
+        """(element type, elements): a numpy array, or for strings their positions (_Strings)."""
         sub = self.value_type(f"{what} element type")
         if sub == GGUFValueType.ARRAY:
             self.fail(f"{what} is an array of arrays (not supported by ggml)", self.pos - 4)
@@ -285,12 +366,14 @@ class _Parser:
         self.pos += count * dtype.itemsize
         return sub, values
 
-    def _string_array(self, count: int, what: str) -> list[str]:
+    def _string_array(self, count: int, what: str) -> _Strings:
         # The hot loop for tokenizer vocabularies (~50k-250k strings): locals only, one check per string.
+        # Only the lengths are checked and the positions kept: values cannot fail to decode (surrogateescape)
+        # and are decoded when first read (KV.value).
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
-        out = []
-        append = out.append
+        starts = array.array("q")
+        append = starts.append
         for i in range(count):
             if size - pos < 8:
                 self.pos = pos
@@ -301,10 +384,10 @@ class _Parser:
                 self.fail(
                     f"{what} element {i} length {n} exceeds the {size - pos} bytes left in the file", pos - 8
                 )
-            append(buf[pos : pos + n].decode("utf-8", "surrogateescape"))
+            append(pos)
             pos += n
         self.pos = pos
-        return out
+        return _Strings(starts, pos)
 
 
 def _parse(buf, size: int, path) -> GGUFModel:
@@ -349,7 +432,12 @@ def _parse(buf, size: int, path) -> GGUFModel:
             sub, value = p.array(what)
         else:
             value = p.scalar(vtype, f"{what} value")
-        kv[key] = KV(key, vtype, value, sub, bytes(buf[start : p.pos]))
+        raw = bytes(buf[start : p.pos])
+        if isinstance(value, _Strings):
+            value.base = start
+            kv[key] = KV._string_array(key, value, raw)
+        else:
+            kv[key] = KV(key, vtype, value, sub, raw)
         kv_at[key] = start
 
     alignment = DEFAULT_ALIGNMENT

@@ -132,17 +132,9 @@ def kv_bytes(key: str, vtype: GGUFValueType, value, *, sub_type: GGUFValueType |
     return b"".join(out)
 
 
-def _has_nul(kv: KV) -> bool:
-    if kv.type == GGUFValueType.STRING:
-        return "\0" in kv.value
-    if kv.type == GGUFValueType.ARRAY and kv.sub_type == GGUFValueType.STRING:
-        return any("\0" in v for v in kv.value)
-    return False
-
-
 def copy_kv(kv: KV) -> bytes:
     """An input KV as llama-quantize copies it: its exact bytes, unless a string holds a NUL (then cut)."""
-    if kv.raw and not _has_nul(kv):
+    if kv.raw and not kv.has_nul():
         return kv.raw
     return kv_bytes(kv.key, kv.type, kv.value, sub_type=kv.sub_type)
 
