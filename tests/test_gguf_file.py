@@ -496,3 +496,20 @@ def test_smollm2_opens_and_matches_gguf_py(smollm2_path):
         r = gguf.GGUFReader(smollm2_path)
         for ours, theirs in zip(m.tensors[:3], r.tensors[:3]):  # same bytes, lazily mapped
             np.testing.assert_array_equal(ours.data(), np.asarray(theirs.data).view(np.uint8).reshape(-1))
+
+
+# ---- ggufkit's own copy of gguf-py's constants ------------------------------------------------------
+
+
+def test_ggml_types_match_gguf_py():
+    """ggufkit.ggml_types (used so that reading/writing files needs no gguf-py import) holds exactly gguf-py's
+    type ids, value types and block sizes."""
+    from ggufkit import ggml_types as ours
+
+    assert [(m.name, m.value) for m in ours.GGUFValueType] == [(m.name, m.value) for m in V]
+    assert [(m.name, m.value) for m in ours.GGMLQuantizationType] == [(m.name, m.value) for m in T]
+    assert {int(k): v for k, v in ours.GGML_QUANT_SIZES.items()} == {
+        int(k): tuple(v) for k, v in gguf.GGML_QUANT_SIZES.items()
+    }
+    # interchangeable with gguf-py's enums as values and dict keys
+    assert ours.GGMLQuantizationType.Q4_K == T.Q4_K and gguf.GGML_QUANT_SIZES[ours.GGMLQuantizationType.Q4_K]

@@ -19,7 +19,8 @@ needs: every tensor aligned, inside the file, and not overlapping another.
 gguf-py's GGUFReader is not used for parsing: on hostile input it raises assorted exceptions
 (ValueError, IndexError, OverflowError, KeyError...) and builds a numpy view per field, which makes it
 slow on 49k-token vocabularies. gguf-py's constants (value types, ggml types, block sizes) are the source
-of truth for what is known.
+of truth for what is known, through ggufkit.ggml_types (a copy checked against them, so that opening a
+file does not import gguf-py).
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import GGUFError
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 __all__ = ["GGUFError", "GGUFModel", "KV", "TensorInfo", "open_gguf", "GGUF_MAGIC", "DEFAULT_ALIGNMENT"]
 

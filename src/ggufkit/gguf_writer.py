@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from .gguf_file import GGUF_MAGIC, KV
 
 __all__ = [

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
 
 from . import quants
 from .errors import GgufkitError, QuantizeError
+from .ggml_types import GGMLQuantizationType, GGUFValueType
 from .gguf_file import GGUFModel, open_gguf
 from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
 

@@ -30,9 +30,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as T
 
 from .errors import QuantizeError
+from .ggml_types import GGMLQuantizationType as T
 from .gguf_writer import n_dims
 
 # -- levels -----------------------------------------------------------------------------------------------
@@ -541,8 +541,6 @@ def plan_quantization(
     (ne0, times the experts of a 3-D tensor) raises QuantizeError, except for token_embd (it is then just
     not used), like llama.cpp does for the tensors it quantizes.
     """
-    from .imatrix import match_tensor
-
     lv = level(level_name)
     out_t = parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None
     emb_t = parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None
@@ -596,7 +594,11 @@ def plan_quantization(
         quantize = dst != src
         if not quantize and kind != "copy":
             reason, kind = f"copy: already {src.name} ({reason})", "copy"
-        vector = match_tensor(imatrix, spec.name, shape) if (imatrix is not None and quantize) else None
+        vector = None
+        if imatrix is not None and quantize:
+            from .imatrix import match_tensor  # only with an imatrix: ggufkit.imatrix imports gguf-py
+
+            vector = match_tensor(imatrix, spec.name, shape)
         requires = dst == T.Q2_K and lv.name == "Q2_K_S" and cat not in ("token_embd", "output")
         n_rows = math.prod(shape[1:]) if len(shape) > 1 else 1
         plans.append(

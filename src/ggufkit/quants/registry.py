@@ -1,11 +1,12 @@
 """The one table of block formats: type -> block size, bytes per block, quantize and dequantize kernels.
 
-Block size and bytes per block come from gguf-py's GGML_QUANT_SIZES (the same facts as ggml's type
-traits); everything that converts shapes to bytes goes through `row_bytes`; nothing else in ggufkit
-hard-codes 256 or 144. The kernels come from one of two builds of the same numba source (fp, legacy,
-kquants, iq4): the native library (quants/native.py: compiled ahead of time, loaded with ctypes, no numba
-in the process; the default) or the numba JIT modules, which register themselves here on import (the
-fallback when the library cannot be built, e.g. without a C compiler). Both give the same bytes.
+Block size and bytes per block come from GGML_QUANT_SIZES (ggufkit.ggml_types: gguf-py's table, checked
+against it in the tests; the same facts as ggml's type traits); everything that converts shapes to bytes
+goes through `row_bytes`; nothing else in ggufkit hard-codes 256 or 144. The kernels come from one of two
+builds of the same numba source (fp, legacy, kquants, iq4): the native library (quants/native.py: compiled
+ahead of time, loaded with ctypes, no numba in the process; the default) or the numba JIT modules, which
+register themselves here on import (the fallback when the library cannot be built, e.g. without a C
+compiler). Both give the same bytes.
 
 Kernel contract (the registry does every check before calling one):
   quantize_rows(x: float32 C-contiguous [n_rows, n_per_row], importance: float32 [n_per_row] | None)
@@ -20,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
