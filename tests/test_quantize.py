@@ -454,7 +454,9 @@ def test_requantize_refused(smollm2_path, tmp_path, capsys):
         llama_model_quantize(smollm2_path, tmp_path / "ref.gguf", "Q4_K_M")
 
 
-def _tiny_gguf(path: Path, arch: str, *, nan_at: tuple[int, int] | None = None) -> Path:
+def _tiny_gguf(
+    path: Path, arch: str, *, nan_at: tuple[int, int] | None = None, bad=np.nan, huge_rows: int = 0
+) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(128)
     w.add_block_count(1)
@@ -465,8 +467,9 @@ def _tiny_gguf(path: Path, arch: str, *, nan_at: tuple[int, int] | None = None) 
     w.add_layer_norm_rms_eps(1e-5)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 64)).astype(np.float32)
+    x[:huge_rows] = np.float32(3e38)  # finite, but a row's (or the chunk's) sum overflows to infinity
     if nan_at is not None:
-        x[nan_at] = np.nan
+        x[nan_at] = bad
     w.add_tensor("blk.0.attn_q.weight", x)
     w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
     w.write_header_to_file()
@@ -506,6 +509,19 @@ def test_nonfinite_weights_refused_like_llama_cpp(tmp_path, capsys):
     assert cli_main(["quantize", "--allow-nonfinite", str(src), str(tmp_path / "o.gguf"), "Q8_0"]) == 0
     with open_gguf(tmp_path / "o.gguf") as m:
         assert m.tensor("blk.0.attn_q.weight").ggml_type == gguf.GGMLQuantizationType.Q8_0
+
+
+def test_finiteness_check_sees_infinities_and_not_overflowing_sums(tmp_path, capsys):
+    """The check sums each chunk first: an infinity must still be caught, and finite weights whose sum
+    overflows must still be quantized (as llama.cpp does, same bytes)."""
+    src = _tiny_gguf(tmp_path / "inf.gguf", "llama", nan_at=(9, 3), bad=-np.inf)
+    err = _cli_error(capsys, src, tmp_path / "o.gguf", "Q8_0")
+    assert "blk.0.attn_q.weight" in err and "row 9" in err
+    src = _tiny_gguf(tmp_path / "huge.gguf", "llama", huge_rows=3)
+    # F32 -> F32 (llama.cpp's F16 or Q8_0 output would overflow its scales and be refused as invalid)
+    llama_model_quantize(src, tmp_path / "ref.gguf", "F32")
+    quantize_file(src, tmp_path / "ours.gguf", "F32")
+    assert_identical(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
 
 
 def test_errors_in_a_subprocess_have_no_traceback(bases, tmp_path):

@@ -29,7 +29,6 @@ import os
 import signal
 import struct
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -301,7 +300,7 @@ class GGUFStreamWriter:
     def _open(self) -> None:
         folder = self.dst.parent
         remove_stale_temporaries(self.dst)
-        name = f".{self.dst.name}.{uuid.uuid4().hex[:12]}{TEMP_MARK}"
+        name = f".{self.dst.name}.{os.urandom(6).hex()}{TEMP_MARK}"  # (uuid costs ~5 ms to import)
         path = folder / name
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)  # umask applies
         self._fd, self.temp_path = fd, path

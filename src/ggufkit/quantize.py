@@ -220,6 +220,11 @@ class _Reader:
 
 
 def _check_finite(x: np.ndarray, name: str, first_row: int) -> None:
+    # A NaN or an infinity makes the sum non-finite, so a finite sum clears the chunk in one pass without
+    # a mask; a non-finite sum (or one that overflowed) is looked at row by row.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(x, axis=None)):
+            return
     ok = np.isfinite(x).all(axis=1)
     if not ok.all():
         row = first_row + int(np.argmin(ok))
