@@ -254,6 +254,46 @@ def test_cli_process_never_imports_numba(bases, imatrices, tmp_path):
     assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q4_K_M", imatrix=imx))
 
 
+# Who imports gguf-py: a finder first on sys.meta_path notes the module whose import statement asked for it.
+_IMPORTS_CLI = """
+import sys
+class Watch:
+    importers = []
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "gguf":
+            f = sys._getframe(1)
+            while f is not None and f.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
+                f = f.f_back
+            cls.importers.append(f.f_globals.get("__name__") if f is not None else None)
+        return None
+sys.meta_path.insert(0, Watch)
+from ggufkit.cli import main
+rc = main(sys.argv[1:])
+import json
+print(json.dumps([rc, Watch.importers, sorted(m for m in sys.modules if m.startswith("ggufkit.cli."))]))
+"""
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
+def test_cli_process_imports_only_what_quantize_needs(bases, tmp_path):
+    """Start-up is a visible part of a small job: a `ggufkit quantize` process imports no other subcommand,
+    and gguf-py (~40 ms of imports) is not imported by the reader, writer, planner or pipeline (ggufkit's
+    own ggml_types instead); the one importer left is quants/kdequant.py, loaded by the native kernels."""
+    assert quants.backend() == "native", native.status()
+    src = bases["synthetic_f32"]
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    argv = ["quantize", str(src), str(tmp_path / "o.gguf"), "Q8_0", "2"]
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_CLI, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    rc, importers, cli_modules = json.loads(run.stdout.splitlines()[-1])
+    assert rc == 0 and cli_modules == ["ggufkit.cli.quantize"], run.stdout
+    assert set(importers) <= {"ggufkit.quants.kdequant"}, importers
+    assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q8_0"))
+
+
 @pytest.mark.parametrize("level", ["Q4_K_M", "IQ4_XS", "Q4_0"])
 def test_legacy_dat_imatrix_matches(bases, level, tmp_path):
     src = bases["synthetic_f32"]
