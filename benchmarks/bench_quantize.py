@@ -6,7 +6,7 @@ child: ru_maxrss, which counts mapped input pages the process touched), their ra
 two outputs have the same sha256. The page cache is warmed by one untimed run of each first.
 
     python benchmarks/bench_quantize.py [--base synthetic_f32] [--levels Q4_K_M,Q6_K,Q8_0,Q2_K]
-                                        [--threads N] [--repeat 3] [--first-use] [--write-docs]
+                                        [--threads N] [--repeat 3] [--first-use] [--startup] [--write-docs]
 
 Bases: synthetic_f32 / synthetic_f16 (tests/synthetic.py: 256-wide rows, untied output, so K-quants run on
 every tensor), synthetic_big_f16 / synthetic_big_f32 (same generator, 2048 wide, ~290M weights),
@@ -140,6 +140,50 @@ def first_use(level: str, threads: int) -> list[str]:
     ]
 
 
+_IMPORTS = (
+    "from ggufkit.cli import build_parser; build_parser('quantize'); "
+    "import ggufkit.quantize, ggufkit.recipes; from ggufkit import quants; quants.backend()"
+)
+
+
+def startup(repeat: int) -> list[str]:
+    """The fixed floor of a `ggufkit quantize` process, step by step, each a fresh process: the interpreter,
+    numpy, everything the quantize command imports and loads before it opens its input (the parser, the
+    pipeline, the native kernels), and then reading the input's header (synthetic_f32: 49,152-token
+    vocabulary)."""
+    src = str(base_path("synthetic_f32"))
+    steps = [
+        ("python -c pass (interpreter and site)", "pass"),
+        ("+ import numpy", "import numpy"),
+        ("+ the quantize command's imports and kernels", _IMPORTS),
+        (
+            "+ open the input (header, KVs, tensor table)",
+            f"{_IMPORTS}; ggufkit.gguf_file.open_gguf({str(src)!r})",
+        ),
+    ]
+    env = ggufkit_env()
+    lines = [
+        f"Start-up floor of a `ggufkit quantize` process (`--startup`; median of {repeat} fresh processes "
+        "each, run alternately):",
+        "",
+        "| process | wall | CPU | peak RSS |",
+        "|---|---:|---:|---:|",
+    ]
+    runs = {name: [] for name, _ in steps}
+    for _name, code in steps:  # warm-up: page cache, bytecode cache
+        run_measured([sys.executable, "-c", code], env)
+    for _ in range(repeat):
+        for name, code in steps:
+            runs[name].append(run_measured([sys.executable, "-c", code], env))
+    for name, _ in steps:
+        wall = statistics.median(r[0] for r in runs[name])
+        cpu = statistics.median(r[2] for r in runs[name])
+        rss = max(r[1] for r in runs[name])
+        lines.append(f"| {name} | {wall:.3f} s | {cpu:.3f} s | {rss / 2**20:.0f} MiB |")
+        print(f"startup: {name}: {wall:.3f} s wall, {cpu:.3f} s CPU, {rss / 2**20:.0f} MiB", flush=True)
+    return lines
+
+
 def bench_base(base: str, levels: list[str], threads: int, repeat: int) -> list[str]:
     src = base_path(base)
     quantize = str(tool("llama-quantize"))
@@ -217,6 +261,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--first-use", action="store_true", help="also measure the native build and the fallback")
+    ap.add_argument("--startup", action="store_true", help="also measure the start-up floor, step by step")
     args = ap.parse_args()
 
     load_before = os.getloadavg()[0]
@@ -224,7 +269,7 @@ def main() -> None:
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}; "
         f"`python benchmarks/bench_quantize.py --base "
         f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}"
-        f"{' --first-use' if args.first_use else ''}`.",
+        f"{' --first-use' if args.first_use else ''}{' --startup' if args.startup else ''}`.",
         "",
         f"Times: median wall time of {args.repeat} fresh processes run alternately (the ggufkit CLI's "
         "includes Python start-up and imports), and of "
@@ -233,10 +278,13 @@ def main() -> None:
         "threads; less sensitive than wall time to other jobs on a shared machine). Ratios are ggufkit / "
         "llama-quantize. The ggufkit CLI runs on the native kernel library (quants/native.py: the numba "
         "kernels compiled ahead of time, loaded with ctypes), so numba and llvmlite are never imported; "
-        "its fixed floor is Python, numpy, gguf-py and reading the GGUF header: about 0.25 s and 55 MiB.",
+        "its fixed floor is Python, numpy, its own imports and reading the GGUF header (`--startup` "
+        "measures it step by step).",
     ]
     if args.first_use:
         lines += ["", *first_use(args.levels.split(",")[0], args.threads)]
+    if args.startup:
+        lines += ["", *startup(max(args.repeat, 5))]
     for base in args.base.split(","):
         lines += ["", *bench_base(base, args.levels.split(","), args.threads, args.repeat)]
     load_after = os.getloadavg()[0]
