@@ -30,7 +30,15 @@ CTX, CHUNKS, THREADS = 512, 8, 2
 
 @pytest.fixture(scope="module")
 def cache_root(tmp_path_factory, monkeypatch_module):
+    """A fresh ggufkit cache for the eval cache; everything else in it (the built llama.cpp programs, the
+    native kernel library, models) links to the real cache, so nothing is rebuilt or downloaded."""
+    from ggufkit.models import cache_dir
+
+    real = cache_dir()
     root = tmp_path_factory.mktemp("ggufkit-cache")
+    for entry in real.iterdir():
+        if entry.name != "eval":
+            (root / entry.name).symlink_to(entry)
     monkeypatch_module.setenv("GGUFKIT_CACHE", str(root))
     return root
 
