@@ -49,9 +49,22 @@ def own_cache(root: Path):
             os.environ["GGUFKIT_CACHE"] = old
 
 
+def fresh_cache(root: Path) -> Path:
+    """A new ggufkit cache at `root` for what the report writes (reports, report-cache, eval); everything
+    else (the native kernel library, the built llama.cpp programs, models) links to the real cache, so
+    nothing is rebuilt or downloaded."""
+    from ggufkit.models import cache_dir
+
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in cache_dir().iterdir():
+        if entry.name not in ("reports", "report-cache", "eval"):
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
 @pytest.fixture(scope="session")
 def cache_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("ggufkit-cache")
+    return fresh_cache(tmp_path_factory.mktemp("ggufkit-cache"))
 
 
 @pytest.fixture(scope="session")
@@ -220,7 +233,7 @@ def _partial_files(root: Path) -> list[Path]:
 
 def test_ctrl_c_leaves_nothing_half_written(smollm2_path, tmp_path):
     """SIGINT in the middle of a level's quantization: exit 130, no temporary or truncated file anywhere."""
-    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache, out = fresh_cache(tmp_path / "cache"), tmp_path / "out"
     env = {**os.environ, "GGUFKIT_CACHE": str(cache), "PYTHONPATH": str(SRC)}
     cmd = [
         sys.executable,
@@ -271,7 +284,7 @@ def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
     (llama-quantize's --dry-run agrees)."""
     from llamacpp import llama_quantize_dry_run
 
-    with own_cache(tmp_path / "cache"):
+    with own_cache(fresh_cache(tmp_path / "cache")):
         r = rep.run_report(
             synthetic_f16,
             levels=["Q4_K_M"],

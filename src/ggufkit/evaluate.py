@@ -44,7 +44,7 @@ from .models import cache_dir, sha256_file
 log = logging.getLogger(__name__)
 
 ENGINES = ("builtin", "llama.cpp")
-CACHE_VERSION = 3
+CACHE_VERSION = 4  # 4: rms_norm and rope rounded as ggml's (2026-11-27)
 KLD_CUTOFF = np.float32(-16.0)
 _F = np.float32
 
