@@ -279,7 +279,7 @@ print(json.dumps([rc, Watch.importers, sorted(m for m in sys.modules if m.starts
 def test_cli_process_imports_only_what_quantize_needs(bases, tmp_path):
     """Start-up is a visible part of a small job: a `ggufkit quantize` process imports no other subcommand,
     and gguf-py (~40 ms of imports) is not imported by the reader, writer, planner or pipeline (ggufkit's
-    own ggml_types instead); the one importer left is quants/kdequant.py, loaded by the native kernels."""
+    own ggml_types instead)."""
     assert quants.backend() == "native", native.status()
     src = bases["synthetic_f32"]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -290,7 +290,7 @@ def test_cli_process_imports_only_what_quantize_needs(bases, tmp_path):
     assert run.returncode == 0, run.stderr
     rc, importers, cli_modules = json.loads(run.stdout.splitlines()[-1])
     assert rc == 0 and cli_modules == ["ggufkit.cli.quantize"], run.stdout
-    assert set(importers) <= {"ggufkit.quants.kdequant"}, importers
+    assert importers == [], importers
     assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q8_0"))
 
 

@@ -8,7 +8,8 @@ DEQUANTIZE[name](blocks uint8 [nb, type_size]) -> float32 [nb, 256].
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from ..ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]
 
