@@ -1,6 +1,7 @@
 """Built-in engine vs llama.cpp: prompt-processing tokens/s on the same file, text and threads, one run.
 
     PYTHONPATH=src python benchmarks/bench_engine.py [MODEL.gguf ...] [--ctx 512] [--chunks 4] [--threads 2]
+                                                     [--gemm-ceiling]
 
 Default models: SmolLM2-135M F16 (made by llama.cpp from the default model) and its Q4_K_M made by
 llama-quantize. Both engines evaluate the same chunks the way llama-perplexity does (ctx tokens per
@@ -9,6 +10,11 @@ chunk, fresh context per chunk, logits for the second half). llama.cpp runs thro
 timed from opening the file, so its dequantization is included. The two engines alternate `--repeat`
 times and the best run of each is kept, which damps the noise of a shared machine. Generation speed is
 llama.cpp's only (the built-in engine is a scoring engine: it has no incremental decode).
+
+--gemm-ceiling also times, on the same threads, nothing but the float32 weight products numpy's BLAS does
+for those chunks (every layer's weight matrices with ctx x chunks rows, the output head with the scored
+half), on random data of the model's shapes: the tokens/s the built-in engine could reach if everything
+else (attention, norms, rope, rounding, dequantization) cost nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +70,32 @@ def time_llamacpp(runner, chunks: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
+def gemm_ceiling(path, n_rows: int, n_scored: int, threads: int, repeat: int = 3) -> float:
+    """Seconds for the float32 products x[n_rows, in] @ W[in, out] of every 2-D weight of the model's layers
+    and x[n_scored, in] @ W_output (best of `repeat`), numpy's BLAS on `threads` threads."""
+    from ggufkit.engine.llama import blas_threads
+    from ggufkit.gguf_file import open_gguf
+
+    with open_gguf(path) as g:
+        shapes = [(t.name, tuple(int(d) for d in t.shape)) for t in g.tensors if len(t.shape) == 2]
+    layer = [s for name, s in shapes if name.startswith("blk.")]
+    head = [s for name, s in shapes if name == "output.weight"] or [
+        s for name, s in shapes if name == "token_embd.weight"
+    ]
+    rng = np.random.default_rng(0)
+    work = [(n_rows, s) for s in layer] + [(n_scored, s) for s in head]
+    xs = {(m, s[0]): rng.standard_normal((m, s[0]), dtype=np.float32) for m, s in work}
+    ws = {s: rng.standard_normal(s[::-1], dtype=np.float32).T for _, s in work}  # [in, out] views
+    best = float("inf")
+    with blas_threads(threads):
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for m, s in work:
+                xs[(m, s[0])] @ ws[s]
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="*")
@@ -71,6 +103,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--gemm-ceiling", action="store_true", help="also time the weight products alone")
     args = ap.parse_args()
 
     from ggufkit.engine.llamacpp import LlamaCppRunner
@@ -99,6 +132,14 @@ def main() -> int:
             f"{path.name:<48} {pp_ours:>15.1f} {pp_theirs:>17.1f} {pp_ours / pp_theirs:>6.2f}x {tg:>17.1f}",
             flush=True,
         )
+        if args.gemm_ceiling:
+            scored = chunks.shape[0] * (args.ctx - args.ctx // 2)
+            ceiling = n / gemm_ceiling(path, n, scored, args.threads)
+            print(
+                f"{'  numpy float32 weight products alone':<48} {ceiling:>15.1f} {pp_theirs:>17.1f} "
+                f"{ceiling / pp_theirs:>6.2f}x",
+                flush=True,
+            )
     return 0
 
 
