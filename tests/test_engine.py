@@ -9,6 +9,9 @@
 - Seeded synthetic models (F32 weights, SmolLM2's vocabulary) for the other code paths: llama with an
   untied output and GQA 4; qwen2 (q/k/v biases, NeoX rope); qwen3 (per-head q/k RMS norm, NeoX rope).
 - The activation rounding that emulates llama.cpp's CPU matmuls, against libggml's own quantizers.
+- The numba F16 kernels (activation and KV-cache rounding, F16 weights) against numpy's astype, bit for bit
+  on every half and every float32 rounding-boundary class, and the engine's logits with them against the
+  logits with astype in their place (F16 and Q4_K_M models): bit-identical.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
+from ggufkit.engine import llama as engine_llama
+from ggufkit.engine.kernels import f16_round, f16_to_f32
 from ggufkit.engine.llama import LlamaModel, ModelArgs, _rms_norm, _silu, round_activations
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
@@ -407,3 +412,65 @@ def test_f16_rounding_and_f32_passthrough():
     x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
     np.testing.assert_array_equal(round_activations(x, T.F16), x.astype(np.float16).astype(np.float32))
     assert round_activations(x, T.F32) is x
+
+
+# -- numba F16 kernels vs numpy's astype -----------------------------------------------------------
+def _bits(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x).view(np.uint32)
+
+
+def _astype_round(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return x.astype(np.float16).astype(np.float32)
+
+
+def _boundary_floats() -> np.ndarray:
+    """float32 values at and next to every F16 rounding decision: each finite half, each midpoint between
+    neighbouring halves (ties to even, in the normal and the subnormal range, and the 65504/65520
+    overflow midpoint), one float32 ulp either side of both; float32 values far below the smallest
+    subnormal half (2^-25 is the tie to 0), past the F16 range, inf, NaNs with assorted payloads and signs;
+    and a seeded sweep of 2^21 random bit patterns."""
+    h = np.arange(0x7C00, dtype=np.uint16)  # every finite non-negative half, 0 .. 65504
+    lo = h.view(np.float16).astype(np.float64)
+    hi = np.append(lo[1:], 65536.0)  # next half up; past 65504 the tie point is 65520
+    mid = ((lo + hi) / 2).astype(np.float32)  # exact: a midpoint needs 12 significant bits
+    pts = np.concatenate([lo.astype(np.float32), mid])
+    pts = np.concatenate([pts, np.nextafter(pts, np.float32(np.inf)), np.nextafter(pts, np.float32(0))])
+    extra = np.array(
+        [2.0**-25, 3 * 2.0**-25, 2.0**-26, 1e-30, 1e-45, 65519.996, 65520.0, 65536.0, 1e5, 3.4e38, np.inf],
+        np.float32,
+    )
+    nans = np.array([0x7F800001, 0x7F801FFF, 0x7F802000, 0x7FC00000, 0x7FFFFFFF, 0x7FA5A5A5], np.uint32)
+    rng = np.random.default_rng(7)
+    sweep = rng.integers(0, 2**32, 1 << 21, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    pos = np.concatenate([pts, extra, nans.view(np.float32)])
+    return np.concatenate([pos, -pos, sweep])
+
+
+def test_f16_kernels_are_numpys_astype_bit_for_bit():
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = halves.view(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(_bits(f16_to_f32(halves)), _bits(ref))  # incl. NaN payloads, -0, subnormals
+    np.testing.assert_array_equal(_bits(f16_to_f32(halves.view(np.float16))), _bits(ref))
+    np.testing.assert_array_equal(_bits(f16_round(ref)), _bits(_astype_round(ref)))
+    x = _boundary_floats()
+    x = x[: x.size // 7 * 7]
+    got = f16_round(x.reshape(-1, 7))  # any shape; contiguous rows of an odd length
+    np.testing.assert_array_equal(_bits(got).ravel(), _bits(_astype_round(x)))
+    assert f16_round(np.float32(1e-8) * np.ones((3, 5), np.float32)[:, ::2]).shape == (3, 3)  # strided in
+
+
+def _logits_with_astype(path, tokens, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as m:  # the engine as it was before the kernels: numpy astype round trips
+        m.setattr(engine_llama, "f16_round", _astype_round)
+        m.setattr(engine_llama, "f16_to_f32", lambda h: h.view(np.float16).astype(np.float32))
+        return _ours(path, tokens)
+
+
+@pytest.mark.parametrize("which", ["f16", "q4_k_m"])
+def test_engine_logits_bit_identical_with_the_kernels(which, smollm2_f16, request, monkeypatch):
+    path = smollm2_f16 if which == "f16" else request.getfixturevalue("q4_k_m")
+    tokens = _text_tokens(path, 96)
+    np.testing.assert_array_equal(
+        _bits(_ours(path, tokens)), _bits(_logits_with_astype(path, tokens, monkeypatch))
+    )

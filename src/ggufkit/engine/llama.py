@@ -54,6 +54,7 @@ from numba import njit
 from ..errors import EvalError
 from ..gguf_file import GGUFModel
 from ..quants import dequantize, quantize
+from .kernels import f16_round, f16_to_f32
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _round_q8_0(x: np.ndarray) -> np.ndarray:
     amax = np.abs(b).max(axis=1, keepdims=True)
     with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)
+    d = f16_round(amax / np.float32(127))
     return (np.rint(b * inv) * d).reshape(x.shape)
 
 
@@ -230,7 +231,7 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
     if kind is None:
         return x
     if kind == "F16":
-        return x.astype(np.float16).astype(np.float32)
+        return f16_round(x)
     if kind == "BF16":
         return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
     if kind == "Q8_K":
@@ -306,8 +307,8 @@ class LlamaModel:
         shape = tuple(reversed(t.shape))
         if t.ggml_type == _Q.F32:  # no copy: a read-only view of the mapped file
             return np.frombuffer(t.data(), dtype="<f4").reshape(shape)
-        if t.ggml_type == _Q.F16:  # numpy's vectorized cast: the same values as ggml (NaN payloads aside)
-            return np.frombuffer(t.data(), dtype="<f2").astype(np.float32).reshape(shape)
+        if t.ggml_type == _Q.F16:  # numpy's astype values (ggml's, NaN payloads aside), on numba's threads
+            return f16_to_f32(np.frombuffer(t.data(), dtype="<u2")).reshape(shape)
         return dequantize(t.data(), t.ggml_type, shape)
 
     def _maybe(self, name: str) -> np.ndarray | None:
@@ -485,8 +486,8 @@ class LlamaModel:
                 self._rope(q, cos, sin)
                 self._rope(k, cos, sin)
                 if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
-                    k = k.astype(np.float16).astype(np.float32)
-                    v = v.astype(np.float16).astype(np.float32)
+                    k = f16_round(k)
+                    v = f16_round(v)
                 xs += self._matmul(self._attention(q, k, v), w["attn_output"], ty["attn_output"])
                 h = _rms_norm(xs, w["ffn_norm"], eps)
                 rounded = {}
