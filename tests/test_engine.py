@@ -81,12 +81,22 @@ def test_model_args_from_metadata(smollm2_f16):
     assert a.vocab_size == 49152 and not a.rope_neox
 
 
+def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Relative RMS difference of two tensors (ours reshaped to ref's shape)."""
+    ours = ours.reshape(ref.shape)
+    return float(np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
+
+
+def _agree(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Fraction of positions (rows of logits) where the two argmaxes are the same token."""
+    return float(np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)))
+
+
 def test_smollm2_f16_matches_llama_cpp(smollm2_f16):
     tokens = _text_tokens(smollm2_f16, 512)
     ref = _llama_cpp_logits(smollm2_f16, tokens)
     ours = _ours(smollm2_f16, tokens)
-    rms = np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2))
-    agree = np.mean(ours.argmax(axis=1) == ref.argmax(axis=1))
+    rms, agree = _rel(ours, ref), _agree(ours, ref)
     print(f"relative RMS logit difference {rms:.2e}, argmax agreement {agree:.4f}")
     assert rms < 2e-3
     assert agree >= 0.995
@@ -160,11 +170,6 @@ def _llama_cpp_tensors(path, tokens: np.ndarray, names: set[str]) -> dict[str, l
         llama_cpp.llama_free(ctx)
         llm.close()
     return got
-
-
-def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
-    ours = ours.reshape(ref.shape)
-    return float(np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2)))
 
 
 def test_q4_k_m_each_operation_is_llama_cpps(q4_k_m):
@@ -267,17 +272,14 @@ def test_q4_k_m_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(q4_k_m, tm
         _llama_cpp_logits(_nudged_copy(q4_k_m, tmp_path / f"nudged{s}.gguf", s), tokens) for s in (1, 2)
     ]
 
-    def agree(x):
-        return float(np.mean(x.argmax(axis=1) == ref.argmax(axis=1)))
-
-    self_agree = float(np.mean([agree(x) for x in selves]))
+    self_agree = float(np.mean([_agree(x, ref) for x in selves]))
     self_rms = float(np.mean([_rel(x, ref) for x in selves]))
     print(
-        f"ours vs llama.cpp: argmax {agree(ours):.4f}, relative RMS {_rel(ours, ref):.2e}; "
+        f"ours vs llama.cpp: argmax {_agree(ours, ref):.4f}, relative RMS {_rel(ours, ref):.2e}; "
         f"llama.cpp vs itself (1-ulp norms): argmax {self_agree:.4f}, relative RMS {self_rms:.2e}"
     )
     assert self_agree < 0.995  # the issue's bar is out of reach for llama.cpp itself
-    assert agree(ours) >= self_agree - 0.01
+    assert _agree(ours, ref) >= self_agree - 0.01
     assert _rel(ours, ref) <= 1.25 * self_rms
 
 
@@ -348,8 +350,7 @@ def test_architectures_match_llama_cpp(arch, vocab_kvs, tmp_path):
     tokens = _text_tokens(path, 300)
     ref = _llama_cpp_logits(path, tokens)
     ours = _ours(path, tokens)
-    rms = np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2))
-    agree = np.mean(ours.argmax(axis=1) == ref.argmax(axis=1))
+    rms, agree = _rel(ours, ref), _agree(ours, ref)
     print(f"{arch}: relative RMS logit difference {rms:.2e}, argmax agreement {agree:.4f}")
     assert rms < 2e-3
     assert agree >= 0.99
@@ -359,9 +360,8 @@ def test_synthetic_llama_untied_gqa4(synthetic_f32):
     tokens = _text_tokens(synthetic_f32, 256)
     ref = _llama_cpp_logits(synthetic_f32, tokens)
     ours = _ours(synthetic_f32, tokens)
-    rms = np.sqrt(np.mean((ours - ref) ** 2)) / np.sqrt(np.mean(ref**2))
-    assert rms < 2e-3
-    assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= 0.99
+    assert _rel(ours, ref) < 2e-3
+    assert _agree(ours, ref) >= 0.99
 
 
 def test_unsupported_architecture_is_named(smollm2_path, tmp_path):
