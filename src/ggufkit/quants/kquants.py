@@ -113,6 +113,19 @@ def _impl_weights(x, qw, start, n, sigma2, w):
 # one super-block of each type; y is the block's bytes, the rest is scratch
 
 
+@_inline
+def _max_scale_min(scales, mins, nsub):
+    """The largest sub-block scale and min, from 0 (C's max_scale/max_min loop)."""
+    max_scale = F32(0.0)
+    max_min = F32(0.0)
+    for j in range(nsub):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    return max_scale, max_min
+
+
 @_kernel
 def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict, L, scales, mins, sc):
     """The 256/sub make_qkx searches of one super-block (sub-blocks of `sub` elements, weights wfull in
@@ -173,13 +186,7 @@ def _q45k_block(x, qw, is_q5, y, L, w, sc, scales, mins, sw, Ls, Lm):
             mins,
             sc,
         )
-        max_scale = F32(0.0)
-        max_min = F32(0.0)
-        for j in range(nsub):
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
+        max_scale, max_min = _max_scale_min(scales, mins, nsub)
         inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
         inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
         for j in range(nsub):
@@ -387,13 +394,7 @@ def _q2k_block(x, qw, y, L, w, sc, scales, mins, sw, Ls, Lm):
             mins,
             sc,
         )
-        max_scale = F32(0.0)
-        max_min = F32(0.0)
-        for j in range(nsub):
-            if scales[j] > max_scale:
-                max_scale = scales[j]
-            if mins[j] > max_min:
-                max_min = mins[j]
+        max_scale, max_min = _max_scale_min(scales, mins, nsub)
         dbits = 0
         mbits = 0
         for j in range(nsub):

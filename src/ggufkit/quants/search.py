@@ -97,6 +97,19 @@ def _fix_wide(raw):
             raw[k] = F32(nearest_int(raw[k]))
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _scaled(raw, iscale, src, n):
+    """raw[i] = iscale * src[i] for i < n, then C's nearest_int for the rare values out of rint's range, so
+    that np.rint(raw[i]) is nearest_int(iscale * src[i]) everywhere."""
+    n_wide = 0
+    for i in range(n):
+        f = iscale * src[i]
+        raw[i] = f
+        n_wide += not abs(f) <= _RINT_LIMIT
+    if n_wide:
+        _fix_wide(raw[:n])
+
+
 @njit(cache=True, error_model="numpy")
 def _make_qx_plain(x, nmax, L, qw, mx):
     """make_qx_quants one candidate at a time with nearest_int, as in C (for inputs with NaN/inf)."""
@@ -232,13 +245,7 @@ def _make_q3(x, nmax, L, work):
     wx = work[1]
     lf = work[2]
     iscale = F32(-nmax) / mx
-    n_wide = 0
-    for i in range(n):  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
-        f = iscale * x[i]
-        lf[i] = f
-        n_wide += not abs(f) <= _RINT_LIMIT
-    if n_wide:
-        _fix_wide(lf[:n])
+    _scaled(lf, iscale, x, n)  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
     for i in range(n):
         l = np.rint(lf[i])
         l = l if l >= lo else lo
@@ -310,13 +317,7 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
     iscale = fn / (mx - mn)  # inf when max - min is subnormal
     scale = F32(1.0) / iscale
     best = zero
-    n_wide = 0
-    for i in range(n):
-        f = iscale * xm[i]
-        raw[i] = f
-        n_wide += not abs(f) <= _RINT_LIMIT
-    if n_wide:
-        _fix_wide(raw[:n])
+    _scaled(raw, iscale, xm, n)
     for i in range(n):
         l = np.rint(raw[i])
         l = l if l >= zero else zero
@@ -333,13 +334,7 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
         iscale = (frmin + frdelta * F32(s) + fn) / (mx - mn)
         # Once a fitted min has replaced min(x), x - min can be far outside [0, max - min] (e.g. a spike
         # with weight 0), and C's nearest_int then returns its bit trick, not the rounded value.
-        n_wide = 0
-        for i in range(n):
-            f = iscale * xm[i]
-            raw[i] = f
-            n_wide += not abs(f) <= _RINT_LIMIT
-        if n_wide:
-            _fix_wide(raw[:n])
+        _scaled(raw, iscale, xm, n)
         changed = 0 if s > 0 else 1
         for i in range(n):
             l = np.rint(raw[i])
