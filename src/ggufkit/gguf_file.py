@@ -21,6 +21,10 @@ gguf-py's GGUFReader is not used for parsing: on hostile input it raises assorte
 slow on 49k-token vocabularies. gguf-py's constants (value types, ggml types, block sizes) are the source
 of truth for what is known, through ggufkit.ggml_types (a copy checked against them, so that opening a
 file does not import gguf-py).
+
+Opening a file does not import numpy either (~45 ms, a quarter of a small `ggufkit quantize` job, which
+copies the KVs as raw bytes): array values are checked at open and decoded from their raw bytes the first
+time they are read (numeric arrays to numpy then), and tensor data is mapped with numpy on first use.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import GGUFError
 from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["GGUFError", "GGUFModel", "KV", "TensorInfo", "open_gguf", "GGUF_MAGIC", "DEFAULT_ALIGNMENT"]
 
@@ -45,19 +51,19 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME = 64  # GGML_MAX_NAME: tensor names must be shorter (ggml stores them NUL-terminated in 64 bytes)
 INT64_MAX = (1 << 63) - 1
 
-# Fixed-size scalar types: struct format (little-endian) and numpy dtype of arrays.
+# Fixed-size scalar types: struct format (little-endian), size in bytes, numpy dtype of arrays.
 _SCALAR = {
-    GGUFValueType.UINT8: ("<B", np.dtype("<u1")),
-    GGUFValueType.INT8: ("<b", np.dtype("<i1")),
-    GGUFValueType.UINT16: ("<H", np.dtype("<u2")),
-    GGUFValueType.INT16: ("<h", np.dtype("<i2")),
-    GGUFValueType.UINT32: ("<I", np.dtype("<u4")),
-    GGUFValueType.INT32: ("<i", np.dtype("<i4")),
-    GGUFValueType.FLOAT32: ("<f", np.dtype("<f4")),
-    GGUFValueType.BOOL: ("<B", np.dtype("<u1")),
-    GGUFValueType.UINT64: ("<Q", np.dtype("<u8")),
-    GGUFValueType.INT64: ("<q", np.dtype("<i8")),
-    GGUFValueType.FLOAT64: ("<d", np.dtype("<f8")),
+    GGUFValueType.UINT8: ("<B", 1, "<u1"),
+    GGUFValueType.INT8: ("<b", 1, "<i1"),
+    GGUFValueType.UINT16: ("<H", 2, "<u2"),
+    GGUFValueType.INT16: ("<h", 2, "<i2"),
+    GGUFValueType.UINT32: ("<I", 4, "<u4"),
+    GGUFValueType.INT32: ("<i", 4, "<i4"),
+    GGUFValueType.FLOAT32: ("<f", 4, "<f4"),
+    GGUFValueType.BOOL: ("<B", 1, "<u1"),
+    GGUFValueType.UINT64: ("<Q", 8, "<u8"),
+    GGUFValueType.INT64: ("<q", 8, "<i8"),
+    GGUFValueType.FLOAT64: ("<d", 8, "<f8"),
 }
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -73,41 +79,57 @@ def _show(name: str, limit: int = 80) -> str:
 
 
 class _Strings:
-    """Where each element of a string array lies in its KV's raw bytes, for decoding on first use.
+    """A string array's element lengths, for decoding its KV's raw bytes on first use.
 
     The reader checks every element's length when it opens the file (that walk is cheap); decoding ~100k
     vocabulary strings is not, and most commands never look at them (quantize copies KVs as raw bytes).
+    The elements (each a u64 length and its bytes) are the last `nbytes` bytes of the KV's raw bytes.
     Values decode with errors="surrogateescape", which cannot fail, so a lazy decode raises nothing.
     """
 
-    __slots__ = ("starts", "end", "base")
+    __slots__ = ("lengths", "nbytes")
 
-    def __init__(self, starts: array.array, end: int):
-        self.starts = starts  # array("q"): file offset of each element's bytes (after its 8-byte length)
-        self.end = end  # file offset just past the last element
-        self.base = 0  # file offset of the KV's raw bytes (set by _parse)
+    def __init__(self, lengths: list[int], nbytes: int):
+        self.lengths = lengths
+        self.nbytes = nbytes
 
     def __len__(self) -> int:
-        return len(self.starts)
-
-    def _lengths(self) -> np.ndarray:
-        starts = np.frombuffer(self.starts, np.int64)
-        return np.diff(starts, append=self.end + 8) - 8  # the next element's bytes follow its 8-byte length
+        return len(self.lengths)
 
     def decode(self, raw: bytes) -> list[str]:
-        b = self.base
-        return [
-            raw[s - b : s - b + n].decode("utf-8", "surrogateescape")
-            for s, n in zip(self.starts, self._lengths().tolist())
-        ]
+        pos = len(raw) - self.nbytes
+        # each element: its 8-byte length, then n bytes; pos ends up just past the element
+        return [raw[(pos := pos + 8 + n) - n : pos].decode("utf-8", "surrogateescape") for n in self.lengths]
 
     def has_nul(self, raw: bytes) -> bool:
-        """Whether an element's bytes hold a NUL: the region's zero bytes are more than its length fields'."""
-        if not self.starts:
+        """Whether an element's bytes hold a NUL: the elements' zero bytes are more than their length
+        fields' (the zero bytes of a u64 are as many in either byte order, so native 'Q' counts them)."""
+        if not self.lengths:
             return False
-        region = raw[self.starts[0] - 8 - self.base : self.end - self.base]
-        in_lengths = np.count_nonzero(self._lengths().astype("<u8").view(np.uint8) == 0)
-        return region.count(0) > in_lengths
+        in_lengths = array.array("Q", self.lengths).tobytes().count(0)
+        return raw.count(0, len(raw) - self.nbytes) > in_lengths
+
+
+class _Numbers:
+    """A numeric or BOOL array: its elements are the last count x size bytes of the KV's raw bytes,
+    decoded to a numpy array on first use (opening a file does not import numpy)."""
+
+    __slots__ = ("sub_type", "count")
+
+    def __init__(self, sub_type: GGUFValueType, count: int):
+        self.sub_type = sub_type
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def decode(self, raw: bytes) -> np.ndarray:
+        import numpy as np
+
+        dtype = np.dtype(_SCALAR[self.sub_type][2])
+        offset = len(raw) - self.count * dtype.itemsize
+        values = np.frombuffer(raw, dtype=dtype, count=self.count, offset=offset).copy()
+        return values.astype(bool) if self.sub_type == GGUFValueType.BOOL else values
 
 
 class KV:
@@ -116,10 +138,10 @@ class KV:
     value: int, float, bool or str for scalars; for arrays a list of str (STRING elements) or a numpy
     array (numeric and BOOL elements), with `sub_type` the element type. Strings that are not valid UTF-8
     keep their bytes as lone surrogates (str.encode("utf-8", "surrogateescape") gives them back). The
-    strings of a string array are decoded from `raw` the first time `value` is read.
+    elements of an array read from a file are decoded from `raw` the first time `value` is read.
     """
 
-    __slots__ = ("key", "type", "sub_type", "raw", "_value", "_strings")
+    __slots__ = ("key", "type", "sub_type", "raw", "_value", "_lazy")
 
     def __init__(
         self,
@@ -134,19 +156,19 @@ class KV:
         self.sub_type = sub_type
         self.raw = raw
         self._value = value
-        self._strings: _Strings | None = None
+        self._lazy: _Strings | _Numbers | None = None
 
     @classmethod
-    def _string_array(cls, key: str, strings: _Strings, raw: bytes) -> KV:
-        kv = cls(key, GGUFValueType.ARRAY, None, GGUFValueType.STRING, raw)
-        kv._strings = strings
+    def _array(cls, key: str, sub_type: GGUFValueType, elements: _Strings | _Numbers, raw: bytes) -> KV:
+        kv = cls(key, GGUFValueType.ARRAY, None, sub_type, raw)
+        kv._lazy = elements
         return kv
 
     @property
     def value(self) -> object:
-        if self._strings is not None:
-            self._value = self._strings.decode(self.raw)
-            self._strings = None
+        if self._lazy is not None:
+            self._value = self._lazy.decode(self.raw)
+            self._lazy = None
         return self._value
 
     def has_nul(self) -> bool:
@@ -154,15 +176,15 @@ class KV:
         if self.type == GGUFValueType.STRING:
             return "\0" in self.value
         if self.type == GGUFValueType.ARRAY and self.sub_type == GGUFValueType.STRING:
-            if self._strings is not None:
-                return self._strings.has_nul(self.raw)
+            if isinstance(self._lazy, _Strings):
+                return self._lazy.has_nul(self.raw)
             return any("\0" in v for v in self.value)
         return False
 
     def __repr__(self) -> str:
         sub = f", sub_type={self.sub_type!r}" if self.sub_type is not None else ""
-        if self._strings is not None:
-            value = f"<{len(self._strings)} strings, decoded on first use>"
+        if self._lazy is not None:
+            value = f"<{len(self._lazy)} {self.sub_type.name} elements, decoded on first use>"
             return f"KV(key={self.key!r}, type={self.type!r}, value={value}{sub})"
         return f"KV(key={self.key!r}, type={self.type!r}, value={self._value!r}{sub})"
 
@@ -184,7 +206,8 @@ class TensorInfo:
         return self._model.data_offset + self.offset
 
     def data(self) -> np.ndarray:
-        """The tensor's bytes: a read-only uint8 1-D view (np.memmap) of the file, mapped on first use."""
+        """The tensor's bytes: a read-only uint8 1-D view (np.memmap) of the file, mapped on first use
+        (numpy is imported then)."""
         if self._model is None:
             raise GGUFError(f"tensor {_show(self.name)} is not attached to an open file")
         return self._model._tensor_bytes(self)
@@ -211,7 +234,7 @@ class GGUFModel:
         self.kv = kv
         self.tensors = tensors
         self._by_name = {t.name: t for t in tensors}
-        self._map: np.memmap | None = None
+        self._map = None  # np.memmap of the whole file, made by the first TensorInfo.data()
         self._closed = False
         for t in tensors:
             t._model = self
@@ -244,6 +267,8 @@ class GGUFModel:
                     f"the file changed size since it was opened ({self.file_size} -> {size} bytes)",
                     path=self.path,
                 )
+            import numpy as np
+
             try:
                 self._map = np.memmap(self.path, dtype=np.uint8, mode="r", shape=(self.file_size,))
             except OSError as e:
@@ -328,18 +353,18 @@ class _Parser:
     def scalar(self, vtype: GGUFValueType, what: str):
         if vtype == GGUFValueType.STRING:
             return self.string(what, strict=False)
-        fmt, dtype = _SCALAR[vtype]
-        self.need(dtype.itemsize, what)
+        fmt, size, _ = _SCALAR[vtype]
+        self.need(size, what)
         (v,) = struct.unpack_from(fmt, self.buf, self.pos)
         if vtype == GGUFValueType.BOOL:
             if v > 1:
                 self.fail(f"{what} is a bool stored as {v} (must be 0 or 1)")
             v = bool(v)
-        self.pos += dtype.itemsize
+        self.pos += size
         return v
 
-    def array(self, what: str) -> tuple[GGUFValueType, object]:
-        """(element type, elements): a numpy array, or for strings their positions (_Strings)."""
+    def array(self, what: str) -> tuple[GGUFValueType, _Strings | _Numbers]:
+        """(element type, elements): checked here, decoded from the KV's raw bytes when first read."""
         sub = self.value_type(f"{what} element type")
         if sub == GGUFValueType.ARRAY:
             self.fail(f"{what} is an array of arrays (not supported by ggml)", self.pos - 4)
@@ -350,31 +375,42 @@ class _Parser:
             if count > left // 8:  # each element has at least its 8-byte length
                 self.fail(f"{what} has {count} strings but only {left} bytes remain", count_at)
             return sub, self._string_array(count, what)
-        dtype = _SCALAR[sub][1]
-        if count > left // dtype.itemsize:
-            self.fail(
-                f"{what} has {count} x {dtype.itemsize}-byte elements but only {left} bytes remain", count_at
-            )
-        values = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        size = _SCALAR[sub][1]
+        if count > left // size:
+            self.fail(f"{what} has {count} x {size}-byte elements but only {left} bytes remain", count_at)
         if sub == GGUFValueType.BOOL:
-            bad = np.flatnonzero(values > 1)
-            if bad.size:
-                self.fail(
-                    f"{what} element {bad[0]} is a bool stored as {values[bad[0]]} (must be 0 or 1)",
-                    self.pos + int(bad[0]),
-                )
-            values = values.astype(bool)
-        self.pos += count * dtype.itemsize
-        return sub, values
+            elements = self.buf[self.pos : self.pos + count]
+            bad = elements.translate(None, b"\0\1")  # the bytes that are neither 0 nor 1, in order
+            if bad:
+                i = elements.index(bad[:1])  # the first byte of that value is the first bad one
+                self.fail(f"{what} element {i} is a bool stored as {bad[0]} (must be 0 or 1)", self.pos + i)
+        self.pos += count * size
+        return sub, _Numbers(sub, count)
 
     def _string_array(self, count: int, what: str) -> _Strings:
-        # The hot loop for tokenizer vocabularies (~50k-250k strings): locals only, one check per string.
-        # Only the lengths are checked and the positions kept: values cannot fail to decode (surrogateescape)
-        # and are decoded when first read (KV.value).
+        # The hot loop of opening a file (tokenizer vocabularies and merges: ~50k-250k strings). One pass
+        # reads each length and steps past its element, with no per-element check: an element that runs
+        # past the end makes the next read fail (struct.error, or OverflowError beyond 2^63), or leaves pos
+        # past the end after the last one. Then the careful walk finds the element and names it. Only the
+        # lengths are kept: values cannot fail to decode (surrogateescape) and are decoded when first read.
+        buf, first, pos = self.buf, self.pos, self.pos
+        unpack = _U64.unpack_from
+        try:
+            # pos + 8 + n is positive, so `and n` keeps the length just read
+            lengths = [(pos := pos + 8 + (n := unpack(buf, pos)[0])) and n for _ in range(count)]
+        except (struct.error, OverflowError):
+            pos = self.size + 1
+        if pos > self.size or len(buf) != self.size:
+            lengths, pos = self._string_array_checked(count, what)
+        self.pos = pos
+        return _Strings(lengths, pos - first)
+
+    def _string_array_checked(self, count: int, what: str) -> tuple[list[int], int]:
+        """The element lengths and the end, each length checked against what is left before the next is
+        read (slower; the error names the element and its offset)."""
         buf, size, pos = self.buf, self.size, self.pos
         unpack = _U64.unpack_from
-        starts = array.array("q")
-        append = starts.append
+        lengths = []
         for i in range(count):
             if size - pos < 8:
                 self.pos = pos
@@ -385,10 +421,9 @@ class _Parser:
                 self.fail(
                     f"{what} element {i} length {n} exceeds the {size - pos} bytes left in the file", pos - 8
                 )
-            append(pos)
+            lengths.append(n)
             pos += n
-        self.pos = pos
-        return _Strings(starts, pos)
+        return lengths, pos
 
 
 def _parse(buf, size: int, path) -> GGUFModel:
@@ -428,17 +463,12 @@ def _parse(buf, size: int, path) -> GGUFModel:
             p.fail(f"duplicate key {_show(key)} (KV {i})", start)
         what = f"KV {_show(key)}"
         vtype = p.value_type(f"{what} value type")
-        sub = None
         if vtype == GGUFValueType.ARRAY:
-            sub, value = p.array(what)
+            sub, elements = p.array(what)
+            kv[key] = KV._array(key, sub, elements, bytes(buf[start : p.pos]))
         else:
             value = p.scalar(vtype, f"{what} value")
-        raw = bytes(buf[start : p.pos])
-        if isinstance(value, _Strings):
-            value.base = start
-            kv[key] = KV._string_array(key, value, raw)
-        else:
-            kv[key] = KV(key, vtype, value, sub, raw)
+            kv[key] = KV(key, vtype, value, None, bytes(buf[start : p.pos]))
         kv_at[key] = start
 
     alignment = DEFAULT_ALIGNMENT
