@@ -93,12 +93,17 @@ def test_writer_bytes_equal_gguf_py_writer(tmp_path):
         shape = tuple(reversed(arr.shape)) if qtype != T.Q8_0 else (32, arr.shape[0])
         entries.append(TensorEntry(name, shape, qtype))
     kvs = [kv_bytes(k, t, v, sub_type=s) for k, t, v, s in KVS]
+    for (k, t, v, s), raw in zip(KVS, kvs):  # numeric arrays given as numpy arrays: the same bytes
+        if t == V.ARRAY and s != V.STRING:
+            assert kv_bytes(k, t, np.asarray(v), sub_type=s) == raw, k
     with GGUFStreamWriter(ours, kvs, entries) as w:
         for (name, arr, _), _e in zip(tensors, entries):
             w.begin_tensor(name)
             flat = arr.reshape(-1).view(np.uint8)
-            w.write(flat[:7])  # any chunking
-            w.write(flat[7:])
+            w.write(flat[:7])  # any chunking, as a numpy array, bytearray, memoryview or bytes
+            w.write(bytearray(flat[7:9].tobytes()))
+            w.write(memoryview(flat[9:20].tobytes()))
+            w.write(flat[20:].tobytes())
             w.end_tensor()
         w.commit()
     assert sha256_file(ours) == sha256_file(ref)
