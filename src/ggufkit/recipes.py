@@ -1,8 +1,8 @@
 """Per-tensor type policy of `ggufkit quantize`: llama-quantize's levels and its rules, as a plan.
 
 Pure policy: tensor names, shapes and types in, a `Plan` out (each tensor's destination type, why, and
-its size). No tensor data is read and nothing here knows a bit layout; block sizes come from the block
-format registry.
+its size). No tensor data is read and nothing here knows a bit layout; block sizes come from
+ggml_types' table (the block format registry's source), so planning imports neither the kernels nor numpy.
 
 Reference: llama.cpp src/llama-quant.cpp (llama_tensor_get_type, llama_tensor_get_type_impl,
 tensor_type_fallback, tensor_allows_quantization) and tools/quantize/quantize.cpp, as vendored in
@@ -26,14 +26,18 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import QuantizeError
+from .ggml_types import GGML_QUANT_SIZES
 from .ggml_types import GGMLQuantizationType as T
 from .gguf_writer import n_dims
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # -- levels -----------------------------------------------------------------------------------------------
 
@@ -122,16 +126,15 @@ def parse_ggml_type(value) -> T:
 
 
 def _block_size(qt: T) -> int:
-    """Elements per block, from the block format registry (the one place block facts live)."""
-    from .quants import get_format
-
-    return get_format(qt).block_size
+    """Elements per block, from ggml_types' table (the block format registry's source; importing the
+    registry would import numpy, which planning does not need)."""
+    return GGML_QUANT_SIZES[qt][0]
 
 
 def _row_bytes(qt: T, n_per_row: int) -> int:
-    from .quants import row_bytes
-
-    return row_bytes(qt, n_per_row)
+    """ggml_row_size; the caller has checked that the row is a whole number of blocks."""
+    block_size, type_size = GGML_QUANT_SIZES[qt]
+    return n_per_row // block_size * type_size
 
 
 # -- model facts ------------------------------------------------------------------------------------------
@@ -176,7 +179,8 @@ class Hparams:
 
 def _first(value):
     """A per-layer array KV (head counts may be one per layer) -> the value for layer 0."""
-    if isinstance(value, (list, tuple, np.ndarray)):
+    np = sys.modules.get("numpy")  # a numpy array value means numpy is loaded (it is not imported here)
+    if isinstance(value, (list, tuple)) or (np is not None and isinstance(value, np.ndarray)):
         return int(value[0]) if len(value) else 0
     return int(value)
 
