@@ -8,8 +8,11 @@ The real SmolLM2 file must open and agree with gguf-py's GGUFReader on every KV 
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -270,6 +273,34 @@ HOSTILE = {
         37,
     ),
     "unknown array type": (raw_gguf([_kv("k", V.ARRAY, struct.pack("<IQ", 99, 1))]), "value type", 37),
+    "bool array not 0/1": (
+        raw_gguf([_kv("k", V.ARRAY, struct.pack("<IQ", V.BOOL, 4) + b"\1\0\3\2")]),
+        r"KV 'k' element 2 is a bool stored as 3 \(must be 0 or 1\)",
+        49 + 2,
+    ),
+    # String arrays: the fast walk has no per-element checks; the error comes from the careful one.
+    "last string past end": (
+        raw_gguf(
+            [_kv("k", V.ARRAY, struct.pack("<IQ", V.STRING, 2) + _s("ab") + struct.pack("<Q", 100) + b"xy")]
+        ),
+        "KV 'k' element 1 length 100 exceeds the 2 bytes left in the file",
+        59,
+    ),
+    "string past end, not last": (
+        raw_gguf([_kv("k", V.ARRAY, struct.pack("<IQQ", V.STRING, 3, 2**40) + b"x" * 20)]),
+        "KV 'k' element 0 length 1099511627776 exceeds the 20 bytes left in the file",
+        49,
+    ),
+    "string length 2^64-1": (
+        raw_gguf([_kv("k", V.ARRAY, struct.pack("<IQQ", V.STRING, 2, U64) + b"x" * 10)]),
+        f"KV 'k' element 0 length {U64} exceeds the 10 bytes left in the file",
+        49,
+    ),
+    "string length cut": (
+        raw_gguf([_kv("k", V.ARRAY, struct.pack("<IQ", V.STRING, 2) + _s("abcdefgh") + b"\1\0\0")]),
+        "KV 'k' element 1 length needs 8 bytes but only 3 remain",
+        65,
+    ),
     "alignment not u32": (
         raw_gguf([_kv("general.alignment", V.UINT64, struct.pack("<Q", 32))]),
         "UINT32",
@@ -496,6 +527,67 @@ def test_smollm2_opens_and_matches_gguf_py(smollm2_path):
         r = gguf.GGUFReader(smollm2_path)
         for ours, theirs in zip(m.tensors[:3], r.tensors[:3]):  # same bytes, lazily mapped
             np.testing.assert_array_equal(ours.data(), np.asarray(theirs.data).view(np.uint8).reshape(-1))
+
+
+# ---- quantizing needs no numpy ---------------------------------------------------------------------
+
+NO_NUMPY_SCRIPT = """
+import sys
+from ggufkit.ggml_types import GGMLQuantizationType as T, GGUFValueType as V
+from ggufkit.gguf_file import open_gguf
+from ggufkit.gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, header_bytes, kv_bytes
+from ggufkit.recipes import plan_for_gguf
+
+*models, small, out = sys.argv[1:]
+for path in [*models, small]:
+    with open_gguf(path) as m:
+        kvs = [copy_kv(kv) for kv in m.kv.values()]
+        assert [kv.raw for kv in m.kv.values() if not kv.has_nul()] == [
+            b for kv, b in zip(m.kv.values(), kvs) if not kv.has_nul()
+        ]
+        scalars = {k: kv.value for k, kv in m.kv.items() if kv.type != V.ARRAY}
+        assert scalars["general.architecture"] == "llama"
+        if path == small:  # a string array with NULs: copy_kv re-serializes it
+            nul = m.kv["test.arr_str"]
+            assert nul.has_nul() and copy_kv(nul) != nul.raw
+            continue
+        plan = plan_for_gguf(m, "Q4_K_M")
+        assert {t.dst_type for t in plan.tensors} >= {T.Q4_K, T.Q6_K}, plan.tensors
+        entries = [TensorEntry(t.name, t.shape, t.dst_type) for t in plan.tensors]
+        header, offsets = header_bytes(kvs, entries)
+        assert header.startswith(b"GGUF") and len(offsets) == len(entries)
+kvs = [kv_bytes("general.architecture", V.STRING, "llama")]
+kvs.append(kv_bytes("k", V.ARRAY, ["a", "b"], sub_type=V.STRING))
+with GGUFStreamWriter(out, kvs, [TensorEntry("w", (32, 2), T.F32)]) as w:
+    w.begin_tensor("w")
+    for chunk in (bytes(100), bytearray(100), memoryview(bytes(56))):
+        w.write(chunk)
+    w.end_tensor()
+    w.commit()
+with open_gguf(out) as m:
+    assert m.get("k") == ["a", "b"] and m.tensor("w").nbytes == 256
+print(sorted(name for name in sys.modules if name.split(".")[0] == "numpy"))
+assert "numpy" not in sys.modules, "numpy was imported"
+"""
+
+
+def _run_no_numpy(prefix: str, *args) -> subprocess.CompletedProcess:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-c", prefix + NO_NUMPY_SCRIPT, *map(str, args)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_reading_planning_and_writing_import_no_numpy(synthetic_f32, smollm2_path, small, tmp_path):
+    """What `ggufkit quantize` does around the kernels (open, copy the KVs, plan Q4_K_M, write a file)
+    runs in a fresh interpreter without importing numpy (~45 ms of a small quantize job)."""
+    path, _ = small
+    run = _run_no_numpy("", synthetic_f32, smollm2_path, path, tmp_path / "out.gguf")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "[]"
+    # The check is live: the same script with numpy imported first fails on its last line.
+    run = _run_no_numpy("import numpy", synthetic_f32, smollm2_path, path, tmp_path / "out2.gguf")
+    assert run.returncode != 0 and "numpy was imported" in run.stderr, run.stderr[-3000:]
 
 
 # ---- ggufkit's own copy of gguf-py's constants ------------------------------------------------------
