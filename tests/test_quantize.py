@@ -34,6 +34,8 @@ from ggufkit.models import cache_dir, sha256_file
 from ggufkit.quantize import parse_override_kv, quantize_file
 from ggufkit.quants import native
 
+BACKENDS = ("native", "jit") if native.compiler() else ("jit",)  # both kernel builds
+
 LEVELS = [
     "Q2_K",
     "Q3_K_S",
@@ -495,7 +497,13 @@ def test_requantize_refused(smollm2_path, tmp_path, capsys):
 
 
 def _tiny_gguf(
-    path: Path, arch: str, *, nan_at: tuple[int, int] | None = None, bad=np.nan, huge_rows: int = 0
+    path: Path,
+    arch: str,
+    *,
+    nan_at: tuple[int, int] | None = None,
+    bad=np.nan,
+    huge_rows: int = 0,
+    dtype: str = "F32",
 ) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(128)
@@ -510,7 +518,13 @@ def _tiny_gguf(
     x[:huge_rows] = np.float32(3e38)  # finite, but a row's (or the chunk's) sum overflows to infinity
     if nan_at is not None:
         x[nan_at] = bad
-    w.add_tensor("blk.0.attn_q.weight", x)
+    if dtype == "F16":
+        w.add_tensor("blk.0.attn_q.weight", x.astype(np.float16))
+    elif dtype == "BF16":  # the top half of each float32 (these values are exact in bfloat16 or not: any)
+        bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+        w.add_tensor("blk.0.attn_q.weight", bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        w.add_tensor("blk.0.attn_q.weight", x)
     w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -562,6 +576,30 @@ def test_finiteness_check_sees_infinities_and_not_overflowing_sums(tmp_path, cap
     llama_model_quantize(src, tmp_path / "ref.gguf", "F32")
     quantize_file(src, tmp_path / "ours.gguf", "F32")
     assert_identical(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_nonfinite_half_precision_weights_refused(dtype, backend, tmp_path):
+    """F16/BF16 inputs, quantized (checked after widening) or copied (checked on their bits), on both kernel
+    builds: the first bad row is named, also when it is not in the first thread's rows; llama.cpp refuses
+    the file it quantizes and takes the clean one (same bytes as ours)."""
+    old = quants.set_backend(backend)
+    try:
+        clean = _tiny_gguf(tmp_path / "clean.gguf", "llama", dtype=dtype)
+        llama_model_quantize(clean, tmp_path / "ref.gguf", "Q8_0")
+        quantize_file(clean, tmp_path / "ours.gguf", "Q8_0", threads=2)
+        assert_identical(tmp_path / "ours.gguf", tmp_path / "ref.gguf")
+        for bad in (np.nan, np.inf, -np.inf):
+            src = _tiny_gguf(tmp_path / "bad.gguf", "llama", nan_at=(11, 63), bad=bad, dtype=dtype)
+            for level in ("Q8_0", dtype):  # quantized; copied as it is
+                with pytest.raises(QuantizeError, match=r"blk\.0\.attn_q\.weight.* row 11;"):
+                    quantize_file(src, tmp_path / "o.gguf", level, threads=2)
+                assert not (tmp_path / "o.gguf").exists()
+            with pytest.raises(RuntimeError):
+                llama_model_quantize(src, tmp_path / "ref-bad.gguf", "Q8_0")
+    finally:
+        quants.set_backend(old)
 
 
 def test_errors_in_a_subprocess_have_no_traceback(bases, tmp_path):

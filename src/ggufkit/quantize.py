@@ -6,6 +6,9 @@ The pipeline, one tensor at a time, in llama.cpp's output order (sorted by layer
   3. otherwise its rows are read in chunks (never the whole model, at most CHUNK_ELEMENTS floats at a time),
      widened to float32 (F16/BF16 exactly, quantized inputs only with allow_requantize), checked for
      NaN/Inf, quantized with the tensor's importance vector, and appended to the output.
+Each chunk of the input is mapped (no copy) and unmapped when done, so memory stays bounded by a chunk;
+the chunks go through quants.rows on raw addresses, which with the native library never imports numpy
+(its import would be a third of a small job's start-up).
 The output is a GGUF v3 file byte-identical to llama-quantize's (gguf_writer), written to a temporary
 file and renamed into place only when complete.
 
@@ -17,7 +20,9 @@ order (an int is stored as the u32 of its absolute value), then the quantize.ima
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 import re
 import struct
@@ -26,13 +31,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from . import quants
 from .errors import GgufkitError, QuantizeError
 from .ggml_types import GGMLQuantizationType, GGUFValueType
 from .gguf_file import GGUFModel, open_gguf
 from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
+from .quants.rows import Buffer, NonFiniteRow, for_backend, memory
 
 __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_override_kv", "quantize_file"]
 
@@ -198,40 +202,77 @@ def _check_paths(src: Path, dst: Path) -> None:
 # -- tensor data ------------------------------------------------------------------------------------------
 
 
-class _Reader:
-    """Reads byte ranges of the input with pread into reused buffers (no mapping grows with the file)."""
+_PAGE = mmap.ALLOCATIONGRANULARITY
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+# mapped pages are filled in one call rather than faulted in one by one (Linux; read-only, so no copy)
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+class _Source:
+    """The input's bytes, one window at a time: mapped read-only and unmapped when the window closes (no
+    copy, and only the window counts in the process's memory); read with pread into a reused buffer where
+    the file cannot be mapped."""
 
     def __init__(self, path):
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._buffer: Buffer | None = None
 
-    def read(self, offset: int, nbytes: int, out: np.ndarray | None = None) -> np.ndarray:
-        buf = out if out is not None else np.empty(nbytes, np.uint8)
-        view = memoryview(buf).cast("B")[:nbytes]
+    def window(self, offset: int, nbytes: int) -> _Window:
+        start = offset - offset % _PAGE
+        length = offset - start + nbytes
+        base = _libc.mmap(None, length, mmap.PROT_READ, _MAP_FLAGS, self.fd, start) if nbytes else None
+        if base is not None and base != _MAP_FAILED:
+            return _Window(base + offset - start, nbytes, lambda: _libc.munmap(base, length))
+        if self._buffer is None:
+            self._buffer = Buffer()
+        address = self._buffer.reserve(max(1, nbytes))
+        view = self._buffer.view(nbytes)
         got = 0
         while got < nbytes:
             n = os.preadv(self.fd, [view[got:]], offset + got)
             if n <= 0:
                 raise QuantizeError(f"unexpected end of input at byte {offset + got}")
             got += n
-        return buf[:nbytes] if out is None else buf
+        return _Window(address, nbytes, None)
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def _check_finite(x: np.ndarray, name: str, first_row: int) -> None:
-    # A NaN or an infinity makes the sum non-finite, so a finite sum clears the chunk in one pass without
-    # a mask; a non-finite sum (or one that overflowed) is looked at row by row.
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(x, axis=None)):
-            return
-    ok = np.isfinite(x).all(axis=1)
-    if not ok.all():
-        row = first_row + int(np.argmin(ok))
-        raise QuantizeError(
-            f"tensor {name!r} has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses such "
-            f"weights (pass allow_nonfinite / --allow-nonfinite to quantize them anyway)"
-        )
+class _Window:
+    """nbytes of the input at `address` (and as a memoryview, `view()`), valid until the with-block ends."""
+
+    def __init__(self, address: int, nbytes: int, release):
+        self.address, self.nbytes, self._release = address, nbytes, release
+
+    def view(self) -> memoryview:
+        return memory(self.address, self.nbytes)
+
+    def __enter__(self) -> _Window:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+def _nonfinite(name: str, row: int) -> QuantizeError:
+    return QuantizeError(
+        f"tensor {name!r} has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses such "
+        f"weights (pass allow_nonfinite / --allow-nonfinite to quantize them anyway)"
+    )
 
 
 def _rows_per_chunk(n_per_row: int, rows_per_slice: int) -> int:
@@ -377,22 +418,23 @@ def quantize_file(
         n_threads, restore = _set_threads(threads)
         summary.threads = n_threads
         summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
-        reader = _Reader(src)
+        rows = for_backend()
+        source = _Source(src)
         try:
             with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
-                _stream(model, plan, by_name, vectors, reader, writer, allow_nonfinite, progress)
+                _stream(model, plan, by_name, vectors, source, rows, writer, allow_nonfinite, progress)
                 writer.commit()
                 summary.file_size = writer.file_size
         except OSError as e:
             raise QuantizeError(f"cannot write {dst_path}: {e.strerror or e}") from None
         finally:
-            reader.close()
+            source.close()
             restore()
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _stream(model, plan, by_name, vectors, reader, writer, allow_nonfinite, progress) -> None:
+def _stream(model, plan, by_name, vectors, source, rows, writer, allow_nonfinite, progress) -> None:
     total = sum(by_name[tp.name].nbytes for tp in plan.tensors)
     done = 0
     n = len(plan.tensors)
@@ -405,80 +447,59 @@ def _stream(model, plan, by_name, vectors, reader, writer, allow_nonfinite, prog
         if src_type == dst_type:
             check = src_type in _FLOAT_TYPES and not allow_nonfinite
             row_bytes = quants.row_bytes(src_type, info.shape[0])
-            rows = max(1, COPY_CHUNK_BYTES // row_bytes)
+            step = max(1, COPY_CHUNK_BYTES // row_bytes)
             n_rows = info.nbytes // row_bytes
-            for r in range(0, n_rows, rows):
-                k = min(rows, n_rows - r)
-                data = reader.read(base + r * row_bytes, k * row_bytes)
-                if check:
-                    x = quants.dequantize(data, src_type, (k, info.shape[0]))
-                    _check_finite(x, tp.name, r)
-                writer.write(data)
+            for r in range(0, n_rows, step):
+                k = min(step, n_rows - r)
+                with source.window(base + r * row_bytes, k * row_bytes) as w:
+                    if check:
+                        bad = rows.first_nonfinite(src_type, w.address, k, info.shape[0])
+                        if bad >= 0:
+                            raise _nonfinite(tp.name, r + bad)
+                    writer.write(w.view())
                 done += k * row_bytes
                 if progress:
                     progress(QuantizeProgress(i, n, tp.name, done, total))
         else:
+            importance = vectors.get(tp.name) if tp.use_importance else None
             done = _quantize_tensor(
-                tp,
-                info,
-                src_type,
-                dst_type,
-                vectors.get(tp.name) if tp.use_importance else None,
-                base,
-                reader,
-                writer,
-                allow_nonfinite,
-                progress,
-                i,
-                n,
-                done,
-                total,
-            )
+                tp, info, src_type, dst_type, importance, base, source, rows, writer,
+                allow_nonfinite, progress, i, n, done, total,
+            )  # fmt: skip
         writer.end_tensor()
 
 
 def _quantize_tensor(
-    tp,
-    info,
-    src_type,
-    dst_type,
-    importance,
-    base,
-    reader,
-    writer,
-    allow_nonfinite,
-    progress,
-    i,
-    n,
-    done,
-    total,
-) -> int:
+    tp, info, src_type, dst_type, importance, base, source, rows, writer, allow_nonfinite, progress, i, n,
+    done, total,
+) -> int:  # fmt: skip
     n_per_row = info.shape[0]
     rows_per_slice = info.shape[1] if len(info.shape) > 1 else 1  # one expert of a 3-D tensor
     n_rows = info.n_elements // n_per_row
     src_row = quants.row_bytes(src_type, n_per_row)
     if importance is not None:
+        import numpy as np  # (an imatrix's vectors are numpy arrays: numpy is loaded already)
+
         importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
         if importance.size != n_per_row * (n_rows // rows_per_slice):
             importance = None  # token_embd with a mismatched entry: llama.cpp quantizes without it
     step = _rows_per_chunk(n_per_row, rows_per_slice)
-    buf = np.empty(step * src_row, np.uint8)
     r = 0
     while r < n_rows:
         # never cross an expert boundary: each expert has its own slice of the importance vector
         k = min(step, n_rows - r, rows_per_slice - r % rows_per_slice)
-        raw = reader.read(base + r * src_row, k * src_row, buf)[: k * src_row]
-        if src_type == GGMLQuantizationType.F32:
-            x = raw.view(np.float32).reshape(k, n_per_row)
-        else:
-            x = quants.dequantize(raw, src_type, (k, n_per_row))
-        if not allow_nonfinite:
-            _check_finite(x, tp.name, r)
         imp = None
         if importance is not None:
             e = r // rows_per_slice
             imp = importance[e * n_per_row : (e + 1) * n_per_row]
-        writer.write(quants.quantize(x, dst_type, importance=imp))
+        with source.window(base + r * src_row, k * src_row) as w:
+            try:
+                out = rows.quantize(
+                    src_type, dst_type, w.address, k, n_per_row, importance=imp, check=not allow_nonfinite
+                )
+            except NonFiniteRow as e:
+                raise _nonfinite(tp.name, r + e.row) from None
+        writer.write(out)
         r += k
         done += k * src_row
         if progress:

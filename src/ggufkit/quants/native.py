@@ -4,8 +4,11 @@ A numba process costs about 0.7 s and 100+ MiB before any work (llvmlite's LLVM,
 kernels), which dominates small quantize jobs. The kernels' source stays the numba code (fp, legacy,
 kquants, iq4); native_build.py compiles it ahead of time, once per machine, into
 <cache>/native/kernels-<key>.so, where the key hashes the kernel sources, numba's and llvmlite's versions,
-the Python version and the host CPU (model and feature flags). This module only loads and calls it:
-numpy and ctypes, nothing else. ctypes releases the GIL during a call, so row chunks run on a thread pool.
+the Python version and the host CPU (model and feature flags). This module only loads and calls it,
+through ctypes; ctypes releases the GIL during a call, so row chunks run on a thread pool. Two interfaces:
+kernels(name) gives the registry numpy-array kernels; convert_rows / first_nonfinite_row work on raw
+addresses and never import numpy (the quantize pipeline uses them: numpy's import is a third of a small
+quantize job's start-up).
 
 The first use builds the library in a subprocess (`python -m ggufkit.quants.native_build`, which needs
 numba, llvmlite and a C compiler; about 75 s of CPU, 40-120 s wall: with an empty numba cache every kernel
@@ -33,10 +36,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from . import registry
-from .kdequant import DEQUANTIZE as _K_DEQUANTIZE
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ _SOURCES = ("fp.py", "search.py", "legacy.py", "kquants.py", "iq4.py", "native_b
 QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                   "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
 DEQUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
+CHECK_TYPES = ("F32", "F16", "BF16")  # op 2: the first row holding a NaN or an infinity
+_QUANTIZE, _DEQUANTIZE, _NONFINITE = 0, 1, 2  # gk_run's ops
 BUILD_TIMEOUT = 1800  # seconds; a build is about 75 s of CPU
 
 _lock = threading.Lock()
@@ -195,31 +197,98 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
+def _parallel(n_rows: int, part) -> list:
+    """part(r0, r1) over get_threads() row ranges: ranges 1.. on the pool, range 0 on this thread (one
+    thread wake-up fewer per call); the results in range order."""
+    n = max(1, min(registry.get_threads(), n_rows))
+    bounds = [n_rows * i // n for i in range(n + 1)]
+    futures = [_executor().submit(part, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    try:
+        first = part(bounds[0], bounds[1])
+    finally:
+        for f in futures:  # the other ranges still use the caller's memory: wait for them in any case
+            f.exception()
+    return [first, *(f.result() for f in futures)]
+
+
+def _check(status: int, op: int, qtype: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"native kernel op {op} for ggml type {qtype} failed (status {status})")
+
+
 def _run_chunks(lib, op: int, qtype: int, src, n_rows, n_per_row, qw, has_qw, dst, src_row, dst_row) -> None:
     """gk_run over row chunks on get_threads() threads; src/dst are C-contiguous 2-D arrays."""
-    n = min(registry.get_threads(), n_rows)
-    bounds = [n_rows * i // n for i in range(n + 1)] if n > 1 else [0, n_rows]
     s0, d0 = src.ctypes.data, dst.ctypes.data
     q = qw.ctypes.data if qw is not None else None
 
-    def run(i):
-        r0, r1 = bounds[i], bounds[i + 1]
+    def run(r0, r1):
         if r1 > r0:
             return lib.gk_run(op, qtype, s0 + r0 * src_row, r1 - r0, n_per_row, q, has_qw, d0 + r0 * dst_row)
         return 0
 
-    # chunks 1.. on the pool, chunk 0 on this thread (one thread wake-up fewer per call)
-    futures = [_executor().submit(run, i) for i in range(1, n)] if n > 1 else []
-    status = [run(0), *(f.result() for f in futures)]
-    if any(s != 0 for s in status):
-        raise RuntimeError(f"native kernel for ggml type {qtype} failed (status {status})")
+    for status in _parallel(n_rows, run):
+        _check(status, op, qtype)
+
+
+# -- raw memory (no numpy): the quantize pipeline's chunks -------------------------------------------------
+
+
+def first_nonfinite_row(lib, qtype: int, src: int, n_rows: int, n_per_row: int) -> int:
+    """The first of n_rows F32/F16/BF16 rows at address src holding a NaN or an infinity, or -1."""
+    row_bytes = n_per_row * (4 if qtype == registry.FORMATS["F32"].ggml_type else 2)
+
+    def part(r0, r1):
+        found = ctypes.c_int64(-1)
+        if r1 > r0:
+            status = lib.gk_run(_NONFINITE, qtype, src + r0 * row_bytes, r1 - r0, n_per_row, None, 0,
+                                ctypes.addressof(found))  # fmt: skip
+            _check(status, _NONFINITE, qtype)
+        return -1 if found.value < 0 else r0 + found.value
+
+    return min((r for r in _parallel(n_rows, part) if r >= 0), default=-1)
+
+
+def convert_rows(lib, src_type: int, dst_type: int, src: int, n_rows: int, n_per_row: int, *,
+                 importance: int | None, scratch: int, dst: int, check: bool) -> int:  # fmt: skip
+    """Quantize n_rows rows at address src (F32, or any DEQUANTIZE_TYPES type, widened to float32 into
+    `scratch`, n_rows * n_per_row floats) to dst_type blocks at dst, each thread checking its rows for
+    NaN/Inf first when `check` (on the float32 values). `importance`: the address of n_per_row float32
+    weights, or None. Returns the first non-finite row (dst then holds no defined bytes), or -1."""
+    f32 = int(registry.FORMATS["F32"].ggml_type)
+    src_row = registry.row_bytes(src_type, n_per_row)
+    dst_row = registry.row_bytes(dst_type, n_per_row)
+    x_row = 4 * n_per_row
+    qw, has_qw = (importance, 1) if importance is not None else (None, 0)
+
+    def part(r0, r1):
+        k = r1 - r0
+        if k <= 0:
+            return -1
+        x = src + r0 * src_row
+        if src_type != f32:
+            x = scratch + r0 * x_row
+            _check(lib.gk_run(_DEQUANTIZE, src_type, src + r0 * src_row, k, n_per_row, None, 0, x),
+                   _DEQUANTIZE, src_type)  # fmt: skip
+        if check:
+            found = ctypes.c_int64(-1)
+            _check(lib.gk_run(_NONFINITE, f32, x, k, n_per_row, None, 0, ctypes.addressof(found)),
+                   _NONFINITE, f32)  # fmt: skip
+            if found.value >= 0:
+                return r0 + found.value
+        _check(lib.gk_run(_QUANTIZE, dst_type, x, k, n_per_row, qw, has_qw, dst + r0 * dst_row),
+               _QUANTIZE, dst_type)  # fmt: skip
+        return -1
+
+    return min((r for r in _parallel(n_rows, part) if r >= 0), default=-1)
 
 
 def _quantizer(lib, fmt):
+    import numpy as np
+
     qtype = int(fmt.ggml_type)
     one = np.zeros(1, np.float32)
 
-    def quantize_rows(x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    def quantize_rows(x, importance):
         n_rows, n_per_row = x.shape
         out = np.empty((n_rows, fmt.row_bytes(n_per_row)), np.uint8)
         if out.size:
@@ -232,9 +301,11 @@ def _quantizer(lib, fmt):
 
 
 def _dequantizer(lib, fmt):
+    import numpy as np
+
     qtype = int(fmt.ggml_type)
 
-    def dequantize_rows(data: np.ndarray, n_per_row: int) -> np.ndarray:
+    def dequantize_rows(data, n_per_row: int):
         n_rows = data.shape[0]
         y = np.empty((n_rows, n_per_row), np.float32)
         if y.size:
@@ -245,20 +316,22 @@ def _dequantizer(lib, fmt):
 
 
 def _k_dequantizer(fmt):
-    fn = _K_DEQUANTIZE[fmt.name]
+    from .kdequant import DEQUANTIZE
 
-    def dequantize_rows(data: np.ndarray, n_per_row: int) -> np.ndarray:
+    fn = DEQUANTIZE[fmt.name]
+
+    def dequantize_rows(data, n_per_row: int):
         return fn(data.reshape(-1, fmt.type_size)).reshape(data.shape[0], n_per_row)
 
     return dequantize_rows
 
 
-def _f32_quantize(x: np.ndarray, importance) -> np.ndarray:
-    return x.view(np.uint8).copy()
+def _f32_quantize(x, importance):
+    return x.view("u1").copy()
 
 
-def _f32_dequantize(data: np.ndarray, n_per_row: int) -> np.ndarray:
-    return data.view(np.float32).copy()
+def _f32_dequantize(data, n_per_row: int):
+    return data.view("<f4").copy()
 
 
 _kernels: dict[str, registry.Kernels | None] = {}

@@ -8,6 +8,8 @@ chunks on its own threads) and with error_model="numpy", behind one C entry poin
                  void *importance, int64 has_importance, void *dst)
         op 0: quantize float32 src [n_rows, n_per_row] -> dst blocks; importance float32 [n_per_row]
         op 1: dequantize src blocks -> float32 dst [n_rows, n_per_row]
+        op 2: the first row of F32/F16/BF16 src [n_rows, n_per_row] holding a NaN or an infinity -> int64
+              dst[0] (-1 if none)
         returns 0, 1 for a type it does not handle, -1 if a kernel took an error path
 
 LLVM emits the cfunc's module as an object file for the host CPU (numba's own target options), and the C
@@ -78,7 +80,7 @@ def _t(name: str) -> int:
     return int(FORMATS[name].ggml_type)
 
 
-F16, BF16 = _t("F16"), _t("BF16")
+F32, F16, BF16 = _t("F32"), _t("F16"), _t("BF16")
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = _t("Q4_0"), _t("Q4_1"), _t("Q5_0"), _t("Q5_1"), _t("Q8_0")
 Q2_K, Q6_K = _t("Q2_K"), _t("Q6_K")
 IQ4_NL, IQ4_XS = _t("IQ4_NL"), _t("IQ4_XS")
@@ -185,6 +187,45 @@ def _dequantize(t, src, n_rows, n_per_row, dst):
     return 0
 
 
+@_serial
+def _or_exponents(v, mask, lsb):
+    """OR over v of (v & mask) + lsb: its top bit (mask + lsb) is set iff some value's exponent bits are all
+    ones, i.e. some value is NaN or infinite. Integer-only, so LLVM vectorizes it."""
+    acc = 0
+    for i in range(v.size):
+        acc |= (v[i] & mask) + lsb
+    return acc
+
+
+@_serial
+def _first_nonfinite_row(v, n_rows, n_per_row, mask, lsb):
+    top = mask + lsb
+    if _or_exponents(v, mask, lsb) & top == 0:  # one pass clears the common case
+        return -1
+    for r in range(n_rows):
+        if _or_exponents(v[r * n_per_row : (r + 1) * n_per_row], mask, lsb) & top:
+            return r
+    return -1
+
+
+@_serial
+def _first_nonfinite(t, src, n_rows, n_per_row, dst):
+    out = carray(dst, (1,), np.int64)
+    n = n_rows * n_per_row
+    if t == F32:
+        v32 = carray(src, (n,), np.uint32)
+        out[0] = _first_nonfinite_row(v32, n_rows, n_per_row, 0x7F800000, 0x00800000)
+    elif t == F16:
+        v16 = carray(src, (n,), np.uint16)
+        out[0] = _first_nonfinite_row(v16, n_rows, n_per_row, 0x7C00, 0x0400)
+    elif t == BF16:
+        v16 = carray(src, (n,), np.uint16)
+        out[0] = _first_nonfinite_row(v16, n_rows, n_per_row, 0x7F80, 0x0080)
+    else:
+        return 1
+    return 0
+
+
 _I64, _PTR = types.int64, types.voidptr
 _SIG = _I64(_I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR)
 
@@ -193,7 +234,9 @@ _SIG = _I64(_I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR)
 def _gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst):
     if op == 0:
         return _quantize(t, src, n_rows, n_per_row, qw, has_qw, dst)
-    return _dequantize(t, src, n_rows, n_per_row, dst)
+    if op == 1:
+        return _dequantize(t, src, n_rows, n_per_row, dst)
+    return _first_nonfinite(t, src, n_rows, n_per_row, dst)
 
 
 _SHIM = r"""
@@ -356,6 +399,25 @@ def self_test(path: Path) -> None:
                 status = run(1, int(fmt.ggml_type), want.ctypes.data, 5, 512, None, 0, y.ctypes.data)
                 if status != 0 or y.view(np.uint32).tobytes() != y_want.view(np.uint32).tobytes():
                     raise RuntimeError(f"self-test: {name} dequantize differs from the JIT kernel")
+    _self_test_nonfinite(run, x)
+
+
+def _self_test_nonfinite(run, x: np.ndarray) -> None:
+    """op 2 against numpy's isfinite, on F32, F16 and BF16 bits, for every single-row starting point."""
+    found = np.zeros(1, np.int64)
+    as16 = x.astype(np.float16)
+    cases = [(F32, x.view(np.uint32), x), (F16, as16.view(np.uint16), as16.astype(np.float32)),
+             (BF16, (x.view(np.uint32) >> 16).astype(np.uint16), None)]  # fmt: skip
+    for t, bits, values in cases:
+        if values is None:  # bf16: the top half of each float32
+            values = (bits.astype(np.uint32) << 16).view(np.float32)
+        for r0 in range(len(x)):
+            ok = np.isfinite(values[r0:]).all(axis=1)
+            want = -1 if ok.all() else int(np.argmin(ok))
+            rows = np.ascontiguousarray(bits[r0:])
+            status = run(2, t, rows.ctypes.data, len(rows), rows.shape[1], None, 0, found.ctypes.data)
+            if status != 0 or int(found[0]) != want:
+                raise RuntimeError(f"self-test: non-finite row check on type {t} from row {r0}: {found[0]}")
 
 
 def build(out: Path) -> None:

@@ -19,13 +19,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
-QuantizeRows = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
-DequantizeRows = Callable[[np.ndarray, int], np.ndarray]
+if TYPE_CHECKING:  # numpy is imported by the functions that take arrays (a quantize process never needs it)
+    import numpy as np
+
+QuantizeRows = Callable[["np.ndarray", "np.ndarray | None"], "np.ndarray"]
+DequantizeRows = Callable[["np.ndarray", int], "np.ndarray"]
 
 # name -> (module of its numba kernels, has an importance-weighted (imatrix) algorithm in llama.cpp)
 _TABLE = {
@@ -221,6 +223,8 @@ def quantize(x: np.ndarray, qtype, *, importance: np.ndarray | None = None) -> n
     not rejected here; they flow through the same float32 arithmetic as in libggml (the file-level
     quantizer refuses them, as llama-quantize does).
     """
+    import numpy as np
+
     fmt = get_format(qtype)
     shape = getattr(x, "shape", None)
     row = shape[-1] if shape else "?"
@@ -246,6 +250,8 @@ def quantize(x: np.ndarray, qtype, *, importance: np.ndarray | None = None) -> n
 
 def dequantize(data: np.ndarray, qtype, shape) -> np.ndarray:
     """Dequantize raw blocks to float32 of `shape` (last dimension = row length), like ggml's to_float."""
+    import numpy as np
+
     fmt = get_format(qtype)
     shape = tuple(int(s) for s in np.atleast_1d(shape))
     if not shape or any(s < 0 for s in shape):
