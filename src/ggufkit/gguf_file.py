@@ -35,6 +35,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING
 
 from .errors import GGUFError
@@ -397,7 +398,7 @@ class _Parser:
         unpack = _U64.unpack_from
         try:
             # pos + 8 + n is positive, so `and n` keeps the length just read
-            lengths = [(pos := pos + 8 + (n := unpack(buf, pos)[0])) and n for _ in range(count)]
+            lengths = [(pos := pos + 8 + (n := unpack(buf, pos)[0])) and n for _ in repeat(None, count)]
         except (struct.error, OverflowError):
             pos = self.size + 1
         if pos > self.size or len(buf) != self.size:
