@@ -104,10 +104,15 @@ class _Strings:
 
     def has_nul(self, raw: bytes) -> bool:
         """Whether an element's bytes hold a NUL: the elements' zero bytes are more than their length
-        fields' (the zero bytes of a u64 are as many in either byte order, so native 'Q' counts them)."""
+        fields'. Lengths under 256 (the usual) have 7 zero bytes, 8 for 0; otherwise count them in native
+        u64s (a u64 has as many zero bytes in either byte order)."""
         if not self.lengths:
             return False
-        in_lengths = array.array("Q", self.lengths).tobytes().count(0)
+        try:
+            small = bytearray(self.lengths)
+            in_lengths = 7 * len(small) + small.count(0)
+        except ValueError:  # a length of 256 or more
+            in_lengths = array.array("Q", self.lengths).tobytes().count(0)
         return raw.count(0, len(raw) - self.nbytes) > in_lengths
 
 
