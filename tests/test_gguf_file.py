@@ -150,6 +150,16 @@ def test_small_file_reads_like_gguf_py(small):
         assert m.get("test.u64") == 2**64 - 1 and m.get("test.i64") == -(2**63)
         assert m.get("test.bool") is True and m.get("test.str") == "héllo wörld"
         assert m.kv["test.arr_i16"].sub_type == V.INT16 and list(m.get("test.arr_i16")) == [1, -2, 3]
+        # numeric and BOOL arrays decode (on first read) to numpy arrays of the element type, writable
+        for key, dtype, values in [
+            ("test.arr_i16", "<i2", [1, -2, 3]),
+            ("test.arr_f64", "<f8", [0.5, 1.5]),
+            ("test.arr_bool", "?", [True, False, True]),
+            ("tokenizer.ggml.token_type", "<i4", [2, 3, 3, 1, 1, 1, 1]),
+        ]:
+            arr = m.get(key)
+            assert isinstance(arr, np.ndarray) and arr.dtype == np.dtype(dtype), key
+            assert arr.tolist() == values and arr.flags.writeable and m.get(key) is arr, key
         assert m.get("tokenizer.ggml.tokens") == TOKENS
         assert m.get("test.arr_str") == ["a\0b", "", "x" * 256, "\0"] and m.kv["test.arr_str"].has_nul()
         assert not m.kv["tokenizer.ggml.tokens"].has_nul()
