@@ -3,12 +3,10 @@
 The pipeline, one tensor at a time, in llama.cpp's output order (sorted by layer, then name):
   1. the plan (recipes.plan_for_gguf) decides each tensor's type; nothing here chooses types;
   2. a tensor whose type does not change is copied byte for byte;
-  3. otherwise its rows are read in chunks (never the whole model, at most CHUNK_ELEMENTS floats at a time),
-     widened to float32 (F16/BF16 exactly, quantized inputs only with allow_requantize), checked for
-     NaN/Inf, quantized with the tensor's importance vector, and appended to the output.
-Each chunk of the input is mapped (no copy) and unmapped when done, so memory stays bounded by a chunk;
-the chunks go through quants.rows on raw addresses, which with the native library never imports numpy
-(its import would be a third of a small job's start-up).
+  3. otherwise its rows are read in chunks (never the whole model), widened to float32 (F16/BF16 exactly,
+     quantized inputs only with allow_requantize), checked for NaN/Inf, quantized with the tensor's
+     importance vector, and appended to the output (pipeline.py: the chunks run on raw memory, several at
+     once, and are written in order; with the native library numpy is never imported).
 The output is a GGUF v3 file byte-identical to llama-quantize's (gguf_writer), written to a temporary
 file and renamed into place only when complete.
 
@@ -20,9 +18,7 @@ order (an int is stored as the u32 of its absolute value), then the quantize.ima
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import mmap
 import os
 import re
 import struct
@@ -31,12 +27,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import quants
+from . import pipeline, quants
 from .errors import GgufkitError, QuantizeError
 from .ggml_types import GGMLQuantizationType, GGUFValueType
 from .gguf_file import GGUFModel, open_gguf
 from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
-from .quants.rows import Buffer, NonFiniteRow, for_backend, memory
 
 __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_override_kv", "quantize_file"]
 
@@ -51,8 +46,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GGML_QNT_VERSION = 2  # ggml.h: written as general.quantization_version
-CHUNK_ELEMENTS = 1 << 20  # floats per row chunk (4 MiB of float32): bounds memory, keeps all cores busy
-COPY_CHUNK_BYTES = 1 << 22
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]
@@ -202,84 +195,6 @@ def _check_paths(src: Path, dst: Path) -> None:
 # -- tensor data ------------------------------------------------------------------------------------------
 
 
-_PAGE = mmap.ALLOCATIONGRANULARITY
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int64,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED = ctypes.c_void_p(-1).value
-# mapped pages are filled in one call rather than faulted in one by one (Linux; read-only, so no copy)
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
-class _Source:
-    """The input's bytes, one window at a time: mapped read-only and unmapped when the window closes (no
-    copy, and only the window counts in the process's memory); read with pread into a reused buffer where
-    the file cannot be mapped."""
-
-    def __init__(self, path):
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._buffer: Buffer | None = None
-
-    def window(self, offset: int, nbytes: int) -> _Window:
-        start = offset - offset % _PAGE
-        length = offset - start + nbytes
-        base = _libc.mmap(None, length, mmap.PROT_READ, _MAP_FLAGS, self.fd, start) if nbytes else None
-        if base is not None and base != _MAP_FAILED:
-            return _Window(base + offset - start, nbytes, lambda: _libc.munmap(base, length))
-        if self._buffer is None:
-            self._buffer = Buffer()
-        address = self._buffer.reserve(max(1, nbytes))
-        view = self._buffer.view(nbytes)
-        got = 0
-        while got < nbytes:
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n <= 0:
-                raise QuantizeError(f"unexpected end of input at byte {offset + got}")
-            got += n
-        return _Window(address, nbytes, None)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class _Window:
-    """nbytes of the input at `address` (and as a memoryview, `view()`), valid until the with-block ends."""
-
-    def __init__(self, address: int, nbytes: int, release):
-        self.address, self.nbytes, self._release = address, nbytes, release
-
-    def view(self) -> memoryview:
-        return memory(self.address, self.nbytes)
-
-    def __enter__(self) -> _Window:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-
-def _nonfinite(name: str, row: int) -> QuantizeError:
-    return QuantizeError(
-        f"tensor {name!r} has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses such "
-        f"weights (pass allow_nonfinite / --allow-nonfinite to quantize them anyway)"
-    )
-
-
-def _rows_per_chunk(n_per_row: int, rows_per_slice: int) -> int:
-    rows = max(1, CHUNK_ELEMENTS // max(1, n_per_row))
-    return min(rows, rows_per_slice)
-
-
 # -- the job ----------------------------------------------------------------------------------------------
 
 
@@ -418,90 +333,22 @@ def quantize_file(
         n_threads, restore = _set_threads(threads)
         summary.threads = n_threads
         summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
-        rows = for_backend()
-        source = _Source(src)
+        report = None
+        if progress:
+            n = len(plan.tensors)
+
+            def report(c, done):
+                progress(QuantizeProgress(c.index, n, c.name, done, size_before))
+
         try:
             with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
-                _stream(model, plan, by_name, vectors, source, rows, writer, allow_nonfinite, progress)
+                todo = pipeline.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
+                pipeline.run(src, todo, writer, threads=n_threads, progress=report)
                 writer.commit()
                 summary.file_size = writer.file_size
         except OSError as e:
             raise QuantizeError(f"cannot write {dst_path}: {e.strerror or e}") from None
         finally:
-            source.close()
             restore()
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _stream(model, plan, by_name, vectors, source, rows, writer, allow_nonfinite, progress) -> None:
-    total = sum(by_name[tp.name].nbytes for tp in plan.tensors)
-    done = 0
-    n = len(plan.tensors)
-    for i, tp in enumerate(plan.tensors):
-        info = by_name[tp.name]
-        src_type = GGMLQuantizationType(info.ggml_type)
-        dst_type = GGMLQuantizationType(tp.dst_type)
-        writer.begin_tensor(tp.name)
-        base = model.data_offset + info.offset
-        if src_type == dst_type:
-            check = src_type in _FLOAT_TYPES and not allow_nonfinite
-            row_bytes = quants.row_bytes(src_type, info.shape[0])
-            step = max(1, COPY_CHUNK_BYTES // row_bytes)
-            n_rows = info.nbytes // row_bytes
-            for r in range(0, n_rows, step):
-                k = min(step, n_rows - r)
-                with source.window(base + r * row_bytes, k * row_bytes) as w:
-                    if check:
-                        bad = rows.first_nonfinite(src_type, w.address, k, info.shape[0])
-                        if bad >= 0:
-                            raise _nonfinite(tp.name, r + bad)
-                    writer.write(w.view())
-                done += k * row_bytes
-                if progress:
-                    progress(QuantizeProgress(i, n, tp.name, done, total))
-        else:
-            importance = vectors.get(tp.name) if tp.use_importance else None
-            done = _quantize_tensor(
-                tp, info, src_type, dst_type, importance, base, source, rows, writer,
-                allow_nonfinite, progress, i, n, done, total,
-            )  # fmt: skip
-        writer.end_tensor()
-
-
-def _quantize_tensor(
-    tp, info, src_type, dst_type, importance, base, source, rows, writer, allow_nonfinite, progress, i, n,
-    done, total,
-) -> int:  # fmt: skip
-    n_per_row = info.shape[0]
-    rows_per_slice = info.shape[1] if len(info.shape) > 1 else 1  # one expert of a 3-D tensor
-    n_rows = info.n_elements // n_per_row
-    src_row = quants.row_bytes(src_type, n_per_row)
-    if importance is not None:
-        import numpy as np  # (an imatrix's vectors are numpy arrays: numpy is loaded already)
-
-        importance = np.ascontiguousarray(importance, dtype=np.float32).reshape(-1)
-        if importance.size != n_per_row * (n_rows // rows_per_slice):
-            importance = None  # token_embd with a mismatched entry: llama.cpp quantizes without it
-    step = _rows_per_chunk(n_per_row, rows_per_slice)
-    r = 0
-    while r < n_rows:
-        # never cross an expert boundary: each expert has its own slice of the importance vector
-        k = min(step, n_rows - r, rows_per_slice - r % rows_per_slice)
-        imp = None
-        if importance is not None:
-            e = r // rows_per_slice
-            imp = importance[e * n_per_row : (e + 1) * n_per_row]
-        with source.window(base + r * src_row, k * src_row) as w:
-            try:
-                out = rows.quantize(
-                    src_type, dst_type, w.address, k, n_per_row, importance=imp, check=not allow_nonfinite
-                )
-            except NonFiniteRow as e:
-                raise _nonfinite(tp.name, r + e.row) from None
-        writer.write(out)
-        r += k
-        done += k * src_row
-        if progress:
-            progress(QuantizeProgress(i, n, tp.name, done, total))
-    return done

@@ -197,10 +197,10 @@ def _executor() -> ThreadPoolExecutor:
     return _pool
 
 
-def _parallel(n_rows: int, part) -> list:
-    """part(r0, r1) over get_threads() row ranges: ranges 1.. on the pool, range 0 on this thread (one
-    thread wake-up fewer per call); the results in range order."""
-    n = max(1, min(registry.get_threads(), n_rows))
+def _parallel(n_rows: int, part, threads: int | None = None) -> list:
+    """part(r0, r1) over `threads` (default get_threads()) row ranges: ranges 1.. on the pool, range 0 on
+    this thread (one thread wake-up fewer per call); the results in range order."""
+    n = max(1, min(threads or registry.get_threads(), n_rows))
     bounds = [n_rows * i // n for i in range(n + 1)]
     futures = [_executor().submit(part, bounds[i], bounds[i + 1]) for i in range(1, n)]
     try:
@@ -233,8 +233,9 @@ def _run_chunks(lib, op: int, qtype: int, src, n_rows, n_per_row, qw, has_qw, ds
 # -- raw memory (no numpy): the quantize pipeline's chunks -------------------------------------------------
 
 
-def first_nonfinite_row(lib, qtype: int, src: int, n_rows: int, n_per_row: int) -> int:
-    """The first of n_rows F32/F16/BF16 rows at address src holding a NaN or an infinity, or -1."""
+def first_nonfinite_row(lib, qtype: int, src: int, n_rows: int, n_per_row: int, *, threads=None) -> int:
+    """The first of n_rows F32/F16/BF16 rows at address src holding a NaN or an infinity, or -1.
+    threads: how many threads share the rows (default get_threads(); 1 = this thread only)."""
     row_bytes = n_per_row * (4 if qtype == registry.FORMATS["F32"].ggml_type else 2)
 
     def part(r0, r1):
@@ -245,11 +246,12 @@ def first_nonfinite_row(lib, qtype: int, src: int, n_rows: int, n_per_row: int) 
             _check(status, _NONFINITE, qtype)
         return -1 if found.value < 0 else r0 + found.value
 
-    return min((r for r in _parallel(n_rows, part) if r >= 0), default=-1)
+    return min((r for r in _parallel(n_rows, part, threads) if r >= 0), default=-1)
 
 
 def convert_rows(lib, src_type: int, dst_type: int, src: int, n_rows: int, n_per_row: int, *,
-                 importance: int | None, scratch: int, dst: int, check: bool) -> int:  # fmt: skip
+                 importance: int | None, scratch: int, dst: int, check: bool,
+                 threads: int | None = None) -> int:  # fmt: skip
     """Quantize n_rows rows at address src (F32, or any DEQUANTIZE_TYPES type, widened to float32 into
     `scratch`, n_rows * n_per_row floats) to dst_type blocks at dst, each thread checking its rows for
     NaN/Inf first when `check` (on the float32 values). `importance`: the address of n_per_row float32
@@ -279,7 +281,7 @@ def convert_rows(lib, src_type: int, dst_type: int, src: int, n_rows: int, n_per
                _QUANTIZE, dst_type)  # fmt: skip
         return -1
 
-    return min((r for r in _parallel(n_rows, part) if r >= 0), default=-1)
+    return min((r for r in _parallel(n_rows, part, threads) if r >= 0), default=-1)
 
 
 def _quantizer(lib, fmt):

@@ -95,10 +95,13 @@ class ArrayRows:
 
 
 class NativeRows:
-    """The native library on raw addresses; reused buffers (float32 scratch for F16/BF16 inputs, output)."""
+    """The native library on raw addresses; reused buffers (float32 scratch for F16/BF16 inputs, output).
+    threads: how many threads share each call's rows (default get_threads(); 1 = the calling thread only,
+    for callers that run several chunks at once)."""
 
-    def __init__(self, lib):
+    def __init__(self, lib, *, threads: int | None = None):
         self.lib = lib
+        self.threads = threads
         self._scratch = Buffer()
         self._out = Buffer()
         self._arrays = ArrayRows()
@@ -106,7 +109,9 @@ class NativeRows:
     def first_nonfinite(self, src_type, address: int, n_rows: int, n_per_row: int) -> int:
         if int(src_type) not in _NATIVE_CHECKS:
             return self._arrays.first_nonfinite(src_type, address, n_rows, n_per_row)
-        return native.first_nonfinite_row(self.lib, int(src_type), address, n_rows, n_per_row)
+        return native.first_nonfinite_row(
+            self.lib, int(src_type), address, n_rows, n_per_row, threads=self.threads
+        )
 
     def quantize(self, src_type, dst_type, address, n_rows, n_per_row, *, importance=None, check=True):
         src_type, dst_type = int(src_type), int(dst_type)
@@ -130,7 +135,7 @@ class NativeRows:
         scratch = self._scratch.reserve(4 * n_rows * n_per_row) if src_type != _F32 else 0
         bad = native.convert_rows(
             self.lib, src_type, dst_type, address, n_rows, n_per_row,
-            importance=imp, scratch=scratch, dst=dst, check=check,
+            importance=imp, scratch=scratch, dst=dst, check=check, threads=self.threads,
         )  # fmt: skip
         if bad >= 0:
             raise NonFiniteRow(bad)

@@ -1,0 +1,177 @@
+"""The quantize pipeline's data path: the planned tensors, chunk by chunk, from the input to the writer.
+
+Each tensor is cut into chunks of whole rows (at most CHUNK_ELEMENTS values; never across an expert of a
+3-D tensor, whose rows share one slice of the importance vector). A chunk is read with pread into a
+reused buffer, checked for NaN/Inf (F32/F16/BF16 values) unless allowed, and either copied as it is (a
+tensor whose type does not change) or widened to float32 and quantized (quants.rows on raw addresses).
+The writer gets the chunks in order, so the output is the same whatever runs them:
+  - with the native library, chunks run whole on `threads` worker threads (one chunk per thread, its
+    kernels single-threaded), a few ahead of the one being written: reading, computing and writing overlap
+    and no core waits at a per-chunk join. numpy is never imported;
+  - with the numba JIT kernels (which run their own threads), one chunk at a time on this thread.
+Memory stays bounded by the chunks in flight (threads + 1 lanes, each a chunk's input, float32 and output).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from . import quants
+from .errors import QuantizeError
+from .ggml_types import GGMLQuantizationType
+from .quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
+
+CHUNK_ELEMENTS = 1 << 20  # values per chunk (4 MiB of float32): bounds memory, many chunks per big tensor
+COPY_CHUNK_BYTES = 1 << 22  # bytes per chunk of a tensor copied as it is
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [first_row, first_row + n_rows) of plan tensor `index`, at byte `offset` of the input."""
+
+    index: int
+    name: str
+    src_type: GGMLQuantizationType
+    dst_type: GGMLQuantizationType  # == src_type: copied as it is
+    offset: int
+    nbytes: int  # input bytes
+    first_row: int
+    n_rows: int
+    n_per_row: int
+    importance: object  # float32 numpy [n_per_row] or None
+    check: bool  # refuse NaN/Inf
+    first: bool  # the tensor's first chunk
+    last: bool  # the tensor's last chunk
+
+
+def chunks(model, plan, vectors: dict, *, allow_nonfinite: bool) -> Iterator[Chunk]:
+    """Every chunk of the planned tensors, in output order."""
+    by_name = {t.name: t for t in model.tensors}
+    for index, tp in enumerate(plan.tensors):
+        info = by_name[tp.name]
+        src_type = GGMLQuantizationType(info.ggml_type)
+        dst_type = GGMLQuantizationType(tp.dst_type)
+        n_per_row = info.shape[0]
+        n_rows = info.n_elements // n_per_row
+        row_bytes = quants.row_bytes(src_type, n_per_row)
+        check = src_type in _FLOAT_TYPES and not allow_nonfinite
+        importance = None
+        if src_type == dst_type:
+            step = rows_per_slice = max(1, COPY_CHUNK_BYTES // row_bytes)
+        else:
+            rows_per_slice = info.shape[1] if len(info.shape) > 1 else 1  # one expert of a 3-D tensor
+            step = min(max(1, CHUNK_ELEMENTS // n_per_row), rows_per_slice)
+            if tp.use_importance and vectors.get(tp.name) is not None:
+                importance = _importance(vectors[tp.name], n_per_row * (n_rows // rows_per_slice))
+        base = model.data_offset + info.offset
+        r = 0
+        while r < n_rows:
+            k = min(step, n_rows - r, rows_per_slice - r % rows_per_slice)
+            imp = None
+            if importance is not None:
+                e = r // rows_per_slice
+                imp = importance[e * n_per_row : (e + 1) * n_per_row]
+            yield Chunk(index, tp.name, src_type, dst_type, base + r * row_bytes, k * row_bytes, r, k,
+                        n_per_row, imp, check, r == 0, r + k == n_rows)  # fmt: skip
+            r += k
+
+
+def _importance(vector, size: int):
+    """The tensor's importance vector as contiguous float32, or None when its size does not match (a
+    token_embd entry made for another shape: llama.cpp quantizes without it)."""
+    import numpy as np  # (an imatrix's vectors are numpy arrays: numpy is loaded already)
+
+    vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(-1)
+    return vector if vector.size == size else None
+
+
+class _Lane:
+    """What one chunk in flight needs: its input buffer and the kernels' own buffers."""
+
+    def __init__(self, rows):
+        self.input = Buffer()
+        self.rows = rows
+
+    def run(self, fd: int, c: Chunk) -> memoryview:
+        address = self.input.reserve(max(1, c.nbytes))
+        view = self.input.view(c.nbytes)
+        got = 0
+        while got < c.nbytes:
+            n = os.preadv(fd, [view[got:]], c.offset + got)
+            if n <= 0:
+                raise QuantizeError(f"unexpected end of input at byte {c.offset + got}")
+            got += n
+        try:
+            if c.src_type == c.dst_type:
+                if c.check:
+                    bad = self.rows.first_nonfinite(c.src_type, address, c.n_rows, c.n_per_row)
+                    if bad >= 0:
+                        raise NonFiniteRow(bad)
+                return view
+            return self.rows.quantize(c.src_type, c.dst_type, address, c.n_rows, c.n_per_row,
+                                      importance=c.importance, check=c.check)  # fmt: skip
+        except NonFiniteRow as e:
+            raise QuantizeError(
+                f"tensor {c.name!r} has non-finite values (NaN or Inf) in row {c.first_row + e.row}; "
+                f"llama.cpp refuses such weights (pass allow_nonfinite / --allow-nonfinite to quantize them "
+                f"anyway)"
+            ) from None
+
+
+def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Callable | None = None) -> None:
+    """Read, convert and write every chunk; progress(chunk, input bytes done) after each is written."""
+    rows = for_backend()
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    parallel = isinstance(rows, NativeRows) and threads > 1
+    if parallel:
+        lanes = [_Lane(NativeRows(rows.lib, threads=1)) for _ in range(threads + 1)]
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="ggufkit-quantize")
+    else:
+        lanes, pool = [_Lane(rows if isinstance(rows, NativeRows) else ArrayRows())], None
+    free = deque(lanes)
+    pending: deque[tuple[Chunk, _Lane, Future]] = deque()
+    done = 0
+
+    def write_oldest() -> None:
+        nonlocal done
+        c, lane, future = pending.popleft()
+        out = future.result()
+        if c.first:
+            writer.begin_tensor(c.name)
+        writer.write(out)
+        if c.last:
+            writer.end_tensor()
+        free.append(lane)
+        done += c.nbytes
+        if progress:
+            progress(c, done)
+
+    try:
+        for c in chunk_list:
+            if not free:
+                write_oldest()
+            lane = free.popleft()
+            if pool is None:
+                future = Future()
+                future.set_result(lane.run(fd, c))
+            else:
+                future = pool.submit(lane.run, fd, c)
+            pending.append((c, lane, future))
+            while pending and pending[0][2].done():
+                write_oldest()
+        while pending:
+            write_oldest()
+    finally:
+        for _, _, future in pending:  # on an error: the lanes' chunks still use the file and buffers
+            future.cancel()
+        for _, _, future in pending:
+            if not future.cancelled():
+                future.exception()
+        if pool is not None:
+            pool.shutdown(wait=True)
+        os.close(fd)
