@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
 import signal
 import struct
@@ -60,7 +59,6 @@ __all__ = [
     "tensor_nbytes",
 ]
 
-log = logging.getLogger(__name__)
 
 GGUF_VERSION = 3
 ALIGNMENT = 32  # GGUF_DEFAULT_ALIGNMENT; what llama-quantize always writes
@@ -237,7 +235,9 @@ def remove_stale_temporaries(dst: str | os.PathLike) -> list[Path]:
         try:
             cand.unlink()
             removed.append(cand)
-            log.info("removed stale temporary file %s", cand)
+            import logging  # (rare: not imported on every write)
+
+            logging.getLogger(__name__).info("removed stale temporary file %s", cand)
         except OSError:
             pass
         finally:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import quants
 from .errors import QuantizeError
 from .ggml_types import GGMLQuantizationType
+from .quants.pool import pool
 from .quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
 
 CHUNK_ELEMENTS = 1 << 20  # values per chunk (4 MiB of float32): bounds memory, many chunks per big tensor
@@ -130,17 +130,17 @@ def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Ca
     parallel = isinstance(rows, NativeRows) and threads > 1
     if parallel:
         lanes = [_Lane(NativeRows(rows.lib, threads=1)) for _ in range(threads + 1)]
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="ggufkit-quantize")
+        workers = pool(threads)
     else:
-        lanes, pool = [_Lane(rows if isinstance(rows, NativeRows) else ArrayRows())], None
+        lanes, workers = [_Lane(rows if isinstance(rows, NativeRows) else ArrayRows())], None
     free = deque(lanes)
-    pending: deque[tuple[Chunk, _Lane, Future]] = deque()
+    pending: deque = deque()  # (chunk, lane, task or the output itself), oldest first
     done = 0
 
     def write_oldest() -> None:
         nonlocal done
-        c, lane, future = pending.popleft()
-        out = future.result()
+        c, lane, task = pending.popleft()
+        out = task.result() if workers is not None else task
         if c.first:
             writer.begin_tensor(c.name)
         writer.write(out)
@@ -156,22 +156,16 @@ def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Ca
             if not free:
                 write_oldest()
             lane = free.popleft()
-            if pool is None:
-                future = Future()
-                future.set_result(lane.run(fd, c))
+            if workers is None:
+                pending.append((c, lane, lane.run(fd, c)))
             else:
-                future = pool.submit(lane.run, fd, c)
-            pending.append((c, lane, future))
-            while pending and pending[0][2].done():
+                pending.append((c, lane, workers.submit(lambda lane=lane, c=c: lane.run(fd, c))))
+            while pending and (workers is None or pending[0][2].done()):
                 write_oldest()
         while pending:
             write_oldest()
     finally:
-        for _, _, future in pending:  # on an error: the lanes' chunks still use the file and buffers
-            future.cancel()
-        for _, _, future in pending:
-            if not future.cancelled():
-                future.exception()
-        if pool is not None:
-            pool.shutdown(wait=True)
+        if workers is not None:
+            for _, _, task in pending:  # on an error: the lanes' chunks still use the file and buffers
+                task.wait()
         os.close(fd)

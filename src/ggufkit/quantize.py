@@ -18,7 +18,6 @@ order (an int is stored as the u32 of its absolute value), then the quantize.ima
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import struct
@@ -34,8 +33,6 @@ from .gguf_file import GGUFModel, open_gguf
 from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
 
 __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_override_kv", "quantize_file"]
-
-log = logging.getLogger(__name__)
 
 # The numba JIT kernels (the fallback when the native library is unavailable: quants/native.py) run on
 # libgomp, which by default spin-waits between parallel regions; when the cores are shared with other

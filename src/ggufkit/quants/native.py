@@ -24,21 +24,17 @@ kernels-<key>.failed and not retried until `python -m ggufkit.quants.native buil
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import zlib
 from pathlib import Path
 
 from . import registry
+from .pool import pool
 
-log = logging.getLogger(__name__)
+# (What only a build needs -- subprocess, tempfile, shutil, logging -- is imported where it is used: a
+# quantize process loads this module on every run, and those imports would be ~8 ms of its start-up.)
 
 _HERE = Path(__file__).parent
 _SOURCES = ("fp.py", "search.py", "legacy.py", "kquants.py", "iq4.py", "native_build.py")  # in the .so
@@ -52,8 +48,6 @@ BUILD_TIMEOUT = 1800  # seconds; a build is about 75 s of CPU
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": CDLL | None once decided, "why": reason when None
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def _cpu_identity() -> str:
@@ -61,6 +55,8 @@ def _cpu_identity() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
+        import platform
+
         return f"{platform.machine()} {platform.processor()}"
     keep = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags")]
     return "\n".join(sorted(set(keep)))
@@ -79,18 +75,21 @@ def _version_file(package: str) -> bytes:
 
 
 def cache_key() -> str:
-    h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update(name.encode() + b"\0" + (_HERE / name).read_bytes())
-    for package in ("numba", "llvmlite"):
-        h.update(package.encode() + b"\0" + _version_file(package))
-    h.update(f"{platform.python_version()} {platform.machine()}".encode())
-    h.update(_cpu_identity().encode())
-    return h.hexdigest()[:20]
+    """20 hex digits naming the library: CRC-32 and Adler-32 of everything the compiled code depends on
+    (zlib is loaded by every Python start-up; hashlib would add ~3 ms to each quantize run), and the
+    length. A checksum, not a digest: it only has to tell our own source versions apart."""
+    parts = [name.encode() + b"\0" + (_HERE / name).read_bytes() for name in _SOURCES]
+    parts += [package.encode() + b"\0" + _version_file(package) for package in ("numba", "llvmlite")]
+    parts.append(f"{sys.version} {os.uname().machine}".encode())
+    parts.append(_cpu_identity().encode())
+    data = b"\1".join(parts)
+    return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}{len(data) & 0xFFFF:04x}"
 
 
 def compiler() -> str | None:
     """The C compiler that links the library: $CC, else cc, gcc or clang on PATH."""
+    import shutil
+
     cc = os.environ.get("CC")
     if cc:
         return shutil.which(cc) or None
@@ -137,7 +136,13 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
             raise RuntimeError(failed.read_text().strip())
         if compiler() is None:
             raise RuntimeError("cannot build the native kernels: no C compiler (set CC, or install gcc)")
-        log.warning("compiling ggufkit's native kernels into %s (once per machine, about a minute)", path)
+        import logging
+        import subprocess
+        import tempfile
+
+        logging.getLogger(__name__).warning(
+            "compiling ggufkit's native kernels into %s (once per machine, about a minute)", path
+        )
         src_root = str(_HERE.parent.parent)  # the folder holding the ggufkit package
         pythonpath = os.pathsep.join(p for p in (src_root, os.environ.get("PYTHONPATH")) if p)
         # an empty numba cache: every kernel compiled from the source the key hashes (numba's on-disk
@@ -174,7 +179,9 @@ def library() -> ctypes.CDLL | None:
                 lib = _load(build())
             except (RuntimeError, OSError) as e:
                 why = str(e)
-                log.warning("%s; using the numba JIT kernels (same results)", why)
+                import logging
+
+                logging.getLogger(__name__).warning("%s; using the numba JIT kernels (same results)", why)
             _state["lib"], _state["why"] = lib, why
     return _state["lib"]
 
@@ -186,29 +193,19 @@ def status() -> str:
     return _state["why"]
 
 
-def _executor() -> ThreadPoolExecutor:
-    """One pool for the process, never resized (callers on several threads may share it); its threads
-    start on demand, so its size is only a bound: the CPUs but the caller's own."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            workers = max(1, registry.max_threads() - 1)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="ggufkit-kernels")
-    return _pool
-
-
 def _parallel(n_rows: int, part, threads: int | None = None) -> list:
     """part(r0, r1) over `threads` (default get_threads()) row ranges: ranges 1.. on the pool, range 0 on
     this thread (one thread wake-up fewer per call); the results in range order."""
     n = max(1, min(threads or registry.get_threads(), n_rows))
     bounds = [n_rows * i // n for i in range(n + 1)]
-    futures = [_executor().submit(part, bounds[i], bounds[i + 1]) for i in range(1, n)]
+    workers = pool(n - 1) if n > 1 else None
+    tasks = [workers.submit(lambda i=i: part(bounds[i], bounds[i + 1])) for i in range(1, n)]
     try:
         first = part(bounds[0], bounds[1])
     finally:
-        for f in futures:  # the other ranges still use the caller's memory: wait for them in any case
-            f.exception()
-    return [first, *(f.result() for f in futures)]
+        for t in tasks:  # the other ranges still use the caller's memory: wait for them in any case
+            t.wait()
+    return [first, *(t.result() for t in tasks)]
 
 
 def _check(status: int, op: int, qtype: int) -> None:
