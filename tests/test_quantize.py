@@ -356,6 +356,16 @@ def test_requantize_matches(smollm2_path, tmp_path):
     assert_identical(out, lmq_reference(smollm2_path, "Q5_K_S", allow_requantize=True))
 
 
+def test_requantize_k_quants_matches(bases, tmp_path):
+    """K-quant inputs (widened by numpy, quants/kdequant.py) inside the parallel pipeline, whose kernels
+    then run on the same worker pool: llama.cpp's bytes."""
+    k_input = tmp_path / "q4km.gguf"
+    quantize_file(bases["synthetic_f32"], k_input, "Q4_K_M")
+    out = tmp_path / "out.gguf"
+    quantize_file(k_input, out, "Q8_0", allow_requantize=True, threads=2)
+    assert_identical(out, lmq_reference(k_input, "Q8_0", allow_requantize=True))
+
+
 # -- summary, dry run, Python API -------------------------------------------------------------------------
 
 
