@@ -263,11 +263,11 @@ class Watch:
     importers = []
     @classmethod
     def find_spec(cls, name, path=None, target=None):
-        if name == "gguf":
+        if name in ("gguf", "numpy"):
             f = sys._getframe(1)
             while f is not None and f.f_globals.get("__name__", "").startswith(("importlib", "_frozen")):
                 f = f.f_back
-            cls.importers.append(f.f_globals.get("__name__") if f is not None else None)
+            cls.importers.append([name, f.f_globals.get("__name__") if f is not None else None])
         return None
 sys.meta_path.insert(0, Watch)
 from ggufkit.cli import main
@@ -277,23 +277,37 @@ print(json.dumps([rc, Watch.importers, sorted(m for m in sys.modules if m.starts
 """
 
 
-@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
-def test_cli_process_imports_only_what_quantize_needs(bases, tmp_path):
-    """Start-up is a visible part of a small job: a `ggufkit quantize` process imports no other subcommand,
-    and gguf-py (~40 ms of imports) is not imported by the reader, writer, planner or pipeline (ggufkit's
-    own ggml_types instead)."""
-    assert quants.backend() == "native", native.status()
-    src = bases["synthetic_f32"]
+def _cli_imports(tmp_path, *argv) -> tuple[int, list, list]:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    argv = ["quantize", str(src), str(tmp_path / "o.gguf"), "Q8_0", "2"]
     run = subprocess.run(
-        [sys.executable, "-c", _IMPORTS_CLI, *argv], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", _IMPORTS_CLI, "quantize", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    rc, importers, cli_modules = json.loads(run.stdout.splitlines()[-1])
-    assert rc == 0 and cli_modules == ["ggufkit.cli.quantize"], run.stdout
-    assert importers == [], importers
-    assert_identical(tmp_path / "o.gguf", reference_quantized(src, "Q8_0"))
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
+def test_cli_process_imports_only_what_quantize_needs(bases, imatrices, tmp_path):
+    """Start-up is a visible part of a small job: a `ggufkit quantize` process imports no other subcommand,
+    neither gguf-py (~40 ms of imports; ggufkit's own ggml_types instead) nor numpy (~50 ms: the pipeline
+    hands raw memory to the native library), on F32 and F16 inputs; the bytes are still llama.cpp's. The
+    control: with an imatrix (whose vectors are numpy arrays) the watch sees ggufkit.imatrix import numpy."""
+    assert quants.backend() == "native", native.status()
+    for base, level in (("synthetic_f32", "Q8_0"), ("smollm2_f16", "Q4_K_M")):
+        src, out = bases[base], tmp_path / f"{base}.gguf"
+        rc, importers, cli_modules = _cli_imports(tmp_path, src, out, level, 2)
+        assert rc == 0 and cli_modules == ["ggufkit.cli.quantize"], (base, cli_modules)
+        assert importers == [], (base, importers)
+        assert_identical(out, reference_quantized(src, level))
+    imx = imatrices["synthetic_f32"]
+    rc, importers, _ = _cli_imports(
+        tmp_path, "--imatrix", imx, bases["synthetic_f32"], tmp_path / "i.gguf", "Q4_K_M"
+    )
+    assert rc == 0 and ["numpy", "ggufkit.imatrix"] in importers, importers
 
 
 @pytest.mark.parametrize("level", ["Q4_K_M", "IQ4_XS", "Q4_0"])
