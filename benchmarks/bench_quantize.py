@@ -148,13 +148,13 @@ _IMPORTS = (
 
 def startup(repeat: int) -> list[str]:
     """The fixed floor of a `ggufkit quantize` process, step by step, each a fresh process: the interpreter,
-    numpy, everything the quantize command imports and loads before it opens its input (the parser, the
-    pipeline, the native kernels), and then reading the input's header (synthetic_f32: 49,152-token
-    vocabulary)."""
+    everything the quantize command imports and loads before it opens its input (the parser, the
+    pipeline, the native kernels; no numpy), and then reading the input's header (synthetic_f32: 49,152-token
+    vocabulary). For scale, the interpreter with numpy, which the quantize command does not import."""
     src = str(base_path("synthetic_f32"))
     steps = [
         ("python -c pass (interpreter and site)", "pass"),
-        ("+ import numpy", "import numpy"),
+        ("(python -c 'import numpy', for scale: not imported by quantize)", "import numpy"),
         ("+ the quantize command's imports and kernels", _IMPORTS),
         (
             "+ open the input (header, KVs, tensor table)",
@@ -277,9 +277,10 @@ def main() -> None:
         "largest peak RSS (ru_maxrss) of the processes. CPU: user + system seconds of the process (all "
         "threads; less sensitive than wall time to other jobs on a shared machine). Ratios are ggufkit / "
         "llama-quantize. The ggufkit CLI runs on the native kernel library (quants/native.py: the numba "
-        "kernels compiled ahead of time, loaded with ctypes), so numba and llvmlite are never imported; "
-        "its fixed floor is Python, numpy, its own imports and reading the GGUF header (`--startup` "
-        "measures it step by step).",
+        "kernels compiled ahead of time, loaded with ctypes) on raw memory, so numba, llvmlite and numpy "
+        "are never imported; its fixed floor is Python, its own imports and reading the GGUF header "
+        "(`--startup` measures it step by step). Chunks of rows run whole on the worker threads, a few "
+        "ahead of the one being written (pipeline.py).",
     ]
     if args.first_use:
         lines += ["", *first_use(args.levels.split(",")[0], args.threads)]
