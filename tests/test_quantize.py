@@ -557,6 +557,29 @@ def _tiny_gguf(
     return path
 
 
+def test_requantize_without_a_dequantizer_is_one_line(tmp_path, capsys):
+    """A tensor type ggufkit cannot dequantize (IQ2_XXS; llama.cpp can) asked to be requantized: one line,
+    exit 2, nothing written; the reader and planner accept the file (its dry run works)."""
+    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(256)
+    w.add_head_count(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    blocks = np.random.default_rng(0).integers(0, 256, size=(16, 66), dtype=np.uint8)  # 16 rows of 256
+    w.add_tensor("blk.0.attn_q.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    src, out = tmp_path / "iq2.gguf", tmp_path / "o.gguf"
+    err = _cli_error(capsys, "--allow-requantize", src, out, "Q8_0")
+    assert "blk.0.attn_q.weight" in err and "IQ2_XXS" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["iq2.gguf"]
+    plan = quantize_file(src, None, "Q8_0", allow_requantize=True, dry_run=True).plan
+    assert [tp.name for tp in plan.tensors if tp.quantize] == ["blk.0.attn_q.weight"]
+
+
 def test_unsupported_architecture(tmp_path, capsys):
     src = _tiny_gguf(tmp_path / "t5.gguf", "t5encoder")
     err = _cli_error(capsys, src, tmp_path / "o.gguf", "Q8_0")

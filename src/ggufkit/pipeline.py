@@ -20,7 +20,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import quants
 from .errors import QuantizeError
 from .ggml_types import GGMLQuantizationType
 from .quants.pool import pool
@@ -68,7 +67,7 @@ def chunks(model, plan, vectors: dict, *, allow_nonfinite: bool) -> Iterator[Chu
         dst_type = GGMLQuantizationType(tp.dst_type)
         n_per_row = info.shape[0]
         n_rows = info.n_elements // n_per_row
-        row_bytes = quants.row_bytes(src_type, n_per_row)
+        row_bytes = info.nbytes // n_rows  # (whole blocks per row: checked by the reader, any ggml type)
         check = src_type in _FLOAT_TYPES and not allow_nonfinite
         importance = None
         if src_type == dst_type:

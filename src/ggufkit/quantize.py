@@ -298,6 +298,15 @@ def quantize_file(
                         f"{src} is already quantized (tensor {tp.name} is {have}); requantizing loses "
                         f"quality, pass allow_requantize / --allow-requantize to do it anyway"
                     )
+        if not dry_run:
+            known = quants.formats()
+            for tp in plan.tensors:
+                have = GGMLQuantizationType(tp.src_type).name
+                if tp.quantize and have not in known:
+                    raise QuantizeError(
+                        f"cannot requantize tensor {tp.name}: ggufkit has no dequantizer for {have} "
+                        f"(it reads {', '.join(known)})"
+                    )
         by_name = {t.name: t for t in model.tensors}
         n_elements = sum(t.n_elements for t in model.tensors)
         size_before = sum(by_name[tp.name].nbytes for tp in plan.tensors)
