@@ -59,8 +59,10 @@ def make_synthetic_llama(
     tied: bool = False,
     dtype: str = "F32",
     n_ctx_train: int = 8192,
+    n_expert: int = 0,
 ) -> Path:
-    """Write a seeded synthetic llama GGUF at `path` (dtype F32 or F16 for the 2-D weights)."""
+    """Write a seeded synthetic llama GGUF at `path` (dtype F32 or F16 for the 2-D weights). n_expert > 0:
+    a Mixtral-style mixture of experts (3-D ffn_{gate,up,down}_exps, two experts used per token)."""
     rng = np.random.default_rng(seed)
     head_dim = n_embd // n_head
     n_vocab = len(gguf.GGUFReader(str(vocab_source)).fields["tokenizer.ggml.tokens"].data)
@@ -90,6 +92,9 @@ def make_synthetic_llama(
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type({"F32": 0, "F16": 1}[dtype])
     w.add_vocab_size(n_vocab)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(2)
     copy_tokenizer(w, Path(vocab_source))
 
     w.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
@@ -104,6 +109,15 @@ def make_synthetic_llama(
         w.add_tensor(p + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
         w.add_tensor(p + "attn_output.weight", weight(n_embd, n_embd))
         w.add_tensor(p + "ffn_norm.weight", norm(n_embd))
+        if n_expert:  # numpy (expert, rows, cols) = ggml ne [cols, rows, expert]
+            w.add_tensor(p + "ffn_gate_inp.weight", weight(n_expert, n_embd).astype(np.float32))
+            w.add_tensor(
+                p + "ffn_gate_exps.weight", np.stack([weight(n_ff, n_embd) for _ in range(n_expert)])
+            )
+            w.add_tensor(p + "ffn_up_exps.weight", np.stack([weight(n_ff, n_embd) for _ in range(n_expert)]))
+            down = [weight(n_embd, n_ff, heavy=True) for _ in range(n_expert)]
+            w.add_tensor(p + "ffn_down_exps.weight", np.stack(down))
+            continue
         w.add_tensor(p + "ffn_gate.weight", weight(n_ff, n_embd))
         w.add_tensor(p + "ffn_up.weight", weight(n_ff, n_embd))
         w.add_tensor(p + "ffn_down.weight", weight(n_embd, n_ff, heavy=True))

@@ -310,6 +310,25 @@ def test_cli_process_imports_only_what_quantize_needs(bases, imatrices, tmp_path
     assert rc == 0 and ["numpy", "ggufkit.imatrix"] in importers, importers
 
 
+@pytest.fixture(scope="session")
+def moe_f32(smollm2_path) -> Path:
+    """A Mixtral-style synthetic llama: 4 experts of 512-wide feed-forwards (3-D *_exps tensors), 2 layers."""
+    from synthetic import synthetic_llama
+
+    return synthetic_llama(smollm2_path, seed=3, n_layer=2, n_expert=4, n_ff=512)
+
+
+@pytest.mark.parametrize(("level", "with_imatrix"), [("Q4_K_M", False), ("Q2_K", False), ("Q4_K_M", True),
+                                                     ("IQ4_XS", True), ("Q4_0", True)])  # fmt: skip
+def test_mixture_of_experts_matches(moe_f32, level, with_imatrix, tmp_path):
+    """3-D expert tensors: chunks never cross an expert, and each expert is quantized with its own slice
+    of the imatrix entry (llama-imatrix collects one per expert), as llama-quantize does."""
+    opts = {"imatrix": str(make_imatrix(moe_f32))} if with_imatrix else {}
+    out = tmp_path / "out.gguf"
+    quantize_file(moe_f32, out, level, threads=2, **opts)
+    assert_identical(out, reference_quantized(moe_f32, level, **opts))
+
+
 @pytest.mark.parametrize("level", ["Q4_K_M", "IQ4_XS", "Q4_0"])
 def test_legacy_dat_imatrix_matches(bases, level, tmp_path):
     src = bases["synthetic_f32"]
