@@ -108,3 +108,7 @@ GGML_QUANT_SIZES: dict[GGMLQuantizationType, tuple[int, int]] = {
     GGMLQuantizationType.NVFP4: (64, 36),
     GGMLQuantizationType.Q1_0: (128, 18),
 }
+
+# The unquantized float types: llama-quantize's sources without --allow-requantize, and the ones whose
+# values can be checked for NaN/Inf as they are.
+FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .errors import QuantizeError
-from .ggml_types import GGMLQuantizationType
+from .ggml_types import FLOAT_TYPES, GGMLQuantizationType
 from .quants.pool import pool
 from .quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
 
@@ -36,7 +36,6 @@ _SEARCHED = tuple(
     GGMLQuantizationType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 )
 _SEARCHED_WITH_IMPORTANCE = tuple(GGMLQuantizationType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ def chunks(model, plan, vectors: dict, *, allow_nonfinite: bool) -> Iterator[Chu
         n_per_row = info.shape[0]
         n_rows = info.n_elements // n_per_row
         row_bytes = info.nbytes // n_rows  # (whole blocks per row: checked by the reader, any ggml type)
-        check = src_type in _FLOAT_TYPES and not allow_nonfinite
+        check = src_type in FLOAT_TYPES and not allow_nonfinite
         importance = None
         if src_type == dst_type:
             step = rows_per_slice = max(1, COPY_CHUNK_BYTES // row_bytes)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import pipeline, quants
 from .errors import GgufkitError, QuantizeError
-from .ggml_types import GGMLQuantizationType, GGUFValueType
+from .ggml_types import FLOAT_TYPES, GGMLQuantizationType, GGUFValueType
 from .gguf_file import GGUFModel, open_gguf
 from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
 
@@ -44,7 +44,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 GGML_QNT_VERSION = 2  # ggml.h: written as general.quantization_version
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
-_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]
 
 
@@ -292,7 +291,7 @@ def quantize_file(
             plan.check_imatrix_requirement()
         if not allow_requantize:
             for tp in plan.tensors:
-                if tp.quantize and GGMLQuantizationType(tp.src_type) not in _FLOAT_TYPES:
+                if tp.quantize and GGMLQuantizationType(tp.src_type) not in FLOAT_TYPES:
                     have = GGMLQuantizationType(tp.src_type).name
                     raise QuantizeError(
                         f"{src} is already quantized (tensor {tp.name} is {have}); requantizing loses "

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import QuantizeError
-from .ggml_types import GGML_QUANT_SIZES
+from .ggml_types import FLOAT_TYPES, GGML_QUANT_SIZES
 from .ggml_types import GGMLQuantizationType as T
 from .gguf_writer import n_dims
 
@@ -101,7 +101,6 @@ def level(name: str) -> Level:
 TARGET_TYPES = frozenset(
     T[n] for n in "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL IQ4_XS".split()
 )
-_FLOAT_TYPES = frozenset({T.F32, T.F16, T.BF16})
 
 
 def parse_ggml_type(value) -> T:
@@ -555,7 +554,7 @@ def plan_quantization(
         lv, hparams, [s.name for s in specs], has_imatrix=imatrix is not None, output_tensor_type=out_t
     )
     default = lv.default_type
-    default_is_quantized = default not in _FLOAT_TYPES
+    default_is_quantized = default not in FLOAT_TYPES
     n_fallback = 0
     plans = []
     for spec in specs:
