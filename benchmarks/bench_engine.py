@@ -43,7 +43,7 @@ def default_models() -> list[Path]:
 def chunks_for(path, ctx: int, n: int) -> np.ndarray:
     from ggufkit.engine.tokenizer import load_tokenizer
     from ggufkit.evaluate import default_text
-    from ggufkit.gguf_file import open_gguf
+    from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(path) as g:
         ids = load_tokenizer(g).encode(default_text())
@@ -52,7 +52,7 @@ def chunks_for(path, ctx: int, n: int) -> np.ndarray:
 
 def time_builtin(path, chunks: np.ndarray, threads: int) -> float:
     from ggufkit.engine.llama import LlamaModel, blas_threads
-    from ggufkit.gguf_file import open_gguf
+    from ggufkit.gguf.reader import open_gguf
 
     first = chunks.shape[1] // 2
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def gemm_ceiling(path, n_rows: int, n_scored: int, threads: int, repeat: int = 3
     """Seconds for the float32 products x[n_rows, in] @ W[in, out] of every 2-D weight of the model's layers
     and x[n_scored, in] @ W_output (best of `repeat`), numpy's BLAS on `threads` threads."""
     from ggufkit.engine.llama import blas_threads
-    from ggufkit.gguf_file import open_gguf
+    from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(path) as g:
         shapes = [(t.name, tuple(int(d) for d in t.shape)) for t in g.tensors if len(t.shape) == 2]

@@ -37,7 +37,7 @@ from llamacpp import base_model, tool  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
 
 from ggufkit.models import default_model_path  # noqa: E402
-from ggufkit.quantize import quantize_file  # noqa: E402
+from ggufkit.quantize.job import quantize_file  # noqa: E402
 
 # A bigger synthetic llama (~290M weights: 2048-wide, vocab 49152, untied output) where the largest tensor,
 # not the interpreter, sets the memory peak.
@@ -142,7 +142,7 @@ def first_use(level: str, threads: int) -> list[str]:
 
 _IMPORTS = (
     "from ggufkit.cli import build_parser; build_parser('quantize'); "
-    "import ggufkit.quantize, ggufkit.recipes; from ggufkit import quants; quants.backend()"
+    "import ggufkit.quantize.job, ggufkit.quantize.recipes; from ggufkit import quants; quants.backend()"
 )
 
 
@@ -158,7 +158,7 @@ def startup(repeat: int) -> list[str]:
         ("+ the quantize command's imports and kernels", _IMPORTS),
         (
             "+ open the input (header, KVs, tensor table)",
-            f"{_IMPORTS}; ggufkit.gguf_file.open_gguf({str(src)!r})",
+            f"{_IMPORTS}; ggufkit.gguf.reader.open_gguf({str(src)!r})",
         ),
     ]
     env = ggufkit_env()

@@ -26,12 +26,12 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ggufkit.engine import llama as engine_llama
-from ggufkit.engine.kernels import f16_round, f16_to_f32
 from ggufkit.engine.llama import LlamaModel, ModelArgs, _rms_norm, _silu, round_activations
+from ggufkit.engine.numerics import f16_round, f16_to_f32
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
 from ggufkit.evaluate import default_text
-from ggufkit.gguf_file import open_gguf
+from ggufkit.gguf.reader import open_gguf
 
 
 def _llama_cpp_logits(path, tokens: np.ndarray) -> np.ndarray:

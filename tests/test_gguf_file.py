@@ -22,7 +22,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
 from ggufkit.errors import GGUFError, GgufkitError
-from ggufkit.gguf_file import GGUFModel, open_gguf
+from ggufkit.gguf.reader import GGUFModel, open_gguf
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 TOKENS = ["<unk>", "<s>", "</s>", "hello", " world", "é", "日本"]
@@ -543,10 +543,10 @@ def test_smollm2_opens_and_matches_gguf_py(smollm2_path):
 
 NO_NUMPY_SCRIPT = """
 import sys
-from ggufkit.ggml_types import GGMLQuantizationType as T, GGUFValueType as V
-from ggufkit.gguf_file import open_gguf
-from ggufkit.gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, header_bytes, kv_bytes
-from ggufkit.recipes import plan_for_gguf
+from ggufkit.gguf.types import GGMLQuantizationType as T, GGUFValueType as V
+from ggufkit.gguf.reader import open_gguf
+from ggufkit.gguf.writer import GGUFStreamWriter, TensorEntry, copy_kv, header_bytes, kv_bytes
+from ggufkit.quantize.recipes import plan_for_gguf
 
 *models, small, out = sys.argv[1:]
 for path in [*models, small]:
@@ -604,9 +604,9 @@ def test_reading_planning_and_writing_import_no_numpy(synthetic_f32, smollm2_pat
 
 
 def test_ggml_types_match_gguf_py():
-    """ggufkit.ggml_types (used so that reading/writing files needs no gguf-py import) holds exactly gguf-py's
+    """ggufkit.gguf.types (used so that reading/writing files needs no gguf-py import) holds exactly gguf-py's
     type ids, value types and block sizes."""
-    from ggufkit import ggml_types as ours
+    from ggufkit.gguf import types as ours
 
     assert [(m.name, m.value) for m in ours.GGUFValueType] == [(m.name, m.value) for m in V]
     assert [(m.name, m.value) for m in ours.GGMLQuantizationType] == [(m.name, m.value) for m in T]

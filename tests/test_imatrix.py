@@ -25,10 +25,10 @@ from oracle import ggml_quantize
 from test_recipes import llama_quantize_refusal
 
 from ggufkit.errors import QuantizeError
-from ggufkit.gguf_file import open_gguf
-from ggufkit.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
+from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir
-from ggufkit.recipes import plan_for_gguf
+from ggufkit.quantize.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
+from ggufkit.quantize.recipes import plan_for_gguf
 
 # -- fixtures: a real imatrix from llama-imatrix ---------------------------------------------------------
 

@@ -16,7 +16,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from test_gguf_file import CHAT_TEMPLATE, _ti, raw_gguf, write_small_gguf
 
-from ggufkit.info import FTYPE_NAMES, format_inspect, inspect_gguf
+from ggufkit.inspect import FTYPE_NAMES, format_inspect, inspect_gguf
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

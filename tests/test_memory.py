@@ -190,7 +190,7 @@ def _smollm2_config(model) -> dict:
 def test_hf_folder_and_bare_size_give_the_gguf_shape(smollm2_levels, tmp_path):
     """config.json (written from the GGUF's metadata) and "smollm2:135M" build the same tensors as the file
     llama.cpp converted, so F16 weights agree to the byte."""
-    from ggufkit.gguf_file import open_gguf
+    from ggufkit.gguf.reader import open_gguf
 
     cfg = _smollm2_config(open_gguf(smollm2_levels["F16"]))
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -29,9 +29,9 @@ import ggufkit
 from ggufkit import quants
 from ggufkit.cli import main as cli_main
 from ggufkit.errors import GgufkitError, QuantizeError
-from ggufkit.gguf_file import open_gguf
+from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir, sha256_file
-from ggufkit.quantize import parse_override_kv, quantize_file
+from ggufkit.quantize.job import parse_override_kv, quantize_file
 from ggufkit.quants import native
 
 BACKENDS = ("native", "jit") if native.compiler() else ("jit",)  # both kernel builds
@@ -295,7 +295,8 @@ def test_cli_process_imports_only_what_quantize_needs(bases, imatrices, tmp_path
     """Start-up is a visible part of a small job: a `ggufkit quantize` process imports no other subcommand,
     neither gguf-py (~40 ms of imports; ggufkit's own ggml_types instead) nor numpy (~50 ms: the pipeline
     hands raw memory to the native library), on F32 and F16 inputs; the bytes are still llama.cpp's. The
-    control: with an imatrix (whose vectors are numpy arrays) the watch sees ggufkit.imatrix import numpy."""
+    control: with an imatrix (whose vectors are numpy arrays) the watch sees ggufkit.quantize.imatrix
+    import numpy."""
     assert quants.backend() == "native", native.status()
     for base, level in (("synthetic_f32", "Q8_0"), ("smollm2_f16", "Q4_K_M")):
         src, out = bases[base], tmp_path / f"{base}.gguf"
@@ -307,7 +308,7 @@ def test_cli_process_imports_only_what_quantize_needs(bases, imatrices, tmp_path
     rc, importers, _ = _cli_imports(
         tmp_path, "--imatrix", imx, bases["synthetic_f32"], tmp_path / "i.gguf", "Q4_K_M"
     )
-    assert rc == 0 and ["numpy", "ggufkit.imatrix"] in importers, importers
+    assert rc == 0 and ["numpy", "ggufkit.quantize.imatrix"] in importers, importers
 
 
 @pytest.fixture(scope="session")

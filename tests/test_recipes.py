@@ -20,9 +20,9 @@ from gguf import GGUFValueType as V
 from llamacpp import llama_quantize_dry_run, reference_quantized, tool
 
 from ggufkit.errors import QuantizeError
-from ggufkit.gguf_file import open_gguf
-from ggufkit.imatrix import load_for_quantize
-from ggufkit.recipes import (
+from ggufkit.gguf.reader import open_gguf
+from ggufkit.quantize.imatrix import load_for_quantize
+from ggufkit.quantize.recipes import (
     LEVELS,
     SUPPORTED_ARCHS,
     Hparams,

@@ -269,7 +269,7 @@ def test_ctrl_c_leaves_nothing_half_written(smollm2_path, tmp_path):
     assert "interrupted" in err
     assert _partial_files(cache) == [] and _partial_files(out) == []
     assert not (out / "report.json").exists()
-    from ggufkit.gguf_file import open_gguf
+    from ggufkit.gguf.reader import open_gguf
 
     for p in cache.rglob("*.json"):
         json.loads(p.read_text())

@@ -17,7 +17,7 @@ import pytest
 
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.evaluate import default_text
-from ggufkit.gguf_file import open_gguf
+from ggufkit.gguf.reader import open_gguf
 
 TRICKY = [
     "Hello world",

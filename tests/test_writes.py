@@ -20,8 +20,8 @@ from gguf import GGUFValueType as V
 from llamacpp import llama_model_quantize
 
 from ggufkit.errors import QuantizeError
-from ggufkit.gguf_file import open_gguf
-from ggufkit.gguf_writer import (
+from ggufkit.gguf.reader import open_gguf
+from ggufkit.gguf.writer import (
     TEMP_MARK,
     GGUFStreamWriter,
     TensorEntry,
@@ -31,7 +31,7 @@ from ggufkit.gguf_writer import (
     remove_stale_temporaries,
 )
 from ggufkit.models import sha256_file
-from ggufkit.quantize import quantize_file
+from ggufkit.quantize.job import quantize_file
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # lazy: `import ggufkit` stays cheap for the CLI
     if name == "quantize_file":
-        from .quantize import quantize_file
+        from .quantize.job import quantize_file
 
         return quantize_file
     raise AttributeError(name)

@@ -20,7 +20,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..info import format_inspect, inspect_gguf
+    from ..inspect import format_inspect, inspect_gguf
 
     info = inspect_gguf(args.file, tensors=args.tensors)
     print(json.dumps(info, indent=1) if args.json else format_inspect(info))

@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 
 from ..errors import QuantizeError
-from ..gguf_writer import WriteInterrupted
+from ..gguf.writer import WriteInterrupted
 
 USAGE = "ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
@@ -75,7 +75,7 @@ def add_parser(sub):
 
 
 def _is_type(name: str) -> bool:
-    from .. import recipes
+    from ..quantize import recipes
 
     try:
         recipes.level(name)
@@ -187,7 +187,7 @@ def _print_summary(s) -> None:
 
 
 def run(args) -> int:
-    from ..quantize import quantize_file
+    from ..quantize.job import quantize_file
 
     src, dst, qtype, threads = _positionals(args.args)
     bar = _Bar() if sys.stderr.isatty() and not args.dry_run else None

@@ -52,9 +52,9 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from ..errors import EvalError
-from ..gguf_file import GGUFModel
+from ..gguf.reader import GGUFModel
 from ..quants import dequantize, quantize
-from .kernels import f16_round, f16_to_f32
+from .numerics import f16_round, f16_to_f32
 
 log = logging.getLogger(__name__)
 

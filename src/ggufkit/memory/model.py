@@ -47,7 +47,7 @@ class ModelInfo:
         return sum(math.prod(t.shape) for t in self.tensors)
 
     def hparams(self):
-        from ..recipes import Hparams
+        from ..quantize.recipes import Hparams
 
         return Hparams(
             arch=self.arch,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
+from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][0]
 

@@ -1,6 +1,6 @@
 """The one table of block formats: type -> block size, bytes per block, quantize and dequantize kernels.
 
-Block size and bytes per block come from GGML_QUANT_SIZES (ggufkit.ggml_types: gguf-py's table, checked
+Block size and bytes per block come from GGML_QUANT_SIZES (ggufkit.gguf.types: gguf-py's table, checked
 against it in the tests; the same facts as ggml's type traits); everything that converts shapes to bytes
 goes through `row_bytes`; nothing else in ggufkit hard-codes 256 or 144. The kernels come from one of two
 builds of the same numba source (fp, legacy, kquants, iq4): the native library (quants/native.py: compiled
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
+from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 if TYPE_CHECKING:  # numpy is imported by the functions that take arrays (a quantize process never needs it)
     import numpy as np

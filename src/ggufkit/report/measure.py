@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import GgufkitError
-from ..gguf_file import open_gguf
+from ..gguf.reader import open_gguf
 from ..models import sha256_file
 from .records import code_fingerprint, read_json, record_key, tensor_sha256, write_json
 
@@ -22,8 +22,8 @@ SPEED_GEN = 32
 CACHE_VERSION = 2  # bump when a cached record changes shape
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # the modules whose code decides a level file's bytes / a level's measurements: part of the cache keys
-_QUANT_CODE = ("quantize.py", "recipes.py", "gguf_writer.py", "quants")
-_EVAL_CODE = ("evaluate.py", "engine", "memory")
+_QUANT_CODE = ("quantize", "gguf", "quants")
+_EVAL_CODE = ("evaluate", "engine", "gguf", "memory")
 
 
 class ReportError(GgufkitError):
@@ -114,7 +114,7 @@ def prepare_base(
     model: Path, model_sha: str, work: Path, notes: list[str], progress, *, threads=None
 ) -> dict:
     """The full-precision base: the model itself, or its exact F32 dequantization (cached in `work`)."""
-    from ..quantize import quantize_file
+    from ..quantize.job import quantize_file
 
     types = _weight_types(model)
     quantized = {t: n for t, n in types.items() if t not in FLOAT_TYPES}
@@ -150,8 +150,8 @@ def prepare_base(
 
 def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int | None = None) -> dict:
     """The level's GGUF in `work/levels`, quantized once per (base, level, quantizer code)."""
-    from .. import recipes
-    from ..quantize import quantize_file
+    from ..quantize import recipes
+    from ..quantize.job import quantize_file
 
     folder = work / "levels"
     folder.mkdir(exist_ok=True)

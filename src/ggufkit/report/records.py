@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from .. import __version__
-from ..gguf_file import open_gguf
+from ..gguf.reader import open_gguf
 
 
 def atomic_write(path: Path, data: bytes) -> None:

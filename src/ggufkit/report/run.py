@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..gguf_file import open_gguf
+from ..gguf.reader import open_gguf
 from ..models import cache_dir, default_model_path, sha256_file
 from .measure import (
     FLOAT_TYPES,
@@ -78,9 +78,10 @@ def run_report(
     and write report.md/json/html/png into `out` (default cache_dir("reports")/<model sha256>). Returns the
     Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
     base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
-    from .. import memory, recipes
+    from .. import memory
     from .. import pick as picker
     from ..evaluate import read_text
+    from ..quantize import recipes
 
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with

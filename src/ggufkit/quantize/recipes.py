@@ -31,10 +31,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import QuantizeError
-from .ggml_types import FLOAT_TYPES, GGML_QUANT_SIZES
-from .ggml_types import GGMLQuantizationType as T
-from .gguf_writer import n_dims
+from ..errors import QuantizeError
+from ..gguf.types import FLOAT_TYPES, GGML_QUANT_SIZES
+from ..gguf.types import GGMLQuantizationType as T
+from ..gguf.writer import n_dims
 
 if TYPE_CHECKING:
     import numpy as np
@@ -185,7 +185,7 @@ def _first(value):
 
 
 def hparams_from_gguf(model) -> Hparams:
-    """Hparams from a ggufkit.gguf_file.GGUFModel (keys <arch>.block_count, .attention.head_count, ...)."""
+    """Hparams from a ggufkit.gguf.reader.GGUFModel (keys <arch>.block_count, .attention.head_count, ...)."""
     arch = model.architecture
     if arch not in SUPPORTED_ARCHS:
         raise QuantizeError(
@@ -599,7 +599,9 @@ def plan_quantization(
             reason, kind = f"copy: already {src.name} ({reason})", "copy"
         vector = None
         if imatrix is not None and quantize:
-            from .imatrix import match_tensor  # only with an imatrix: ggufkit.imatrix imports gguf-py
+            from .imatrix import (
+                match_tensor,  # only with an imatrix: ggufkit.quantize.imatrix imports gguf-py
+            )
 
             vector = match_tensor(imatrix, spec.name, shape)
         requires = dst == T.Q2_K and lv.name == "Q2_K_S" and cat not in ("token_embd", "output")
@@ -622,6 +624,6 @@ def plan_quantization(
 
 
 def plan_for_gguf(model, level_name: str, **options) -> Plan:
-    """plan_quantization for an open ggufkit.gguf_file.GGUFModel."""
+    """plan_quantization for an open ggufkit.gguf.reader.GGUFModel."""
     specs = [TensorSpec(t.name, tuple(t.shape), T(t.ggml_type)) for t in model.tensors]
     return plan_quantization(specs, hparams_from_gguf(model), level_name, **options)

@@ -20,10 +20,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .errors import QuantizeError
-from .ggml_types import FLOAT_TYPES, GGMLQuantizationType
-from .quants.pool import pool
-from .quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
+from ..errors import QuantizeError
+from ..gguf.types import FLOAT_TYPES, GGMLQuantizationType
+from ..quants.pool import pool
+from ..quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
 
 # Chunk sizes: small enough that every worker has a chunk while the oldest is being written (a K-quant
 # chunk costs ~20x a Q8_0 chunk of the same size, so theirs are smaller), large enough that the per-chunk

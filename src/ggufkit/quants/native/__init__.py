@@ -2,7 +2,7 @@
 
 A numba process costs about 0.7 s and 100+ MiB before any work (llvmlite's LLVM, numba, the cached
 kernels), which dominates small quantize jobs. The kernels' source stays the numba code (fp, legacy,
-kquants, iq4); native_build.py compiles it ahead of time, once per machine, into
+kquants, iq4); native/build.py compiles it ahead of time, once per machine, into
 <cache>/native/kernels-<key>.so, where the key hashes the kernel sources, numba's and llvmlite's versions,
 the Python version and the host CPU (model and feature flags). This module only loads and calls it,
 through ctypes; ctypes releases the GIL during a call, so row chunks run on a thread pool. Two interfaces:
@@ -10,7 +10,7 @@ kernels(name) gives the registry numpy-array kernels; convert_rows / first_nonfi
 addresses and never import numpy (the quantize pipeline uses them: numpy's import is a third of a small
 quantize job's start-up).
 
-The first use builds the library in a subprocess (`python -m ggufkit.quants.native_build`, which needs
+The first use builds the library in a subprocess (`python -m ggufkit.quants.native.build`, which needs
 numba, llvmlite and a C compiler; about 75 s of CPU, 40-120 s wall: with an empty numba cache every kernel
 is compiled from the source the key hashes, twice: serially for the library and as the JIT kernels it is
 checked against), under a file lock so that concurrent processes build it once, installed by an atomic
@@ -30,14 +30,22 @@ import threading
 import zlib
 from pathlib import Path
 
-from . import registry
-from .pool import pool
+from .. import registry
+from ..pool import pool
 
 # (What only a build needs -- subprocess, tempfile, shutil, logging -- is imported where it is used: a
 # quantize process loads this module on every run, and those imports would be ~8 ms of its start-up.)
 
 _HERE = Path(__file__).parent
-_SOURCES = ("fp.py", "search.py", "legacy.py", "kquants.py", "iq4.py", "native_build.py")  # in the .so
+_QUANTS = _HERE.parent  # the numba sources the library is compiled from
+_SOURCES = (
+    _QUANTS / "fp.py",
+    _QUANTS / "search.py",
+    _QUANTS / "legacy.py",
+    _QUANTS / "kquants.py",
+    _QUANTS / "iq4.py",
+    _HERE / "build.py",
+)  # in the .so
 # what gk_run handles (F32 is a copy here; K-quant dequantizing is numpy, kdequant.py)
 QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                   "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
@@ -78,7 +86,7 @@ def cache_key() -> str:
     """20 hex digits naming the library: CRC-32 and Adler-32 of everything the compiled code depends on
     (zlib is loaded by every Python start-up; hashlib would add ~3 ms to each quantize run), and the
     length. A checksum, not a digest: it only has to tell our own source versions apart."""
-    parts = [name.encode() + b"\0" + (_HERE / name).read_bytes() for name in _SOURCES]
+    parts = [p.name.encode() + b"\0" + p.read_bytes() for p in _SOURCES]
     parts += [package.encode() + b"\0" + _version_file(package) for package in ("numba", "llvmlite")]
     parts.append(f"{sys.version} {os.uname().machine}".encode())
     parts.append(_cpu_identity().encode())
@@ -101,7 +109,7 @@ def compiler() -> str | None:
 
 
 def library_path() -> Path:
-    from ..models import cache_dir
+    from ...models import cache_dir
 
     return cache_dir("native") / f"kernels-{cache_key()}.so"
 
@@ -143,7 +151,7 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
         logging.getLogger(__name__).warning(
             "compiling ggufkit's native kernels into %s (once per machine, about a minute)", path
         )
-        src_root = str(_HERE.parent.parent)  # the folder holding the ggufkit package
+        src_root = str(_QUANTS.parent.parent)  # the folder holding the ggufkit package
         pythonpath = os.pathsep.join(p for p in (src_root, os.environ.get("PYTHONPATH")) if p)
         # an empty numba cache: every kernel compiled from the source the key hashes (numba's on-disk
         # cache does not notice edits to functions inlined from another module)
@@ -151,7 +159,7 @@ def build(path: Path | None = None, *, force: bool = False) -> Path:
             env = dict(os.environ, PYTHONPATH=pythonpath, NUMBA_CACHE_DIR=numba_cache)
             try:
                 done = subprocess.run(
-                    [sys.executable, "-m", "ggufkit.quants.native_build", str(path)],
+                    [sys.executable, "-m", "ggufkit.quants.native.build", str(path)],
                     capture_output=True,
                     text=True,
                     env=env,
@@ -315,7 +323,7 @@ def _dequantizer(lib, fmt):
 
 
 def _k_dequantizer(fmt):
-    from .kdequant import DEQUANTIZE
+    from ..kdequant import DEQUANTIZE
 
     fn = DEQUANTIZE[fmt.name]
 
@@ -372,7 +380,3 @@ def main(argv: list[str]) -> int:
         return 0
     print("usage: python -m ggufkit.quants.native [build|status]", file=sys.stderr)
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

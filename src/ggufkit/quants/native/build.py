@@ -29,7 +29,7 @@ Before the library is installed it is loaded here and checked byte for byte agai
 every type, with and without importance, on data with zeros, spikes, NaN and inf (tests check both
 against libggml).
 
-Usage: python -m ggufkit.quants.native_build OUTPUT.so   (exit 0: OUTPUT.so installed; else a message)
+Usage: python -m ggufkit.quants.native.build OUTPUT.so   (exit 0: OUTPUT.so installed; else a message)
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ import numba
 import numpy as np
 from numba import carray, cfunc, njit, types
 
-from . import fp, iq4, kquants, legacy
-from .native import DEQUANTIZE_TYPES, QUANTIZE_TYPES, compiler
-from .registry import FORMATS
+from .. import fp, iq4, kquants, legacy
+from ..registry import FORMATS
+from . import DEQUANTIZE_TYPES, QUANTIZE_TYPES, compiler
 
 _serial = njit(nogil=True, error_model="numpy")
 
@@ -371,7 +371,7 @@ def _self_test_data(rng, n_rows: int, n_per_row: int) -> np.ndarray:
 
 def self_test(path: Path) -> None:
     """Load the library and compare it with the JIT kernels on every type (raises on any difference)."""
-    from . import registry
+    from .. import registry
 
     so = ctypes.CDLL(str(path))
     run = so.gk_run
@@ -437,7 +437,7 @@ def build(out: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m ggufkit.quants.native_build OUTPUT.so", file=sys.stderr)
+        print("usage: python -m ggufkit.quants.native.build OUTPUT.so", file=sys.stderr)
         return 2
     try:
         build(Path(argv[0]))

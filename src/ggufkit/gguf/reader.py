@@ -19,7 +19,7 @@ needs: every tensor aligned, inside the file, and not overlapping another.
 gguf-py's GGUFReader is not used for parsing: on hostile input it raises assorted exceptions
 (ValueError, IndexError, OverflowError, KeyError...) and builds a numpy view per field, which makes it
 slow on 49k-token vocabularies. gguf-py's constants (value types, ggml types, block sizes) are the source
-of truth for what is known, through ggufkit.ggml_types (a copy checked against them, so that opening a
+of truth for what is known, through ggufkit.gguf.types (a copy checked against them, so that opening a
 file does not import gguf-py).
 
 Opening a file does not import numpy either (~45 ms, a quarter of a small `ggufkit quantize` job, which
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING
 
-from .errors import GGUFError
-from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from ..errors import GGUFError
+from .types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 if TYPE_CHECKING:
     import numpy as np

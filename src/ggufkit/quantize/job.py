@@ -5,7 +5,7 @@ The pipeline, one tensor at a time, in llama.cpp's output order (sorted by layer
   2. a tensor whose type does not change is copied byte for byte;
   3. otherwise its rows are read in chunks (never the whole model), widened to float32 (F16/BF16 exactly,
      quantized inputs only with allow_requantize), checked for NaN/Inf, quantized with the tensor's
-     importance vector, and appended to the output (pipeline.py: the chunks run on raw memory, several at
+     importance vector, and appended to the output (stream.py: the chunks run on raw memory, several at
      once, and are written in order; with the native library numpy is never imported).
 The output is a GGUF v3 file byte-identical to llama-quantize's (gguf_writer), written to a temporary
 file and renamed into place only when complete.
@@ -26,11 +26,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import pipeline, quants
-from .errors import GgufkitError, QuantizeError
-from .ggml_types import FLOAT_TYPES, GGMLQuantizationType, GGUFValueType
-from .gguf_file import GGUFModel, open_gguf
-from .gguf_writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
+from .. import quants
+from ..errors import GgufkitError, QuantizeError
+from ..gguf.reader import GGUFModel, open_gguf
+from ..gguf.types import FLOAT_TYPES, GGMLQuantizationType, GGUFValueType
+from ..gguf.writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
+from . import stream
 
 __all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_override_kv", "quantize_file"]
 
@@ -202,7 +203,7 @@ def _set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
 
 
 def _load_imatrix(path, include_weights, exclude_weights):
-    """(vectors by tensor name, metadata for quantize.imatrix.*), through ggufkit.imatrix."""
+    """(vectors by tensor name, metadata for quantize.imatrix.*), through ggufkit.quantize.imatrix."""
     from . import imatrix as imx
 
     return imx.load_for_quantize(path, include=tuple(include_weights), exclude=tuple(exclude_weights))
@@ -347,8 +348,8 @@ def quantize_file(
 
         try:
             with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
-                todo = pipeline.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
-                pipeline.run(src, todo, writer, threads=n_threads, progress=report)
+                todo = stream.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
+                stream.run(src, todo, writer, threads=n_threads, progress=report)
                 writer.commit()
                 summary.file_size = writer.file_size
         except OSError as e:

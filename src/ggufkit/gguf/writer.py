@@ -42,8 +42,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
-from .gguf_file import GGUF_MAGIC, KV
+from .reader import GGUF_MAGIC, KV
+from .types import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 __all__ = [
     "ALIGNMENT",

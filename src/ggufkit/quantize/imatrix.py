@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from .errors import GgufkitError, QuantizeError
+from ..errors import GgufkitError, QuantizeError
 
 __all__ = ["Imatrix", "read_imatrix", "filter_entries", "load_for_quantize", "match_tensor"]
 
@@ -110,7 +110,7 @@ def _lround_to_float(c: float) -> np.float32:
 
 
 def _read_gguf(path: str) -> Imatrix:
-    from .gguf_file import open_gguf
+    from ..gguf.reader import open_gguf
 
     try:
         model = open_gguf(path)

@@ -1,6 +1,6 @@
 """`ggufkit inspect`: what a GGUF file holds, as a JSON-ready dict and as text.
 
-Everything comes from the validated header, metadata and tensor table (ggufkit.gguf_file); no tensor
+Everything comes from the validated header, metadata and tensor table (ggufkit.gguf.reader); no tensor
 data is read and nothing from the file is executed (the chat template is shown as text only). Text
 output escapes control characters, so a hostile string cannot drive the terminal.
 
@@ -18,8 +18,8 @@ from collections import Counter
 import numpy as np
 from gguf import GGUFValueType
 
-from .gguf_file import GGUFModel, open_gguf
-from .recipes import LEVELS
+from .gguf.reader import GGUFModel, open_gguf
+from .quantize.recipes import LEVELS
 
 # llama_ftype ids (include/llama.h) of levels ggufkit cannot produce; the others are in recipes.LEVELS.
 OTHER_FTYPES = {

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
-from .errors import EvalError
-from .gguf_file import open_gguf
-from .models import cache_dir, sha256_file
+from ..errors import EvalError
+from ..gguf.reader import open_gguf
+from ..models import cache_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +276,14 @@ def _median(sorted_values: np.ndarray) -> float:
 
 # -- engines ---------------------------------------------------------------------------------------
 def _builtin_logits(path, inputs: np.ndarray, first: int, threads: int | None) -> Iterator[np.ndarray]:
-    from .engine.llama import LlamaModel, blas_threads
+    from ..engine.llama import LlamaModel, blas_threads
 
     with blas_threads(threads), open_gguf(path) as g:
         yield from LlamaModel(g).chunk_logits(inputs, first=first)
 
 
 def _llamacpp_logits(path, inputs, first, threads, timing: dict) -> Iterator[np.ndarray]:
-    from .engine.llamacpp import LlamaCppRunner
+    from ..engine.llamacpp import LlamaCppRunner
 
     with LlamaCppRunner(path, ctx=inputs.shape[1], threads=threads) as runner:
         for chunk in inputs:
@@ -462,14 +462,14 @@ def evaluate(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> EvalResult:
     """Perplexity of `model` on `text` (default: pydoc topics); with `base`, KLD/same-top/Δp against it."""
-    from .engine.tokenizer import load_tokenizer
+    from ..engine.tokenizer import load_tokenizer
 
     if engine not in ENGINES:
         raise EvalError(f"unknown engine {engine!r} (known: {', '.join(ENGINES)})")
     t_start = time.perf_counter()
     body, text_name = read_text(text)
     with open_gguf(model) as g:
-        from .engine.llama import ModelArgs
+        from ..engine.llama import ModelArgs
 
         if engine == "builtin":
             ModelArgs.from_gguf(g)  # unsupported architecture -> EvalError before anything runs
