@@ -1,7 +1,9 @@
 """Built-in engine vs llama.cpp: prompt-processing tokens/s on the same file, text and threads, one run.
 
-    PYTHONPATH=src python benchmarks/bench_engine.py [MODEL.gguf ...] [--ctx 512] [--chunks 4] [--threads 2]
+    PYTHONPATH=src python -m benchmarks.bench_engine [MODEL.gguf ...] [--ctx 512] [--chunks 4] [--threads 2]
                                                      [--gemm-ceiling]
+
+from the repository root (the helpers are imported as tests.helpers).
 
 Default models: SmolLM2-135M F16 (made by llama.cpp from the default model) and its Q4_K_M made by
 llama-quantize. Both engines evaluate the same chunks the way llama-perplexity does (ctx tokens per
@@ -28,13 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/llamacpp.py
-
 
 def default_models() -> list[Path]:
-    from llamacpp import base_model, reference_quantized
-
     from ggufkit.models import default_model_path
+    from tests.helpers.llama_programs import base_model, reference_quantized
 
     f16 = base_model(default_model_path(), "F16")
     return [f16, reference_quantized(f16, "Q4_K_M")]

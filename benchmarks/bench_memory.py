@@ -7,8 +7,10 @@ llama-cpp-python 0.3.36 tree) runs a prompt of n_ctx - 16 tokens and 16 generate
 measured peak, the error, and a naive "file size + KV cache" estimate for comparison; then the time of
 one estimate vs one llama-bench run (the only other way to know).
 
-    python benchmarks/bench_memory.py [--quick]     # --quick: skip the 8192-token runs
-    python benchmarks/bench_memory.py --fit         # re-derive the runtime overhead constants
+From the repository root (the helpers are imported as tests.helpers):
+
+    PYTHONPATH=src python -m benchmarks.bench_memory [--quick]   # --quick: skip the 8192-token runs
+    PYTHONPATH=src python -m benchmarks.bench_memory --fit       # re-derive the runtime overhead constants
 """
 
 from __future__ import annotations
@@ -21,16 +23,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
-
-from llamacpp import base_model, reference_quantized  # noqa: E402
-from memory_oracle import llama_bench_peak_rss, make_small_model  # noqa: E402
-from synthetic import synthetic_llama  # noqa: E402
-
-from ggufkit import memory  # noqa: E402
-from ggufkit.memory import estimator  # noqa: E402
-from ggufkit.models import cache_dir, default_model_path  # noqa: E402
+from ggufkit import memory
+from ggufkit.memory import estimator
+from ggufkit.models import cache_dir, default_model_path
+from tests.helpers.llama_programs import base_model, reference_quantized
+from tests.helpers.memory_oracle import llama_bench_peak_rss, make_small_model
+from tests.helpers.synthetic import synthetic_llama
 
 
 def mib(n: float) -> str:

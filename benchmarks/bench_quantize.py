@@ -5,11 +5,12 @@ Each job runs as a fresh process (the CLI against the program, startup included)
 child: ru_maxrss, which counts mapped input pages the process touched), their ratios, and checks that the
 two outputs have the same sha256. The page cache is warmed by one untimed run of each first.
 
-    python benchmarks/bench_quantize.py [--base synthetic_f32] [--levels Q4_K_M,Q6_K,Q8_0,Q2_K]
-                                        [--threads N] [--repeat 3] [--first-use] [--startup] [--write-docs]
+    PYTHONPATH=src python -m benchmarks.bench_quantize [--base synthetic_f32]
+        [--levels Q4_K_M,Q6_K,Q8_0,Q2_K] [--threads N] [--repeat 3] [--first-use] [--startup] [--write-docs]
 
-Bases: synthetic_f32 / synthetic_f16 (tests/synthetic.py: 256-wide rows, untied output, so K-quants run on
-every tensor), synthetic_big_f16 / synthetic_big_f32 (same generator, 2048 wide, ~290M weights),
+from the repository root (the helpers are imported as tests.helpers).
+Bases: synthetic_f32 / synthetic_f16 (tests/helpers/synthetic.py: 256-wide rows, untied output, so K-quants
+run on every tensor), synthetic_big_f16 / synthetic_big_f32 (same generator, 2048 wide, ~290M weights),
 smollm2_f16 / smollm2_f32 (SmolLM2-135M dequantized by llama.cpp). --write-docs replaces the
 "## Quantize files" section of docs/benchmarks.md with the table.
 """
@@ -29,15 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ggufkit.models import default_model_path
+from ggufkit.quantize.job import quantize_file
+from tests.helpers.llama_programs import base_model, tool
+from tests.helpers.synthetic import synthetic_llama
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from llamacpp import base_model, tool  # noqa: E402
-from synthetic import synthetic_llama  # noqa: E402
-
-from ggufkit.models import default_model_path  # noqa: E402
-from ggufkit.quantize.job import quantize_file  # noqa: E402
 
 # A bigger synthetic llama (~290M weights: 2048-wide, vocab 49152, untied output) where the largest tensor,
 # not the interpreter, sets the memory peak.
@@ -267,7 +265,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     lines = [
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}; "
-        f"`python benchmarks/bench_quantize.py --base "
+        f"`python -m benchmarks.bench_quantize --base "
         f"{args.base} --levels {args.levels} --threads {args.threads} --repeat {args.repeat}"
         f"{' --first-use' if args.first_use else ''}{' --startup' if args.startup else ''}`.",
         "",

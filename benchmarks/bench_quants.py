@@ -2,7 +2,8 @@
 
 For every type in the registry (with and without importance weights where the type has an imatrix
 algorithm) it prints MB/s of float32 input for ggufkit and for libggml (llama-cpp-python==0.3.36 via
-tests/oracle.py), single-threaded and on all cores, and their ratio; it asserts that the bytes are equal.
+tests/helpers/libggml.py), single-threaded and on all cores, and their ratio; it asserts that the bytes are
+equal.
 libggml on N cores = the rows split into N chunks, each chunk one ggml_quantize_chunk call on a thread
 (ctypes releases the GIL), as llama-quantize does; ggufkit on N cores = quants.set_threads(N): the native
 library's row chunks on N threads (--backend native, the default), or numba's parallel kernels
@@ -11,10 +12,10 @@ library's row chunks on N threads (--backend native, the default), or numba's pa
 It also measures, in fresh subprocesses with an empty numba cache directory, the JIT kernels' first-call
 cost per type (compile) and then the same with that cache warm, plus the import time. (The native
 library has no per-type first call: it is built once per machine; bench_quantize.py --first-use times
-that.)
+that.) Run from the repository root (the helpers are imported as tests.helpers):
 
-    python benchmarks/bench_quants.py [--rows 256 --cols 4096 --repeat 3] [--backend native|jit]
-                                      [--write-docs]
+    PYTHONPATH=src python -m benchmarks.bench_quants [--rows 256 --cols 4096 --repeat 3]
+                                                     [--backend native|jit] [--write-docs]
 
 --write-docs replaces the "## Block kernels" section of docs/benchmarks.md with the table.
 """
@@ -41,20 +42,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "src"))
-
-import oracle  # noqa: E402
-
 from ggufkit import quants  # noqa: E402
+from tests.helpers.libggml import ggml_quantize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def ggml_quantize_threads(x, qtype, importance, pool, n_threads):
     if n_threads == 1:
-        return oracle.ggml_quantize(x, qtype, importance)
+        return ggml_quantize(x, qtype, importance)
     parts = [p for p in np.array_split(x, n_threads) if len(p)]
-    return np.concatenate(list(pool.map(lambda p: oracle.ggml_quantize(p, qtype, importance), parts)))
+    return np.concatenate(list(pool.map(lambda p: ggml_quantize(p, qtype, importance), parts)))
 
 
 def best_time(fn, repeat, clock):
@@ -171,7 +169,7 @@ def main(argv=None) -> int:
     lines = [
         "## Block kernels",
         "",
-        f"`python benchmarks/bench_quants.py --rows {args.rows} --cols {args.cols} --repeat {args.repeat} "
+        f"`python -m benchmarks.bench_quants --rows {args.rows} --cols {args.cols} --repeat {args.repeat} "
         f"--backend {args.backend}` on {date}; {machine()}; ggufkit kernels: {quants.backend()}.",
         f"Input: seeded gaussian float32 [{args.rows}, {args.cols}] ({mb:.1f} MB), importance = gamma(1, 1) "
         "per column. MB/s of float32 input, best of the interleaved repeats; x = ggufkit / libggml (> 1: "

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))  # tests/oracle.py, tests/llamacpp.py
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +18,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f32(smollm2_path) -> Path:
     """SmolLM2 dequantized to F32 by llama.cpp itself (llama_model_quantize, allow_requantize)."""
-    from llamacpp import base_model
+    from tests.helpers.llama_programs import base_model
 
     return base_model(smollm2_path, "F32")
 
@@ -29,7 +26,7 @@ def smollm2_f32(smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_f16(smollm2_path) -> Path:
     """SmolLM2 dequantized to F16 by llama.cpp itself."""
-    from llamacpp import base_model
+    from tests.helpers.llama_programs import base_model
 
     return base_model(smollm2_path, "F16")
 
@@ -37,13 +34,21 @@ def smollm2_f16(smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_f32(smollm2_path) -> Path:
     """Seeded synthetic llama (256-wide, 4 layers, GQA 4, untied output), F32 weights, SmolLM2's vocab."""
-    from synthetic import synthetic_llama
+    from tests.helpers.synthetic import synthetic_llama
 
     return synthetic_llama(smollm2_path, seed=0, dtype="F32")
 
 
 @pytest.fixture(scope="session")
 def synthetic_f16(smollm2_path) -> Path:
-    from synthetic import synthetic_llama
+    from tests.helpers.synthetic import synthetic_llama
 
     return synthetic_llama(smollm2_path, seed=0, dtype="F16")
+
+
+@pytest.fixture(scope="session")
+def q4_k_m(smollm2_f16) -> Path:
+    """SmolLM2 quantized to Q4_K_M by the real llama-quantize from llama.cpp's own F16."""
+    from tests.helpers.llama_programs import reference_quantized
+
+    return reference_quantized(smollm2_f16, "Q4_K_M")

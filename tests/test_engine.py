@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -32,6 +31,7 @@ from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
 from ggufkit.evaluate import default_text
 from ggufkit.gguf.reader import open_gguf
+from tests.helpers.gguf_build import write_gguf
 
 
 def _llama_cpp_logits(path, tokens: np.ndarray) -> np.ndarray:
@@ -103,13 +103,6 @@ def test_smollm2_f16_matches_llama_cpp(smollm2_f16):
 
 
 # -- SmolLM2 Q4_K_M: llama.cpp's intermediate tensors -------------------------------------------------
-@pytest.fixture(scope="module")
-def q4_k_m(smollm2_f16) -> Path:
-    from llamacpp import reference_quantized
-
-    return reference_quantized(smollm2_f16, "Q4_K_M")
-
-
 class _GgmlTensor(ctypes.Structure):
     """struct ggml_tensor of the ggml in llama-cpp-python 0.3.36 (ggml.h), as far as we read it."""
 
@@ -303,45 +296,44 @@ def _write_model(path: Path, vocab_kvs: list, arch: str, *, seed: int = 0) -> Pa
     def vec(n, scale=0.1, base=1.0):
         return (base + scale * rng.standard_normal(n)).astype(np.float32)
 
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_freq_base(1000000.0 if arch != "llama" else 10000.0)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_file_type(0)
+    kvs = {
+        "context_length": 4096,
+        "embedding_length": n_embd,
+        "block_count": n_layer,
+        "feed_forward_length": n_ff,
+        "head_count": n_head,
+        "head_count_kv": n_head_kv,
+        "rope_freq_base": 1000000.0 if arch != "llama" else 10000.0,
+        "layer_norm_rms_eps": 1e-6,
+        "file_type": 0,
+    }
     for kv in vocab_kvs:
         value = kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value
-        w.add_key_value(kv.key, value, kv.type, sub_type=kv.sub_type)
-    w.add_tensor("token_embd.weight", mat(n_vocab, n_embd) * 4)
-    w.add_tensor("output_norm.weight", vec(n_embd))
-    w.add_tensor("output.weight", mat(n_vocab, n_embd))
+        kvs[kv.key] = (kv.type, value, kv.sub_type)
+    t = {
+        "token_embd.weight": mat(n_vocab, n_embd) * 4,
+        "output_norm.weight": vec(n_embd),
+        "output.weight": mat(n_vocab, n_embd),
+    }
     for i in range(n_layer):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", vec(n_embd))
-        w.add_tensor(p + "attn_q.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", mat(n_head_kv * hd, n_embd))
-        w.add_tensor(p + "attn_v.weight", mat(n_head_kv * hd, n_embd))
+        t[p + "attn_norm.weight"] = vec(n_embd)
+        t[p + "attn_q.weight"] = mat(n_embd, n_embd)
+        t[p + "attn_k.weight"] = mat(n_head_kv * hd, n_embd)
+        t[p + "attn_v.weight"] = mat(n_head_kv * hd, n_embd)
         if arch == "qwen2":
-            w.add_tensor(p + "attn_q.bias", vec(n_embd, 0.5, 0.0))
-            w.add_tensor(p + "attn_k.bias", vec(n_head_kv * hd, 0.5, 0.0))
-            w.add_tensor(p + "attn_v.bias", vec(n_head_kv * hd, 0.5, 0.0))
+            t[p + "attn_q.bias"] = vec(n_embd, 0.5, 0.0)
+            t[p + "attn_k.bias"] = vec(n_head_kv * hd, 0.5, 0.0)
+            t[p + "attn_v.bias"] = vec(n_head_kv * hd, 0.5, 0.0)
         if arch == "qwen3":
-            w.add_tensor(p + "attn_q_norm.weight", vec(hd, 0.3))
-            w.add_tensor(p + "attn_k_norm.weight", vec(hd, 0.3))
-        w.add_tensor(p + "attn_output.weight", mat(n_embd, n_embd))
-        w.add_tensor(p + "ffn_norm.weight", vec(n_embd))
-        w.add_tensor(p + "ffn_gate.weight", mat(n_ff, n_embd))
-        w.add_tensor(p + "ffn_up.weight", mat(n_ff, n_embd))
-        w.add_tensor(p + "ffn_down.weight", mat(n_embd, n_ff))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+            t[p + "attn_q_norm.weight"] = vec(hd, 0.3)
+            t[p + "attn_k_norm.weight"] = vec(hd, 0.3)
+        t[p + "attn_output.weight"] = mat(n_embd, n_embd)
+        t[p + "ffn_norm.weight"] = vec(n_embd)
+        t[p + "ffn_gate.weight"] = mat(n_ff, n_embd)
+        t[p + "ffn_up.weight"] = mat(n_ff, n_embd)
+        t[p + "ffn_down.weight"] = mat(n_embd, n_ff)
+    return write_gguf(path, arch, kvs, t)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
@@ -365,20 +357,14 @@ def test_synthetic_llama_untied_gqa4(synthetic_f32):
 
 
 def test_unsupported_architecture_is_named(smollm2_path, tmp_path):
-    path = tmp_path / "phi.gguf"
-    w = gguf.GGUFWriter(str(path), "phi3")
-    w.add_block_count(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_gguf(tmp_path / "phi.gguf", "phi3", {"block_count": 1})
     with open_gguf(path) as g, pytest.raises(EvalError, match=r"'phi3'.*supported: llama, qwen2, qwen3"):
         LlamaModel(g)
 
 
 # -- activation rounding vs libggml ----------------------------------------------------------------
 def test_q8_0_rounding_is_libggmls():
-    from oracle import ggml_dequantize, ggml_quantize
+    from tests.helpers.libggml import ggml_dequantize, ggml_quantize
 
     x = (np.random.default_rng(1).standard_normal((64, 512)) * 3).astype(np.float32)
     x[0, :32] = 0  # an all-zero block
@@ -388,7 +374,7 @@ def test_q8_0_rounding_is_libggmls():
 
 
 def test_q8_k_rounding_is_libggmls():
-    from oracle import libggml
+    from tests.helpers.libggml import libggml
 
     x = (np.random.default_rng(2).standard_normal((16, 512)) * 3).astype(np.float32)
     x[0, :256] = 0

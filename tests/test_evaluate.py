@@ -17,13 +17,13 @@ import re
 import subprocess
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
 from ggufkit.cli import main
 from ggufkit.errors import EvalError
 from ggufkit.evaluate import base_records, default_text, evaluate
+from tests.helpers.gguf_build import write_gguf
 
 CTX, CHUNKS, THREADS = 512, 8, 2
 
@@ -57,13 +57,6 @@ def text_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def q4_k_m(smollm2_f16) -> Path:
-    from llamacpp import reference_quantized
-
-    return reference_quantized(smollm2_f16, "Q4_K_M")
-
-
 _NUM = r"(-?[\d.]+(?:e-?\d+)?)"
 _FIELDS = {
     "ppl": rf"Mean PPL\(Q\)\s*:\s*{_NUM}",
@@ -80,7 +73,7 @@ _FIELDS = {
 
 def _llama_perplexity(base, model, text_file, folder: Path, ctx: int, chunks: int) -> dict:
     """llama-perplexity --kl-divergence-base on `base`, then --kl-divergence on `model`; parsed."""
-    from llamacpp import tool
+    from tests.helpers.llama_programs import tool
 
     exe = str(tool("llama-perplexity"))
     base_file = folder / f"base-{ctx}-{chunks}.kld"
@@ -249,22 +242,18 @@ def test_ppl_only(q4_k_m, capsys, cache_root):
 
 # -- bad input -------------------------------------------------------------------------------------
 def _tiny_gguf(path: Path, *, arch: str, tokens: list[str]) -> Path:
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_merges([])
-    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    kvs = {
+        "block_count": 1,
+        "context_length": 64,
+        "embedding_length": 8,
+        "feed_forward_length": 16,
+        "head_count": 2,
+        "tokenizer_model": "gpt2",
+        "tokenizer_pre": "gpt-2",
+        "token_list": tokens,
+        "token_merges": [],
+    }
+    return write_gguf(path, arch, kvs, {"token_embd.weight": np.zeros((len(tokens), 8), np.float32)})
 
 
 def _one_error_line(capsys) -> str:

@@ -23,64 +23,10 @@ from gguf import GGUFValueType as V
 
 from ggufkit.errors import GGUFError, GgufkitError
 from ggufkit.gguf.reader import GGUFModel, open_gguf
-
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-TOKENS = ["<unk>", "<s>", "</s>", "hello", " world", "é", "日本"]
-
-
-def write_small_gguf(
-    path: Path, *, alignment: int | None = None, file_type: int | None = 7, name: str | None = None
-) -> bytes:
-    """A small valid GGUF: KVs of every value type (scalars and arrays), four tensors (F32, F16, Q8_0,
-    Q4_K). Returns the file's bytes."""
-    rng = np.random.default_rng(7)
-    w = gguf.GGUFWriter(str(path), "llama")
-    if alignment is not None:
-        w.add_custom_alignment(alignment)
-    w.add_uint8("test.u8", 200)
-    w.add_int8("test.i8", -100)
-    w.add_uint16("test.u16", 60000)
-    w.add_int16("test.i16", -30000)
-    w.add_uint32("test.u32", 4_000_000_000)
-    w.add_int32("test.i32", -2_000_000_000)
-    w.add_float32("test.f32", 0.25)
-    w.add_bool("test.bool", True)
-    w.add_string("test.str", "héllo wörld")
-    w.add_uint64("test.u64", 2**64 - 1)
-    w.add_int64("test.i64", -(2**63))
-    w.add_float64("test.f64", -1.5e300)
-    w.add_key_value("test.arr_i16", [1, -2, 3], V.ARRAY, sub_type=V.INT16)
-    w.add_key_value("test.arr_f64", [0.5, 1.5], V.ARRAY, sub_type=V.FLOAT64)
-    w.add_key_value("test.arr_bool", [True, False, True], V.ARRAY, sub_type=V.BOOL)
-    # NUL bytes inside elements, and lengths whose own bytes hold zeros (256 = 00 01 00 ...): the lazy NUL
-    # check counts zero bytes against those of the length fields.
-    w.add_key_value("test.arr_str", ["a\0b", "", "x" * 256, "\0"], V.ARRAY, sub_type=V.STRING)
-    w.add_block_count(2)
-    w.add_context_length(128)
-    w.add_embedding_length(64)
-    w.add_head_count(4)
-    if file_type is not None:
-        w.add_file_type(file_type)  # 7 = Q8_0
-    if name is not None:
-        w.add_name(name)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list(TOKENS)
-    w.add_token_types([2, 3, 3, 1, 1, 1, 1])
-    w.add_token_scores([0.0, -1.0, -1.0, -2.0, -3.0, -4.0, -5.0])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_chat_template(CHAT_TEMPLATE)
-    w.add_tensor("f32.weight", rng.standard_normal((4, 32), dtype=np.float32))
-    w.add_tensor("f16.weight", rng.standard_normal(64).astype(np.float16))
-    # Quantized tensors as raw blocks: 2 rows of 2 Q8_0 blocks (34 bytes each); 1 row of 1 Q4_K block.
-    w.add_tensor("q8.weight", rng.integers(0, 256, (2, 68), dtype=np.uint8), raw_dtype=T.Q8_0)
-    w.add_tensor("q4k.weight", rng.integers(0, 256, (1, 144), dtype=np.uint8), raw_dtype=T.Q4_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.read_bytes()
-
+from tests.helpers.gguf_build import TOKENS, raw_gguf, write_small_gguf
+from tests.helpers.gguf_build import raw_kv as _kv
+from tests.helpers.gguf_build import raw_string as _s
+from tests.helpers.gguf_build import raw_tensor_info as _ti
 
 EXPECTED_TENSORS = {  # name: (ggml shape, type, bytes)
     "f32.weight": ((32, 4), T.F32, 512),
@@ -222,37 +168,6 @@ def test_every_truncation_is_a_clean_error(small, tmp_path):
 
 
 # ---- hand-built hostile files: one rule each ------------------------------------------------------
-
-
-def _s(text: str | bytes) -> bytes:
-    b = text.encode() if isinstance(text, str) else text
-    return struct.pack("<Q", len(b)) + b
-
-
-def _kv(key, vtype: int, payload: bytes) -> bytes:
-    return _s(key) + struct.pack("<I", vtype) + payload
-
-
-def _ti(name, dims, ggml_type: int, offset: int) -> bytes:
-    return (
-        _s(name)
-        + struct.pack("<I", len(dims))
-        + b"".join(struct.pack("<q", d) for d in dims)
-        + struct.pack("<Iq", ggml_type, offset)
-    )
-
-
-def raw_gguf(
-    kvs=(), tensors=(), data=b"", *, version=3, n_kv=None, n_tensors=None, align=32, magic=b"GGUF"
-) -> bytes:
-    """A GGUF assembled byte by byte (no gguf-py), so that it can break any rule."""
-    head = magic + struct.pack(
-        "<IQQ", version, len(tensors) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv
-    )
-    body = head + b"".join(kvs) + b"".join(tensors)
-    if tensors:
-        body += b"\0" * (-len(body) % align)
-    return body + data
 
 
 GOOD_KV = _kv("general.architecture", V.STRING, _s("llama"))

@@ -1,7 +1,7 @@
 """imatrix: the vectors we read are the ones llama-quantize quantizes with.
 
 The strongest check: llama-quantize --imatrix writes a file; quantizing the same source tensors through
-libggml (tests/oracle.py) with OUR vectors gives the same bytes, while quantizing without them does not.
+libggml (tests.helpers.libggml) with OUR vectors gives the same bytes, while quantizing without them does not.
 The imatrices are real ones made by llama-imatrix on SmolLM2 (GGUF, and the legacy .dat that
 llama-imatrix converts it to), plus hand-written files with the edge cases (zero and fractional counts,
 ncall 0, a NUL in a name, a token_embd entry of the wrong size).
@@ -20,15 +20,20 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
-from llamacpp import llama_quantize_dry_run, reference_quantized, tool
-from oracle import ggml_quantize
-from test_recipes import llama_quantize_refusal
 
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir
 from ggufkit.quantize.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
 from ggufkit.quantize.recipes import plan_for_gguf
+from tests.helpers.gguf_build import write_gguf
+from tests.helpers.libggml import ggml_quantize
+from tests.helpers.llama_programs import (
+    llama_quantize_dry_run,
+    llama_quantize_refusal,
+    reference_quantized,
+    tool,
+)
 
 # -- fixtures: a real imatrix from llama-imatrix ---------------------------------------------------------
 
@@ -194,23 +199,19 @@ def write_gguf_imatrix(
     path, entries: dict, *, datasets=("edge.txt",), chunk_count=4, chunk_size=256, skip_keys=()
 ):
     """entries: name -> (in_sum2 [n_mat, ne0], counts [n_mat]) written as llama-imatrix does."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "imatrix")
-    if "imatrix.datasets" not in skip_keys:
-        w.add_array("imatrix.datasets", list(datasets))
-    if "imatrix.chunk_count" not in skip_keys:
-        w.add_uint32("imatrix.chunk_count", chunk_count)
-    if "imatrix.chunk_size" not in skip_keys:
-        w.add_uint32("imatrix.chunk_size", chunk_size)
+    kvs = {
+        "general.type": (V.STRING, "imatrix"),
+        "imatrix.datasets": (V.ARRAY, list(datasets)),
+        "imatrix.chunk_count": (V.UINT32, chunk_count),
+        "imatrix.chunk_size": (V.UINT32, chunk_size),
+    }
+    tensors = {}
     for name in sorted(entries):
         sums, counts = entries[name]
-        w.add_tensor(name + ".in_sum2", np.asarray(sums, dtype=np.float32))
-        w.add_tensor(name + ".counts", np.asarray(counts, dtype=np.float32).reshape(-1, 1))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
+        tensors[name + ".in_sum2"] = np.asarray(sums, dtype=np.float32)
+        tensors[name + ".counts"] = np.asarray(counts, dtype=np.float32).reshape(-1, 1)
+    kvs = {key: value for key, value in kvs.items() if key not in skip_keys}
+    return write_gguf(path, "llama", kvs, tensors)
 
 
 def write_legacy_imatrix(path, entries, *, tail=None):

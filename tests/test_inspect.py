@@ -14,9 +14,9 @@ from pathlib import Path
 import gguf
 import pytest
 from gguf import GGMLQuantizationType as T
-from test_gguf_file import CHAT_TEMPLATE, _ti, raw_gguf, write_small_gguf
 
 from ggufkit.inspect import FTYPE_NAMES, format_inspect, inspect_gguf
+from tests.helpers.gguf_build import CHAT_TEMPLATE, raw_gguf, raw_tensor_info, write_small_gguf
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -95,7 +95,8 @@ def test_ftype_names_are_llama_cpps():
 def test_level_guessed_from_dominant_type(tmp_path):
     path = tmp_path / "noftype.gguf"
     # Three Q4_K tensors and one F32: llama.cpp's loader would call this Q4_K_M (guessed).
-    tensors = [_ti(f"w{i}", [256], T.Q4_K, 160 * i) for i in range(3)] + [_ti("n", [8], T.F32, 480)]
+    tensors = [raw_tensor_info(f"w{i}", [256], T.Q4_K, 160 * i) for i in range(3)]
+    tensors.append(raw_tensor_info("n", [8], T.F32, 480))
     path.write_bytes(raw_gguf([], tensors, bytes(512)))
     level = inspect_gguf(path)["level"]
     assert level["name"] == "Q4_K_M" and level["guessed"] and level["file_type"] is None

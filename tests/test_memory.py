@@ -17,11 +17,11 @@ import json
 import os
 
 import pytest
-from memory_oracle import llama_bench_peak_rss, llama_cpp_buffers, make_small_model
 
 from ggufkit import memory
 from ggufkit.cli import main as cli_main
 from ggufkit.errors import GgufkitError, MemoryEstimateError
+from tests.helpers.memory_oracle import llama_bench_peak_rss, llama_cpp_buffers, make_small_model
 
 SLOW = os.environ.get("GGUFKIT_SLOW_TESTS", "1") != "0"
 slow = pytest.mark.skipif(not SLOW, reason="8176-token prompt skipped: GGUFKIT_SLOW_TESTS=0")
@@ -38,7 +38,7 @@ def mib(n: int) -> float:
 @pytest.fixture(scope="session")
 def smollm2_levels(smollm2_f16):
     """SmolLM2 at F16 (llama.cpp's own conversion), Q8_0 and Q4_K_M (llama-quantize from that F16)."""
-    from llamacpp import reference_quantized
+    from tests.helpers.llama_programs import reference_quantized
 
     return {
         "F16": smollm2_f16,
@@ -54,7 +54,7 @@ def synthetic_gemma2(smollm2_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_q4_k_m(synthetic_f16):
-    from llamacpp import reference_quantized
+    from tests.helpers.llama_programs import reference_quantized
 
     return reference_quantized(synthetic_f16, "Q4_K_M")
 

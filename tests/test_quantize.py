@@ -3,7 +3,7 @@
 References, made inside the tests and cached in ~/.cache/ggufkit by input identity:
   - without an imatrix: llama_model_quantize from llama-cpp-python==0.3.36 (what llama-quantize runs);
   - with an imatrix or command-line options: the llama-quantize program built from the same source tree
-    (tests/llamacpp.py reference_quantized); imatrices are made by llama-imatrix on a short text.
+    (tests.helpers.llama_programs reference_quantized); imatrices are made by llama-imatrix on a short text.
 The full cross product runs by default: 4 bases (SmolLM2 F16 and F32, synthetic F32 and F16) x 19 TYPEs
 without an imatrix and x 16 quantized TYPEs with one (about 2 minutes with references cached; making the
 references costs more the first time: llama.cpp's IQ4 on SmolLM2 is ~1 min per file). GGUFKIT_FULL_MATRIX=0
@@ -23,7 +23,6 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from llamacpp import llama_model_quantize, llama_quantize_dry_run, reference_quantized, tool
 
 import ggufkit
 from ggufkit import quants
@@ -33,6 +32,13 @@ from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir, sha256_file
 from ggufkit.quantize.job import parse_override_kv, quantize_file
 from ggufkit.quants import native
+from tests.helpers.gguf_build import write_gguf
+from tests.helpers.llama_programs import (
+    llama_model_quantize,
+    llama_quantize_dry_run,
+    reference_quantized,
+    tool,
+)
 
 BACKENDS = ("native", "jit") if native.compiler() else ("jit",)  # both kernel builds
 
@@ -314,7 +320,7 @@ def test_cli_process_imports_only_what_quantize_needs(bases, imatrices, tmp_path
 @pytest.fixture(scope="session")
 def moe_f32(smollm2_path) -> Path:
     """A Mixtral-style synthetic llama: 4 experts of 512-wide feed-forwards (3-D *_exps tensors), 2 layers."""
-    from synthetic import synthetic_llama
+    from tests.helpers.synthetic import synthetic_llama
 
     return synthetic_llama(smollm2_path, seed=3, n_layer=2, n_expert=4, n_ff=512)
 
@@ -549,49 +555,43 @@ def _tiny_gguf(
     huge_rows: int = 0,
     dtype: str = "F32",
 ) -> Path:
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(128)
-    w.add_block_count(1)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(2)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
+    kvs = {
+        "context_length": 128,
+        "block_count": 1,
+        "embedding_length": 64,
+        "feed_forward_length": 128,
+        "head_count": 2,
+        "head_count_kv": 2,
+        "layer_norm_rms_eps": 1e-5,
+    }
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 64)).astype(np.float32)
     x[:huge_rows] = np.float32(3e38)  # finite, but a row's (or the chunk's) sum overflows to infinity
     if nan_at is not None:
         x[nan_at] = bad
     if dtype == "F16":
-        w.add_tensor("blk.0.attn_q.weight", x.astype(np.float16))
+        q = x.astype(np.float16)
     elif dtype == "BF16":  # the top half of each float32 (these values are exact in bfloat16 or not: any)
-        bits = (x.view(np.uint32) >> 16).astype(np.uint16)
-        w.add_tensor("blk.0.attn_q.weight", bits, raw_dtype=gguf.GGMLQuantizationType.BF16)
+        q = ((x.view(np.uint32) >> 16).astype(np.uint16), gguf.GGMLQuantizationType.BF16)
     else:
-        w.add_tensor("blk.0.attn_q.weight", x)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        q = x
+    tensors = {"blk.0.attn_q.weight": q, "blk.0.attn_norm.weight": np.ones(64, np.float32)}
+    return write_gguf(path, arch, kvs, tensors)
 
 
 def test_requantize_without_a_dequantizer_is_one_line(tmp_path, capsys):
     """A tensor type ggufkit cannot dequantize (IQ2_XXS; llama.cpp can) asked to be requantized: one line,
     exit 2, nothing written; the reader and planner accept the file (its dry run works)."""
-    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(256)
-    w.add_head_count(2)
-    w.add_layer_norm_rms_eps(1e-5)
     blocks = np.random.default_rng(0).integers(0, 256, size=(16, 66), dtype=np.uint8)  # 16 rows of 256
-    w.add_tensor("blk.0.attn_q.weight", blocks, raw_dtype=gguf.GGMLQuantizationType.IQ2_XXS)
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(
+        tmp_path / "iq2.gguf",
+        "llama",
+        {"block_count": 1, "embedding_length": 256, "head_count": 2, "layer_norm_rms_eps": 1e-5},
+        {
+            "blk.0.attn_q.weight": (blocks, gguf.GGMLQuantizationType.IQ2_XXS),
+            "blk.0.attn_norm.weight": np.ones(256, np.float32),
+        },
+    )
     src, out = tmp_path / "iq2.gguf", tmp_path / "o.gguf"
     err = _cli_error(capsys, "--allow-requantize", src, out, "Q8_0")
     assert "blk.0.attn_q.weight" in err and "IQ2_XXS" in err

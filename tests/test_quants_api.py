@@ -1,6 +1,6 @@
 """The public block-format API: registry facts, input checking, importance semantics, and the real model.
 
-Everything is compared with libggml from llama-cpp-python 0.3.36 (tests/oracle.py), computed in the run.
+Everything is compared with libggml from llama-cpp-python 0.3.36 (tests.helpers.libggml), computed in the run.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from oracle import ggml_dequantize, ggml_quantize, libggml
-from quant_data import assert_same_bytes, assert_same_floats, hostile_cases, importance_rows
 
 from ggufkit import quants
 from ggufkit.quants import dequantize, formats, get_format, native, quantize, row_bytes
+from tests.helpers.libggml import ggml_dequantize, ggml_quantize, libggml
+from tests.helpers.quant_data import assert_same_bytes, assert_same_floats, hostile_cases, importance_rows
 
 FORMATS = list(formats())  # every registered type, in ggml type-id order; none is skipped below
 BLOCKED = [n for n in FORMATS if get_format(n).block_size > 1]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from numba import njit
-from oracle import ggml_dequantize, ggml_quantize
-from quant_data import assert_same_bytes, assert_same_floats, hostile_cases, importance_rows
 
 from ggufkit.quants import dequantize, quantize
 from ggufkit.quants.fp import fp16_bits_to_fp32, fp32_to_fp16_bits
+from tests.helpers.libggml import ggml_dequantize, ggml_quantize
+from tests.helpers.quant_data import assert_same_bytes, assert_same_floats, hostile_cases, importance_rows
 
 
 def _f32_probe() -> np.ndarray:

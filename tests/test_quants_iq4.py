@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle import _TO_FLOAT, ggml_dequantize, ggml_quantize, libggml
-from quant_data import (
+
+from ggufkit.quants import dequantize, get_format, quantize
+from ggufkit.quants.iq4 import KVALUES
+from tests.helpers.libggml import _TO_FLOAT, ggml_dequantize, ggml_quantize, libggml
+from tests.helpers.quant_data import (
     assert_same_bytes,
     assert_same_floats,
     check_against_libggml,
@@ -14,9 +17,6 @@ from quant_data import (
     nonfinite_cases,
     random_block_bytes,
 )
-
-from ggufkit.quants import dequantize, get_format, quantize
-from ggufkit.quants.iq4 import KVALUES
 
 TYPES = ["IQ4_NL", "IQ4_XS"]
 CASES = hostile_cases()

@@ -1,4 +1,4 @@
-"""K-quants (Q2_K..Q6_K) against libggml, run in the same process on every test run (tests/oracle.py).
+"""K-quants (Q2_K..Q6_K) against libggml, run in the same process on every test run (tests.helpers.libggml).
 
 Byte identity of ggufkit.quants.quantize with ggml_quantize_chunk, with and without importance weights,
 on seeded synthetic families (rows are multiples of 256) and on every ffn_down tensor of SmolLM2-135M
@@ -14,11 +14,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import oracle
 import pytest
 
 from ggufkit import quants
 from ggufkit.quants import native, search
+from tests.helpers.libggml import ggml_dequantize, ggml_quantize
 
 KQUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 WIDTH = 512  # two super-blocks per row
@@ -30,7 +30,7 @@ def _ggml_quantize(x, qtype, importance=None):
     n = os.cpu_count() or 1
     parts = [p for p in np.array_split(x, n) if len(p)]
     with ThreadPoolExecutor(n) as ex:
-        return np.concatenate(list(ex.map(lambda p: oracle.ggml_quantize(p, qtype, importance), parts)))
+        return np.concatenate(list(ex.map(lambda p: ggml_quantize(p, qtype, importance), parts)))
 
 
 def _importance(n, seed):
@@ -150,7 +150,7 @@ def test_quantize_matches_libggml(qtype, with_importance, family):
     name, x = family
     imp = _importance(x.shape[1], 7) if with_importance else None
     got = quants.quantize(x, qtype, importance=imp)
-    ref = oracle.ggml_quantize(x, qtype, imp)
+    ref = ggml_quantize(x, qtype, imp)
     _assert_same_bytes(got, ref, f"{qtype} {name} {'imatrix' if with_importance else 'ref'}")
 
 
@@ -158,9 +158,9 @@ def test_quantize_matches_libggml(qtype, with_importance, family):
 def test_dequantize_matches_libggml(qtype, family):
     name, x = family
     for imp in (None, _importance(x.shape[1], 8)):
-        data = oracle.ggml_quantize(x, qtype, imp)
+        data = ggml_quantize(x, qtype, imp)
         got = quants.dequantize(data, qtype, x.shape)
-        _assert_same_floats(got, oracle.ggml_dequantize(data, qtype, x.shape), f"{qtype} {name}")
+        _assert_same_floats(got, ggml_dequantize(data, qtype, x.shape), f"{qtype} {name}")
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
@@ -175,7 +175,7 @@ def test_dequantize_arbitrary_blocks(qtype):
         data[:, off : off + 2] = h.view(np.uint8).reshape(64, 2)
     shape = (4, 16 * fmt.block_size)
     got = quants.dequantize(data, qtype, shape)
-    _assert_same_floats(got, oracle.ggml_dequantize(data, qtype, shape), f"{qtype} random blocks")
+    _assert_same_floats(got, ggml_dequantize(data, qtype, shape), f"{qtype} random blocks")
 
 
 @pytest.mark.parametrize("qtype", KQUANTS)
@@ -188,7 +188,7 @@ def test_importance_shape_and_zero_weights(qtype):
     for imp in (np.zeros(768, np.float32), np.full(768, 0.5, np.float32), signed):
         _assert_same_bytes(
             quants.quantize(x, qtype, importance=imp),
-            oracle.ggml_quantize(x, qtype, imp),
+            ggml_quantize(x, qtype, imp),
             f"{qtype} importance={imp[0]}",
         )
 
@@ -204,7 +204,7 @@ def smollm2_ffn_down(smollm2_path):
         if t.name.endswith("ffn_down.weight"):
             n_per_row = int(t.shape[0])
             shape = (t.data.shape[0], n_per_row)
-            mats.append(oracle.ggml_dequantize(np.asarray(t.data), t.tensor_type.name, shape))
+            mats.append(ggml_dequantize(np.asarray(t.data), t.tensor_type.name, shape))
     assert len(mats) == 30 and all(m.shape == (576, 1536) for m in mats), [m.shape for m in mats]
     return np.ascontiguousarray(np.concatenate(mats))
 
@@ -223,7 +223,7 @@ def test_smollm2_ffn_down(qtype, with_importance, smollm2_ffn_down):
     if not with_importance:
         _assert_same_floats(
             quants.dequantize(got, qtype, x.shape),
-            oracle.ggml_dequantize(ref, qtype, x.shape),
+            ggml_dequantize(ref, qtype, x.shape),
             f"{qtype} SmolLM2 ffn_down dequantize",
         )
 
@@ -244,7 +244,7 @@ def test_non_finite_input_matches_libggml(qtype):
     for imp in (None, _importance(512, 5)):
         _assert_same_bytes(
             quants.quantize(x, qtype, importance=imp),
-            oracle.ggml_quantize(x, qtype, imp),
+            ggml_quantize(x, qtype, imp),
             f"{qtype} non-finite imatrix={imp is not None}",
         )
 
@@ -332,7 +332,7 @@ def test_row_counts_and_thread_chunks(qtype):
             finally:
                 quants.set_backend(old_backend)
                 quants.set_threads(old_threads)
-            want = oracle.ggml_quantize(x, qtype, imp)
+            want = ggml_quantize(x, qtype, imp)
             _assert_same_bytes(got, want, f"{qtype} {n_rows} rows {backend} {threads}T")
         assert quants.dequantize(got, qtype, x.shape).shape == x.shape
 
@@ -351,6 +351,6 @@ def test_zero_weight_spikes(qtype):
     for importance in (None, imp):
         _assert_same_bytes(
             quants.quantize(x, qtype, importance=importance),
-            oracle.ggml_quantize(x, qtype, importance),
+            ggml_quantize(x, qtype, importance),
             f"{qtype} spikes imatrix={importance is not None}",
         )

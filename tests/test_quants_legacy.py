@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from oracle import ggml_dequantize, ggml_quantize
-from quant_data import (
+
+from ggufkit.quants import dequantize, get_format, quantize
+from tests.helpers.libggml import ggml_dequantize, ggml_quantize
+from tests.helpers.quant_data import (
     assert_same_bytes,
     assert_same_floats,
     check_against_libggml,
@@ -14,8 +16,6 @@ from quant_data import (
     nonfinite_cases,
     random_block_bytes,
 )
-
-from ggufkit.quants import dequantize, get_format, quantize
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 IMPORTANCE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # Q8_0 has no imatrix algorithm in llama.cpp

@@ -9,15 +9,12 @@ zero-length data extended as a sparse file, which is all llama-quantize reads fo
 
 from __future__ import annotations
 
-import os
 import subprocess
 
-import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
-from llamacpp import llama_quantize_dry_run, reference_quantized, tool
 
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
@@ -31,41 +28,18 @@ from ggufkit.quantize.recipes import (
     plan_for_gguf,
     plan_quantization,
 )
+from tests.helpers.gguf_build import write_gguf, write_sparse_gguf
+from tests.helpers.llama_programs import (
+    llama_quantize_dry_run,
+    llama_quantize_refusal,
+    reference_quantized,
+    tool,
+)
 
 ALL_LEVELS = list(LEVELS)  # the 19 of issue 3 plus Q2_K_S
 
 
-def llama_quantize_refusal(*args: str) -> str:
-    """Runs llama-quantize with `args`, which it must refuse (non-zero exit); returns what it printed."""
-    run = subprocess.run([str(tool("llama-quantize")), *args], capture_output=True, text=True)
-    assert run.returncode != 0, f"llama-quantize accepted {args}"
-    return run.stdout + run.stderr
-
-
 # -- sparse model files ----------------------------------------------------------------------------------
-
-
-def write_sparse_gguf(path, arch: str, tensors, kvs: dict) -> None:
-    """A GGUF with the given metadata and tensor table whose data section is a hole (sparse file)."""
-    w = gguf.GGUFWriter(str(path), arch)
-    for key, (vtype, value) in kvs.items():
-        if vtype == V.ARRAY:
-            w.add_key_value(key, value, vtype, sub_type=V.UINT32)
-        else:
-            w.add_key_value(key, value, vtype)
-    total = 0
-    for name, shape, qt in tensors:
-        blck, tsize = gguf.GGML_QUANT_SIZES[qt]
-        nbytes = int(np.prod(shape)) // blck * tsize
-        dtype = np.float16 if qt == T.F16 else np.float32
-        w.add_tensor_info(name, list(reversed(shape)), np.dtype(dtype), nbytes, raw_dtype=qt)
-        total += -(-nbytes // 32) * 32
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    w.close()
-    start = -(-os.path.getsize(path) // 32) * 32
-    os.truncate(path, start + total)
 
 
 def model_tensors(
@@ -148,7 +122,7 @@ def model_kvs(
         f"{arch}.feed_forward_length": (V.UINT32, n_ff),
         f"{arch}.attention.head_count": (V.UINT32, n_head),
         f"{arch}.attention.head_count_kv": (
-            (V.ARRAY, [n_head_kv] * n_layer) if kv_array else (V.UINT32, n_head_kv)
+            (V.ARRAY, [n_head_kv] * n_layer, V.UINT32) if kv_array else (V.UINT32, n_head_kv)
         ),
         f"{arch}.attention.layer_norm_rms_epsilon": (V.FLOAT32, 1e-6),
         "general.file_type": (V.UINT32, 1),
@@ -337,19 +311,18 @@ def write_imatrix_for(path, model_path, *, fmt="gguf", seed=0):
     with open_gguf(model_path) as m:
         names = [(t.name, t.shape) for t in m.tensors if t.name.startswith("blk.") and len(t.shape) >= 2]
     if fmt == "gguf":
-        w = gguf.GGUFWriter(str(path), "llama")
-        w.add_string("general.type", "imatrix")
-        w.add_array("imatrix.datasets", ["test.txt"])
-        w.add_uint32("imatrix.chunk_count", 2)
-        w.add_uint32("imatrix.chunk_size", 512)
+        kvs = {
+            "general.type": (V.STRING, "imatrix"),
+            "imatrix.datasets": (V.ARRAY, ["test.txt"]),
+            "imatrix.chunk_count": (V.UINT32, 2),
+            "imatrix.chunk_size": (V.UINT32, 512),
+        }
+        tensors = {}
         for name, shape in names:
             n_mat = shape[2] if len(shape) > 2 else 1
-            w.add_tensor(name + ".in_sum2", rng.uniform(0.5, 20, (n_mat, shape[0])).astype(np.float32))
-            w.add_tensor(name + ".counts", np.full((n_mat, 1), 10.0, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+            tensors[name + ".in_sum2"] = rng.uniform(0.5, 20, (n_mat, shape[0])).astype(np.float32)
+            tensors[name + ".counts"] = np.full((n_mat, 1), 10.0, dtype=np.float32)
+        write_gguf(path, "llama", kvs, tensors)
     else:
         with open(path, "wb") as f:
             f.write(np.int32(len(names)).tobytes())

@@ -98,7 +98,7 @@ def _gguf_facts(path):
 @pytest.fixture(scope="session")
 def references(ladder, smollm2_path):
     """llama-quantize's files for each level, made from llama.cpp's own F32 base."""
-    from llamacpp import base_model, reference_quantized
+    from tests.helpers.llama_programs import base_model, reference_quantized
 
     base = base_model(smollm2_path, "F32")
     return base, {lv: reference_quantized(base, lv) for lv in LEVELS}
@@ -145,7 +145,7 @@ def test_levels_are_llama_quantize_bytes(ladder, references):
 
 
 def test_fallback_notes_match_llama_cpp(ladder, references, smollm2_path):
-    from llamacpp import llama_quantize_dry_run
+    from tests.helpers.llama_programs import llama_quantize_dry_run
 
     r, _ = ladder
     base_ref, refs = references
@@ -282,7 +282,7 @@ def test_ctrl_c_leaves_nothing_half_written(smollm2_path, tmp_path):
 def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
     """An F16 GGUF is the base as it is: no dequantization note, and with 256-wide rows nothing falls back
     (llama-quantize's --dry-run agrees)."""
-    from llamacpp import llama_quantize_dry_run
+    from tests.helpers.llama_programs import llama_quantize_dry_run
 
     with own_cache(fresh_cache(tmp_path / "cache")):
         r = rep.run_report(

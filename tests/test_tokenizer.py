@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.evaluate import default_text
 from ggufkit.gguf.reader import open_gguf
+from tests.helpers.gguf_build import write_gguf
 
 TRICKY = [
     "Hello world",
@@ -92,26 +92,23 @@ def spm_gguf(tmp_path_factory) -> Path:
         types.append(1)
 
     path = tmp_path_factory.mktemp("spm") / "spm-vocab.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_context_length(512)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(4)
-    w.add_head_count_kv(4)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    kvs = {
+        "block_count": 1,
+        "context_length": 512,
+        "embedding_length": 64,
+        "feed_forward_length": 128,
+        "head_count": 4,
+        "head_count_kv": 4,
+        "layer_norm_rms_eps": 1e-5,
+        "tokenizer_model": "llama",
+        "token_list": tokens,
+        "token_scores": scores,
+        "token_types": types,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "unk_token_id": 0,
+    }
+    return write_gguf(path, "llama", kvs)
 
 
 def test_spm_default_text(spm_gguf):

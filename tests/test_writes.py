@@ -12,12 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
-from llamacpp import llama_model_quantize
 
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
@@ -32,6 +30,8 @@ from ggufkit.gguf.writer import (
 )
 from ggufkit.models import sha256_file
 from ggufkit.quantize.job import quantize_file
+from tests.helpers.gguf_build import write_gguf
+from tests.helpers.llama_programs import llama_model_quantize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,15 +77,9 @@ def test_writer_bytes_equal_gguf_py_writer(tmp_path):
     rng = np.random.default_rng(1)
     tensors = _tensors(rng)
     ref = tmp_path / "ref.gguf"
-    w = gguf.GGUFWriter(str(ref), arch="llama")
-    for key, vtype, value, sub in KVS[1:]:
-        w.add_key_value(key, value, vtype, sub_type=sub)
-    for name, arr, qtype in tensors:
-        w.add_tensor(name, arr, raw_dtype=qtype)  # for Q8_0 the uint8 array's shape is the byte shape
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    kvs = {key: (vtype, value, sub) for key, vtype, value, sub in KVS[1:]}
+    # for Q8_0 the uint8 array's shape is the byte shape
+    write_gguf(ref, "llama", kvs, {name: (arr, qtype) for name, arr, qtype in tensors})
 
     ours = tmp_path / "ours.gguf"
     entries = []
@@ -127,25 +121,23 @@ def test_n_dims_drops_trailing_ones():
 
 def _tiny_llama(path: Path, *, extra=()) -> Path:
     """A minimal llama GGUF that llama.cpp's quantizer accepts (hparams only are loaded)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_block_count(1)
-    w.add_embedding_length(64)
-    w.add_feed_forward_length(128)
-    w.add_head_count(2)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    for key, vtype, value in extra:
-        w.add_key_value(key, value, vtype)
+    kvs = {
+        "context_length": 128,
+        "block_count": 1,
+        "embedding_length": 64,
+        "feed_forward_length": 128,
+        "head_count": 2,
+        "head_count_kv": 2,
+        "layer_norm_rms_eps": 1e-5,
+    }
+    kvs |= {key: (vtype, value) for key, vtype, value in extra}
     rng = np.random.default_rng(0)
-    w.add_tensor("blk.0.attn_q.weight", rng.standard_normal((16, 64)).astype(np.float32))
-    w.add_tensor("blk.0.attn_k.weight", rng.standard_normal((16, 64)).astype(np.float32))
-    w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    tensors = {
+        "blk.0.attn_q.weight": rng.standard_normal((16, 64)).astype(np.float32),
+        "blk.0.attn_k.weight": rng.standard_normal((16, 64)).astype(np.float32),
+        "blk.0.attn_norm.weight": np.ones(64, np.float32),
+    }
+    return write_gguf(path, "llama", kvs, tensors)
 
 
 @pytest.mark.parametrize(

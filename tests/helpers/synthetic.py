@@ -3,7 +3,7 @@
 SmolLM2-135M's 576-wide rows make most K-quant tensors fall back; these models exercise the real K-quant
 mixes. The tokenizer metadata is copied from SmolLM2 so llama.cpp can load and run the model. Weights are
 gaussian with a few outlier columns (and Student-t for ffn_down), the shapes real checkpoints show.
-Written with gguf-py's GGUFWriter (an independent writer, not ggufkit's).
+Written with gguf-py's GGUFWriter through tests.helpers.gguf_build (an independent writer, not ggufkit's).
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import numpy as np
 
 from ggufkit.models import cache_dir
 
+from .gguf_build import write_gguf
 
-def copy_tokenizer(writer: gguf.GGUFWriter, vocab_source, *, extra: dict[str, list] | None = None) -> int:
-    """Copy the tokenizer.* metadata of `vocab_source` into `writer`; `extra` maps an array key to values
-    appended to it (e.g. made-up tokens for a larger vocabulary). Returns the vocabulary size written."""
+
+def tokenizer_kvs(vocab_source, *, extra: dict[str, list] | None = None) -> dict[str, tuple]:
+    """The tokenizer.* metadata of `vocab_source` as write_gguf's typed KVs; `extra` maps an array key to
+    values appended to it (e.g. made-up tokens for a larger vocabulary)."""
     extra = extra or {}
     reader = gguf.GGUFReader(str(vocab_source))
-    n_vocab = 0
+    kvs = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -35,15 +37,12 @@ def copy_tokenizer(writer: gguf.GGUFWriter, vocab_source, *, extra: dict[str, li
                 vals = [bytes(field.parts[i]).decode("utf-8", "surrogateescape") for i in field.data]
             else:
                 vals = [field.parts[i][0].item() for i in field.data]
-            vals += extra.get(key, [])
-            if key == "tokenizer.ggml.tokens":
-                n_vocab = len(vals)
-            writer.add_key_value(key, vals, vtype, sub_type=sub)
+            kvs[key] = (vtype, vals + extra.get(key, []), sub)
         elif vtype == gguf.GGUFValueType.STRING:
-            writer.add_key_value(key, bytes(field.parts[-1]).decode("utf-8"), vtype)
+            kvs[key] = (vtype, bytes(field.parts[-1]).decode("utf-8"))
         else:
-            writer.add_key_value(key, field.parts[-1][0].item(), vtype)
-    return n_vocab
+            kvs[key] = (vtype, field.parts[-1][0].item())
+    return kvs
 
 
 def make_synthetic_llama(
@@ -79,53 +78,47 @@ def make_synthetic_llama(
     def norm(n: int) -> np.ndarray:
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name(f"synthetic-llama-{n_embd}x{n_layer}-seed{seed}")
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type({"F32": 0, "F16": 1}[dtype])
-    w.add_vocab_size(n_vocab)
+    kvs = {
+        "name": f"synthetic-llama-{n_embd}x{n_layer}-seed{seed}",
+        "context_length": n_ctx_train,
+        "embedding_length": n_embd,
+        "block_count": n_layer,
+        "feed_forward_length": n_ff,
+        "head_count": n_head,
+        "head_count_kv": n_head_kv,
+        "rope_dimension_count": head_dim,
+        "rope_freq_base": 10000.0,
+        "layer_norm_rms_eps": 1e-5,
+        "file_type": {"F32": 0, "F16": 1}[dtype],
+        "vocab_size": n_vocab,
+    }
     if n_expert:
-        w.add_expert_count(n_expert)
-        w.add_expert_used_count(2)
-    copy_tokenizer(w, Path(vocab_source))
+        kvs |= {"expert_count": n_expert, "expert_used_count": 2}
+    kvs |= tokenizer_kvs(vocab_source)
 
-    w.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
-    w.add_tensor("output_norm.weight", norm(n_embd))
+    t = {"token_embd.weight": weight(n_vocab, n_embd), "output_norm.weight": norm(n_embd)}
     if not tied:
-        w.add_tensor("output.weight", weight(n_vocab, n_embd))
+        t["output.weight"] = weight(n_vocab, n_embd)
     for i in range(n_layer):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", norm(n_embd))
-        w.add_tensor(p + "attn_q.weight", weight(n_embd, n_embd))
-        w.add_tensor(p + "attn_k.weight", weight(n_head_kv * head_dim, n_embd))
-        w.add_tensor(p + "attn_v.weight", weight(n_head_kv * head_dim, n_embd))
-        w.add_tensor(p + "attn_output.weight", weight(n_embd, n_embd))
-        w.add_tensor(p + "ffn_norm.weight", norm(n_embd))
+        t[p + "attn_norm.weight"] = norm(n_embd)
+        t[p + "attn_q.weight"] = weight(n_embd, n_embd)
+        t[p + "attn_k.weight"] = weight(n_head_kv * head_dim, n_embd)
+        t[p + "attn_v.weight"] = weight(n_head_kv * head_dim, n_embd)
+        t[p + "attn_output.weight"] = weight(n_embd, n_embd)
+        t[p + "ffn_norm.weight"] = norm(n_embd)
         if n_expert:  # numpy (expert, rows, cols) = ggml ne [cols, rows, expert]
-            w.add_tensor(p + "ffn_gate_inp.weight", weight(n_expert, n_embd).astype(np.float32))
-            w.add_tensor(
-                p + "ffn_gate_exps.weight", np.stack([weight(n_ff, n_embd) for _ in range(n_expert)])
+            t[p + "ffn_gate_inp.weight"] = weight(n_expert, n_embd).astype(np.float32)
+            t[p + "ffn_gate_exps.weight"] = np.stack([weight(n_ff, n_embd) for _ in range(n_expert)])
+            t[p + "ffn_up_exps.weight"] = np.stack([weight(n_ff, n_embd) for _ in range(n_expert)])
+            t[p + "ffn_down_exps.weight"] = np.stack(
+                [weight(n_embd, n_ff, heavy=True) for _ in range(n_expert)]
             )
-            w.add_tensor(p + "ffn_up_exps.weight", np.stack([weight(n_ff, n_embd) for _ in range(n_expert)]))
-            down = [weight(n_embd, n_ff, heavy=True) for _ in range(n_expert)]
-            w.add_tensor(p + "ffn_down_exps.weight", np.stack(down))
             continue
-        w.add_tensor(p + "ffn_gate.weight", weight(n_ff, n_embd))
-        w.add_tensor(p + "ffn_up.weight", weight(n_ff, n_embd))
-        w.add_tensor(p + "ffn_down.weight", weight(n_embd, n_ff, heavy=True))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
+        t[p + "ffn_gate.weight"] = weight(n_ff, n_embd)
+        t[p + "ffn_up.weight"] = weight(n_ff, n_embd)
+        t[p + "ffn_down.weight"] = weight(n_embd, n_ff, heavy=True)
+    return write_gguf(path, "llama", kvs, t)
 
 
 def synthetic_llama(vocab_source: str | os.PathLike, **params) -> Path:

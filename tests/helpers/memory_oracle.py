@@ -32,7 +32,7 @@ def llama_bench_peak_rss(model, n_ctx: int, *, threads: int = 2) -> int:
     context of n_ctx (its `-pg` test; -p 0 -n 0 turn off the separate pp/tg tests), with its defaults
     otherwise (batch 2048, ubatch 512, f16 KV, flash attention auto, mmap). No warmup: a warmup would
     process the same prompt again in the same context, which takes time and touches nothing new."""
-    from llamacpp import tool
+    from .llama_programs import tool
 
     args = f"-pg {n_ctx - 16},16 -t {threads} -p 0 -n 0 -r 1 --no-warmup -o json".split()
     cmd = [str(tool("llama-bench")), "-m", str(model), *args]
@@ -85,18 +85,17 @@ def _extra_piece(i: int) -> str:
             return "\u0120\u01c2" + digits
 
 
-def _copy_tokenizer(writer, vocab_source, extra_tokens: int, extra_merges: int) -> int:
+def _tokenizer_kvs(vocab_source, extra_tokens: int, extra_merges: int) -> dict[str, tuple]:
     """The tokenizer.* metadata of `vocab_source` plus `extra_tokens` made-up normal tokens and
-    `extra_merges` made-up merges (a larger vocabulary, as Llama 3's 128k or Gemma's 256k); returns the
-    vocabulary size."""
-    from synthetic import copy_tokenizer
+    `extra_merges` made-up merges (a larger vocabulary, as Llama 3's 128k or Gemma's 256k)."""
+    from .synthetic import tokenizer_kvs
 
     extra = {
         "tokenizer.ggml.tokens": [_extra_piece(i) for i in range(extra_tokens)],
         "tokenizer.ggml.merges": [f"\u0120\u01c2 {_extra_piece(i)[2:]}" for i in range(extra_merges)],
         "tokenizer.ggml.token_type": [1] * extra_tokens,
     }
-    return copy_tokenizer(writer, vocab_source, extra=extra)
+    return tokenizer_kvs(vocab_source, extra=extra)
 
 
 def make_small_model(
@@ -105,29 +104,29 @@ def make_small_model(
     """A small seeded F16 model (4 layers, 256 wide, 4 heads and 2 KV heads of 64, tied embeddings) with
     `vocab_source`'s vocabulary (plus `extra_tokens`). arch "gemma2": a sliding window of 256 on every
     other layer, the sliding-window KV cache path; arch "llama": plain."""
-    import gguf
     import numpy as np
+
+    from .gguf_build import write_gguf
 
     rng = np.random.default_rng(0)
     d, n_layer, n_head, n_kv, hd, n_ff = 256, 4, 4, 2, 64, 512
-    w = gguf.GGUFWriter(str(path), arch)
-    for add, value in [
-        (w.add_context_length, 8192),
-        (w.add_embedding_length, d),
-        (w.add_block_count, n_layer),
-        (w.add_feed_forward_length, n_ff),
-        (w.add_head_count, n_head),
-        (w.add_head_count_kv, n_kv),
-        (w.add_key_length, hd),
-        (w.add_value_length, hd),
-        (w.add_rope_dimension_count, hd),
-        (w.add_layer_norm_rms_eps, 1e-6),
-        (w.add_file_type, 1),
-    ]:
-        add(value)
+    kvs = {
+        "context_length": 8192,
+        "embedding_length": d,
+        "block_count": n_layer,
+        "feed_forward_length": n_ff,
+        "head_count": n_head,
+        "head_count_kv": n_kv,
+        "key_length": hd,
+        "value_length": hd,
+        "rope_dimension_count": hd,
+        "layer_norm_rms_eps": 1e-6,
+        "file_type": 1,
+    }
     if arch == "gemma2":
-        w.add_sliding_window(256)
-    n_vocab = _copy_tokenizer(w, vocab_source, extra_tokens, extra_merges)
+        kvs["sliding_window"] = 256
+    kvs |= _tokenizer_kvs(vocab_source, extra_tokens, extra_merges)
+    n_vocab = len(kvs["tokenizer.ggml.tokens"][1])
 
     def mat(rows, cols):
         return (rng.standard_normal((rows, cols)) * (0.5 / np.sqrt(cols))).astype(np.float16)
@@ -135,8 +134,7 @@ def make_small_model(
     def vec(n):
         return (0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", mat(n_vocab, d))
-    w.add_tensor("output_norm.weight", vec(d))
+    tensors = {"token_embd.weight": mat(n_vocab, d), "output_norm.weight": vec(d)}
     post = [("post_attention_norm", d), ("post_ffw_norm", d)] if arch == "gemma2" else []
     for i in range(n_layer):
         p = f"blk.{i}."
@@ -152,9 +150,5 @@ def make_small_model(
             ("ffn_down", mat(d, n_ff)),
             *[(name, vec(n)) for name, n in post],
         ]:
-            w.add_tensor(p + name + ".weight", t)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path)
+            tensors[p + name + ".weight"] = t
+    return write_gguf(path, arch, kvs, tensors)

@@ -108,7 +108,7 @@ def tool(name: str) -> Path:
     return exe
 
 
-if __name__ == "__main__":  # prebuild: python tests/llamacpp.py
+if __name__ == "__main__":  # prebuild: python -m tests.helpers.llama_programs
     for t in TARGETS:
         print(tool(t))
 
@@ -253,6 +253,13 @@ def reference_quantized(src, level: str, *, nthread: int = 2, **opts) -> Path:
         raise RuntimeError(f"llama-quantize failed ({run.returncode}): {' '.join(cmd)}\n{run.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
+
+
+def llama_quantize_refusal(*args: str) -> str:
+    """Runs llama-quantize with `args`, which it must refuse (non-zero exit); returns what it printed."""
+    run = subprocess.run([str(tool("llama-quantize")), *args], capture_output=True, text=True)
+    assert run.returncode != 0, f"llama-quantize accepted {args}"
+    return run.stdout + run.stderr
 
 
 class DryRun:

@@ -134,9 +134,9 @@ def assert_same_floats(ours: np.ndarray, ref: np.ndarray, what: str = "") -> Non
 def check_against_libggml(x: np.ndarray, qtype, importance=None, what: str = "") -> np.ndarray:
     """Quantize x with ggufkit and with libggml (ggml_quantize_chunk); assert equal bytes; return libggml's
     bytes."""
-    from oracle import ggml_quantize
-
     from ggufkit.quants import get_format, quantize
+
+    from .libggml import ggml_quantize
 
     ours = quantize(x, qtype, importance=importance)
     ref = ggml_quantize(x, qtype, importance)
