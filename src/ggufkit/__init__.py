@@ -1,6 +1,6 @@
 """ggufkit: take a full-precision model to the GGUF level that fits, and prove it with numbers.
 
-The tree is the pipeline: gguf_file (I/O) -> quants (block formats) -> recipes (per-tensor policy)
+The tree is the pipeline: gguf_file (I/O) -> quants (block formats) -> quantize.plan (per-tensor policy)
 -> quantize (streaming pipeline) -> engine (forward pass) -> evaluate / memory / pick -> report.
 """
 
