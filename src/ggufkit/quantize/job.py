@@ -7,7 +7,7 @@ The pipeline, one tensor at a time, in llama.cpp's output order (sorted by layer
      quantized inputs only with allow_requantize), checked for NaN/Inf, quantized with the tensor's
      importance vector, and appended to the output (stream.py: the chunks run on raw memory, several at
      once, and are written in order; with the native library numpy is never imported).
-The output is a GGUF v3 file byte-identical to llama-quantize's (gguf_writer), written to a temporary
+The output is a GGUF v3 file byte-identical to llama-quantize's (gguf.writer), written to a temporary
 file and renamed into place only when complete.
 
 Metadata (llama_model_quantize_impl, `src/llama-quant.cpp`; gguf_set_* removes a key and appends it):
