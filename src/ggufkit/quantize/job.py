@@ -36,7 +36,7 @@ from ..gguf.writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
 from . import stream
 
 if TYPE_CHECKING:
-    from .plan import Plan
+    from .plan import Plan, TensorPlan
 
 __all__ = [
     "QuantizeProgress",
@@ -80,7 +80,7 @@ class QuantizeSummary:
     file_size: int | None  # bytes of the output file, header and padding included
     seconds: float
     plan: Plan
-    fallbacks: list = field(default_factory=list)  # TensorPlans whose type fell back (tp.fallback)
+    fallbacks: list[TensorPlan] = field(default_factory=list)  # kind FALLBACK: tp.fallback = (wanted, used)
     imatrix_entries: int = 0
     kernels: str = ""  # "native" (the compiled library) or "jit" (numba's fallback); "" for a dry run
 
