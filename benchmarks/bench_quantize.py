@@ -140,7 +140,7 @@ def first_use(level: str, threads: int) -> list[str]:
 
 _IMPORTS = (
     "from ggufkit.cli import build_parser; build_parser('quantize'); "
-    "import ggufkit.quantize.job, ggufkit.quantize.recipes; from ggufkit import quants; quants.backend()"
+    "import ggufkit.quantize.job, ggufkit.quantize.plan; from ggufkit import quants; quants.backend()"
 )
 
 

@@ -1,4 +1,4 @@
-"""The public Python API: ggufkit/__init__.py's names, its lazy imports, and README's "From Python" example."""
+"""The public Python API: the names in ggufkit/__init__.py, lazy imports, README's "From Python" example."""
 
 from __future__ import annotations
 

@@ -461,7 +461,7 @@ import sys
 from ggufkit.gguf.types import GGMLQuantizationType as T, GGUFValueType as V
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.gguf.writer import GGUFStreamWriter, TensorEntry, copy_kv, header_bytes, kv_bytes
-from ggufkit.quantize.recipes import plan_for_gguf
+from ggufkit.quantize.plan import plan_for_gguf
 
 *models, small, out = sys.argv[1:]
 for path in [*models, small]:

@@ -25,7 +25,8 @@ from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir
 from ggufkit.quantize.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
-from ggufkit.quantize.recipes import plan_for_gguf
+from ggufkit.quantize.job import imatrix_kvs
+from ggufkit.quantize.plan import plan_for_gguf
 from tests.helpers.gguf_build import write_gguf
 from tests.helpers.libggml import ggml_quantize
 from tests.helpers.llama_programs import (
@@ -142,11 +143,8 @@ def _written_kvs(path):
 
 
 def _expected_kvs(imatrix_path, **load_opts):
-    vectors, _ = load_for_quantize(imatrix_path, **load_opts)
-    return [
-        (k, t, v.decode() if isinstance(v, bytes) else v)
-        for k, t, v in read_imatrix(imatrix_path).quantize_kvs(vectors)
-    ]
+    _, meta = load_for_quantize(imatrix_path, **load_opts)
+    return [(k, t, v.decode() if isinstance(v, bytes) else v) for k, t, v in imatrix_kvs(meta)]
 
 
 def test_llama_quantize_uses_our_gguf_vectors(smollm2_f16, real_imatrix):
@@ -449,10 +447,10 @@ def test_match_tensor():
         match_tensor(e, "blk.0.ffn_down_exps.weight", (64, 32))
 
 
-def test_quantize_kvs_nothing_when_empty(real_imatrix):
+def test_imatrix_kvs_nothing_when_empty(real_imatrix):
     imx = read_imatrix(real_imatrix[0])
-    assert imx.quantize_kvs({}) == []
-    kvs = imx.quantize_kvs()
+    assert imatrix_kvs(imx.quantize_metadata({})) == []
+    kvs = imatrix_kvs(imx.quantize_metadata())
     assert [k for k, _, _ in kvs] == [
         "quantize.imatrix.file",
         "quantize.imatrix.dataset",

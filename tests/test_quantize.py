@@ -31,9 +31,11 @@ from ggufkit.errors import GgufkitError, QuantizeError
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.models import cache_dir, sha256_file
 from ggufkit.quantize.job import parse_override_kv, quantize_file
+from ggufkit.quantize.plan import TensorKind
 from ggufkit.quants import native
 from tests.helpers.gguf_build import write_gguf
 from tests.helpers.llama_programs import (
+    llama_fallbacks,
     llama_model_quantize,
     llama_quantize_dry_run,
     reference_quantized,
@@ -245,6 +247,44 @@ print(rc, sorted({m.split(".")[0] for m in sys.modules} & {"numba", "llvmlite"})
 """
 
 
+_ENVIRON_SCRIPT = """
+import os, sys
+os.environ.pop("OMP_WAIT_POLICY", None)
+before = dict(os.environ)
+import ggufkit.quantize.job as job
+assert dict(os.environ) == before, "importing ggufkit.quantize.job changed os.environ"
+from ggufkit import quants
+quants.set_backend(sys.argv[3])
+for user in (None, "ACTIVE"):
+    if user:
+        os.environ["OMP_WAIT_POLICY"] = user
+    expect = dict(os.environ)
+    seen = []
+    watch = lambda p: seen.append(os.environ.get("OMP_WAIT_POLICY"))
+    job.quantize_file(sys.argv[1], sys.argv[2], "Q8_0", progress=watch)
+    assert dict(os.environ) == expect, "quantize_file left os.environ changed"
+    assert seen and set(seen) == {user or "PASSIVE"}, seen
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_environment_untouched_outside_the_job(bases, tmp_path, backend):
+    """Importing the job sets nothing in the host process's environment; while the kernels run,
+    OMP_WAIT_POLICY is PASSIVE (libgomp's spin-waiting starves shared cores) unless the user set it, and
+    the environment is restored afterwards."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    args = [str(bases["synthetic_f32"]), str(tmp_path / "o.gguf"), backend]
+    run = subprocess.run(
+        [sys.executable, "-c", _ENVIRON_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
 @pytest.mark.skipif(native.compiler() is None, reason="no C compiler: the JIT kernels are used")
 def test_cli_process_never_imports_numba(bases, imatrices, tmp_path):
     """`ggufkit quantize` with the native library: numba and llvmlite are never imported (they cost ~0.7 s
@@ -426,6 +466,8 @@ def test_summary_and_api(bases, tmp_path):
     dry = llama_quantize_dry_run(src, "Q4_K_M")
     assert len(s.fallbacks) == dry.n_fallback > 0
     assert all("fallback" in tp.reason for tp in s.fallbacks)
+    assert all(tp.kind is TensorKind.FALLBACK and tp.fallback[1] == tp.dst_type for tp in s.fallbacks)
+    assert {tp.name: tp.fallback for tp in s.fallbacks} == llama_fallbacks(dry.log)
     # progress: per chunk, in order, ending at the total
     done = [e.bytes_done for e in events]
     assert done == sorted(done) and done[-1] == events[-1].bytes_total == s.size_before
@@ -450,6 +492,26 @@ def test_dry_run_writes_nothing_and_matches_llama_quantize(bases, tmp_path, caps
     assert (
         f"{s.size_after / 2**20:.2f} MiB" in printed and f"{s.bits_per_weight:.2f} bits per weight" in printed
     )
+
+
+def test_cli_dry_run_fallback_summary(bases, capsys):
+    """The summary groups the fallbacks by (wanted, used) and row length, with the counts llama.cpp's own
+    per-tensor warnings give."""
+    src = bases["smollm2_f16"]
+    assert cli_main(["quantize", "--dry-run", str(src), "Q4_K_M"]) == 0
+    printed = capsys.readouterr().out
+    theirs = llama_fallbacks(llama_quantize_dry_run(src, "Q4_K_M").log)
+    want = {}
+    for wanted, used in theirs.values():
+        note = f"fallback {wanted.name} -> {used.name}: row 576 not a multiple of 256"  # SmolLM2: 576 wide
+        want[note] = want.get(note, 0) + 1
+    assert f"  fallbacks: {len(theirs)} of " in printed
+    groups = {}
+    for line in printed.splitlines():
+        head, sep, _ = line.partition(" x fallback ")
+        if sep:
+            groups["fallback " + _.rsplit(": ", 1)[0]] = int(head)
+    assert groups == want and len(want) > 1
 
 
 def test_cli_default_output_name_and_threads(bases, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""recipes: the per-tensor type plan equals llama.cpp's, tensor by tensor, in llama.cpp's order.
+"""quantize.plan: the per-tensor type plan equals llama.cpp's, tensor by tensor, in llama.cpp's order.
 
 The reference is the real llama-quantize of llama-cpp-python 0.3.36: `--dry-run` (it runs the same type
 selection and prints every tensor's destination type in output order; milliseconds per call) for every
@@ -19,17 +19,18 @@ from gguf import GGUFValueType as V
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.quantize.imatrix import load_for_quantize
-from ggufkit.quantize.recipes import (
-    LEVELS,
+from ggufkit.quantize.levels import LEVELS, level
+from ggufkit.quantize.plan import (
     SUPPORTED_ARCHS,
     Hparams,
+    TensorKind,
     TensorSpec,
-    level,
     plan_for_gguf,
     plan_quantization,
 )
 from tests.helpers.gguf_build import write_gguf, write_sparse_gguf
 from tests.helpers.llama_programs import (
+    llama_fallbacks,
     llama_quantize_dry_run,
     llama_quantize_refusal,
     reference_quantized,
@@ -181,6 +182,53 @@ def assert_plan_matches_llama(src, level_name, **opts):
     return plan, ref
 
 
+def assert_fallbacks_match_llama(src, level_name, **opts):
+    """Each tensor's (wanted, used) fallback pair is the one llama-quantize reports for it, and its kind
+    follows: FALLBACK, or COPY when the fallback lands on the source type; no other tensor is FALLBACK."""
+    ref = llama_quantize_dry_run(src, level_name, **opts)
+    plan = our_plan(src, level_name, **opts)
+    theirs = llama_fallbacks(ref.log)
+    assert len(theirs) == ref.n_fallback, ref.log[-2000:]  # every warning was read
+    assert {t.name: t.fallback for t in plan.tensors if t.fallback is not None} == theirs
+    for t in plan.tensors:
+        if t.fallback is None:
+            assert t.kind is not TensorKind.FALLBACK and not t.fallback_note, t
+            continue
+        assert t.dst_type == t.fallback[1], t
+        assert t.kind is (TensorKind.COPY if t.fallback[1] == t.src_type else TensorKind.FALLBACK), t
+        assert t.fallback_note in t.reason, t  # the text shown is made from the pair
+    assert plan.fallbacks() == [t for t in plan.tensors if t.kind is TensorKind.FALLBACK]
+    return plan, theirs
+
+
+@pytest.mark.parametrize("level_name", ALL_LEVELS)
+def test_fallback_pairs_and_kinds_smollm2(smollm2_f16, level_name):
+    """SmolLM2's 576-wide rows (576 % 256 = 64): its K-quant and IQ4_XS tensors fall back, each to the
+    type llama.cpp picks for it."""
+    plan, theirs = assert_fallbacks_match_llama(smollm2_f16, level_name)
+    if LEVELS[level_name].default_type.name.endswith("_K") or level_name == "IQ4_XS":
+        assert theirs and all(t.kind is TensorKind.FALLBACK for t in plan.fallbacks())
+    if level_name == "Q4_K_M":  # tied: the output rule itself sends token_embd to Q8_0 (576 % 256)
+        embd = next(t for t in plan.tensors if t.name == "token_embd.weight")
+        assert embd.dst_type == T.Q8_0 and embd.kind is TensorKind.MIX and embd.fallback is None
+        assert "token_embd.weight" not in theirs
+
+
+def test_fallback_to_the_source_type(sparse_model):
+    """ffn_down rows of 200 fit neither 256 nor 32: F16, the source type, so the tensor is copied (kind
+    COPY) while its fallback is still counted, by llama.cpp as by the plan."""
+    plan, theirs = assert_fallbacks_match_llama(sparse_model("llama", **SHAPES["f16-fallback"]), "Q4_K_M")
+    down = [t for t in plan.tensors if "ffn_down" in t.name]
+    assert down and all(t.kind is TensorKind.COPY and t.fallback[1] == T.F16 for t in down)
+    assert plan.n_fallback == len(theirs) >= len(down)
+
+
+@pytest.mark.parametrize("option", ["output-q4_k-leave", "one-attn_v", "pure", "embd-q8_0"])
+def test_fallback_pairs_with_options(smollm2_f16, option):
+    for level_name in ("Q4_K_M", "Q3_K_M", "Q5_0", "Q6_K"):
+        assert_fallbacks_match_llama(smollm2_f16, level_name, **OPTIONS[option])
+
+
 @pytest.mark.parametrize("level_name", ALL_LEVELS)
 def test_every_level_smollm2(smollm2_f16, level_name):
     """SmolLM2-135M (576 wide, 30 layers, GQA 3, tied): most K-quant tensors fall back."""
@@ -272,16 +320,17 @@ def test_option_kinds_and_reasons(synthetic_f16):
     plan = our_plan(synthetic_f16, "Q4_K_M", tensor_types=["attn_q=q8_0"], token_embedding_type="q8_0")
     by = {t.name: t for t in plan.tensors}
     assert (
-        by["blk.0.attn_q.weight"].kind == "override"
+        by["blk.0.attn_q.weight"].kind is TensorKind.OVERRIDE
         and "--tensor-type attn_q=q8_0" in by["blk.0.attn_q.weight"].reason
     )
-    assert by["token_embd.weight"].kind == "override"
+    assert by["token_embd.weight"].kind is TensorKind.OVERRIDE
     assert (
-        by["blk.3.ffn_down.weight"].kind == "mix"
+        by["blk.3.ffn_down.weight"].kind is TensorKind.MIX
         and "more-bits layer 3" in by["blk.3.ffn_down.weight"].reason
     )
-    assert by["blk.0.ffn_norm.weight"].kind == "copy" and not by["blk.0.ffn_norm.weight"].quantize
-    assert by["blk.0.ffn_up.weight"].kind == "default" and by["blk.0.ffn_up.weight"].quantize
+    assert by["blk.0.ffn_norm.weight"].kind is TensorKind.COPY and not by["blk.0.ffn_norm.weight"].quantize
+    assert by["blk.0.ffn_up.weight"].kind is TensorKind.DEFAULT and by["blk.0.ffn_up.weight"].quantize
+    assert all(t.fallback is None for t in plan.tensors) and plan.n_fallback == 0
 
 
 def test_unusable_override(smollm2_f16, tmp_path):
@@ -414,6 +463,8 @@ def test_level_names():
     assert level("bf16").default_type == T.BF16 and level("BF16").ftype_id == 32
     with pytest.raises(QuantizeError, match="Q4_K_M"):
         level("Q4_K_X")
+    with pytest.raises(QuantizeError, match="unknown quantization type"):
+        level("\u00b2")  # a digit to str.isdigit, not to int(): once a ValueError escaped
 
 
 def test_level_ftypes_are_llamas():
@@ -465,6 +516,6 @@ def test_quantized_source(smollm2_path, level_name):
     """SmolLM2 as shipped (a Q4_1 mix): tensors already of the planned type are copied, not requantized."""
     plan, _ = assert_plan_matches_llama(smollm2_path, level_name)
     copies = [t for t in plan.tensors if not t.quantize]
-    assert all(t.dst_type == t.src_type and t.kind == "copy" for t in copies)
+    assert all(t.dst_type == t.src_type and t.kind is TensorKind.COPY for t in copies)
     if level_name == "Q4_1":
         assert any(t.src_type == T.Q4_1 and t.reason.startswith("copy: already Q4_1") for t in copies)

@@ -19,9 +19,9 @@ import numpy as np
 from gguf import GGUFValueType
 
 from .gguf.reader import GGUFModel, open_gguf
-from .quantize.recipes import LEVELS
+from .quantize.levels import LEVELS
 
-# llama_ftype ids (include/llama.h) of levels ggufkit cannot produce; the others are in recipes.LEVELS.
+# llama_ftype ids (include/llama.h) of levels ggufkit cannot produce; the others are in levels.LEVELS.
 OTHER_FTYPES = {
     19: "IQ2_XXS", 20: "IQ2_XS", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 26: "IQ3_S", 27: "IQ3_M",
     28: "IQ2_S", 29: "IQ2_M", 31: "IQ1_M", 36: "TQ1_0", 37: "TQ2_0", 38: "MXFP4_MOE", 39: "NVFP4",

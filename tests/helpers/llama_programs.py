@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import subprocess
 import sys
 import tarfile
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from gguf import GGMLQuantizationType as T
 
 from ggufkit.models import cache_dir
 
@@ -307,3 +310,16 @@ def llama_quantize_dry_run(src, level: str, **opts) -> DryRun:
         int(fb.group(1)) if fb else 0,
         log,
     )
+
+
+# tensor_type_fallback's warning, one per tensor: "warning: <name> - ncols <n> not divisible by <qk> (required
+# for type <wanted>) [(WARNING: must use F16 due to unusual shape)] -> falling back to <used>"
+_FALLBACK_WARNING = re.compile(
+    r"warning: (\S+)\s+- ncols\s+\d+ not divisible by\s+\d+ \(required for type\s+(\w+)\) "
+    r"(?:\(WARNING: must use F16 due to unusual shape\) )?-> falling back to\s+(\w+)"
+)
+
+
+def llama_fallbacks(log: str) -> dict[str, tuple[T, T]]:
+    """llama.cpp's own row-length fallbacks in a llama-quantize log: tensor name -> (wanted, used)."""
+    return {m[1]: (T[m[2].upper()], T[m[3].upper()]) for m in _FALLBACK_WARNING.finditer(log)}

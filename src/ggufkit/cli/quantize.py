@@ -75,10 +75,10 @@ def add_parser(sub):
 
 
 def _is_type(name: str) -> bool:
-    from ..quantize import recipes
+    from ..quantize.levels import level
 
     try:
-        recipes.level(name)
+        level(name)
     except Exception:
         return False
     return True
@@ -150,7 +150,7 @@ def _print_plan(s) -> None:
 
 
 def _type_name(t) -> str:
-    from gguf import GGMLQuantizationType
+    from ..gguf.types import GGMLQuantizationType
 
     return GGMLQuantizationType(int(t)).name
 
@@ -178,12 +178,12 @@ def _print_summary(s) -> None:
     if s.fallbacks:
         print(f"  fallbacks: {len(s.fallbacks)} of {s.n_tensors} tensors")
         groups = defaultdict(list)
-        for tp in s.fallbacks:  # grouped by the fallback itself ("Q4_K -> Q5_0: row 576 not a multiple...")
-            reason = str(tp.reason)
-            groups[reason[reason.find("fallback ") :] if "fallback " in reason else reason].append(tp.name)
-        for reason, names in groups.items():
+        for tp in s.fallbacks:  # grouped by the fallback itself: (wanted, used) and the row length
+            groups[(tp.fallback, tp.shape[0])].append(tp)
+        for tps in groups.values():
+            names = [tp.name for tp in tps]
             more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            print(f"    {len(names):4d} x {reason}: {', '.join(names[:3])}{more}")
+            print(f"    {len(names):4d} x {tps[0].fallback_note}: {', '.join(names[:3])}{more}")
 
 
 def run(args) -> int:

@@ -160,8 +160,8 @@ def _weights(tensors, repack: frozenset) -> tuple[int, int, int, int]:
 
 def _planned(model: ModelInfo, level: str) -> tuple[str, list]:
     """(level name, tensors in file order with offsets) of llama-quantize's plan for this model."""
-    from ..quantize.recipes import level as level_of
-    from ..quantize.recipes import plan_quantization
+    from ..quantize.levels import level as level_of
+    from ..quantize.plan import plan_quantization
 
     try:
         name = level_of(level).name

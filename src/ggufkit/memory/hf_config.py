@@ -104,7 +104,7 @@ def from_config(
 def _tensor_specs(m: ModelInfo, *, tied: bool) -> list:
     """The tensors convert_hf_to_gguf.py writes for a llama-family model (ggml order, F16 matrices, F32
     vectors), named as llama.cpp names them."""
-    from ..quantize.recipes import TensorSpec
+    from ..quantize.plan import TensorSpec
 
     F16, F32 = T.F16, T.F32
     d, hd, q = m.n_embd, m.head_dim_k, m.n_head * m.head_dim_k

@@ -32,7 +32,7 @@ class ModelInfo:
     n_expert: int = 0
     n_expert_used: int = 0
     n_ff_exp: int = 0
-    tensors: list = field(default_factory=list, repr=False)  # recipes.TensorSpec, source types
+    tensors: list = field(default_factory=list, repr=False)  # quantize.plan.TensorSpec, source types
     file_tensors: list = field(
         default_factory=list, repr=False
     )  # a GGUF's (name, shape, type, nbytes, offset)
@@ -47,7 +47,7 @@ class ModelInfo:
         return sum(math.prod(t.shape) for t in self.tensors)
 
     def hparams(self):
-        from ..quantize.recipes import Hparams
+        from ..quantize.plan import Hparams
 
         return Hparams(
             arch=self.arch,

@@ -34,7 +34,7 @@ _SWA_DEFAULT = {"gemma2": 4096, "llama4": 8192}  # window when the GGUF has no s
 
 def from_gguf(path: Path) -> ModelInfo:
     from ..gguf.reader import open_gguf
-    from ..quantize.recipes import TensorSpec
+    from ..quantize.plan import TensorSpec
 
     try:
         model = open_gguf(path)
@@ -96,7 +96,7 @@ def from_gguf(path: Path) -> ModelInfo:
 
 
 def _file_type_name(ftype, specs) -> str:
-    from ..quantize.recipes import LEVELS
+    from ..quantize.levels import LEVELS
 
     if ftype is not None:
         for lv in LEVELS.values():

@@ -34,7 +34,6 @@ from ..errors import GgufkitError, QuantizeError
 
 __all__ = ["Imatrix", "read_imatrix", "filter_entries", "load_for_quantize", "match_tensor"]
 
-_KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]; llama-quantize strncpy's 127 bytes
 _KEY_DATASETS = "imatrix.datasets"
 _KEY_CHUNK_COUNT = "imatrix.chunk_count"
 _KEY_CHUNK_SIZE = "imatrix.chunk_size"
@@ -58,7 +57,8 @@ class Imatrix:
 
     def quantize_metadata(self, entries: Mapping[str, np.ndarray] | None = None) -> dict:
         """What llama-quantize records about this imatrix (values not yet truncated): file (the path as
-        given), dataset (the first one, or None), entries_count (after filtering), chunks_count."""
+        given), dataset (the first one, or None), entries_count (after filtering), chunks_count. The
+        quantize.imatrix.* KVs made of it: ggufkit.quantize.job.imatrix_kvs."""
         entries = self.entries if entries is None else entries
         return {
             "file": self.path,
@@ -66,24 +66,6 @@ class Imatrix:
             "entries_count": len(entries),
             "chunks_count": self.chunk_count,
         }
-
-    def quantize_kvs(
-        self, entries: Mapping[str, np.ndarray] | None = None
-    ) -> list[tuple[str, GGUFValueType, object]]:
-        """The quantize.imatrix.* KVs llama-quantize appends, in its order: strings as bytes cut at 127
-        bytes (strncpy), chunks_count only when positive. Nothing at all when no entry is left."""
-        meta = self.quantize_metadata(entries)
-        if not meta["entries_count"]:
-            return []
-        out = [("quantize.imatrix.file", GGUFValueType.STRING, os.fsencode(meta["file"])[:_KV_STR_MAX])]
-        if meta["dataset"] is not None:
-            out.append(
-                ("quantize.imatrix.dataset", GGUFValueType.STRING, os.fsencode(meta["dataset"])[:_KV_STR_MAX])
-            )
-        out.append(("quantize.imatrix.entries_count", GGUFValueType.UINT32, meta["entries_count"]))
-        if meta["chunks_count"] > 0:
-            out.append(("quantize.imatrix.chunks_count", GGUFValueType.UINT32, meta["chunks_count"]))
-        return out
 
 
 def read_imatrix(path: str | os.PathLike) -> Imatrix:

@@ -1,13 +1,13 @@
 """quantize_file(): plan -> stream tensors through the block kernels -> atomic GGUF write (llama-quantize).
 
 The pipeline, one tensor at a time, in llama.cpp's output order (sorted by layer, then name):
-  1. the plan (recipes.plan_for_gguf) decides each tensor's type; nothing here chooses types;
+  1. the plan (plan.plan_for_gguf) decides each tensor's type; nothing here chooses types;
   2. a tensor whose type does not change is copied byte for byte;
   3. otherwise its rows are read in chunks (never the whole model), widened to float32 (F16/BF16 exactly,
      quantized inputs only with allow_requantize), checked for NaN/Inf, quantized with the tensor's
      importance vector, and appended to the output (stream.py: the chunks run on raw memory, several at
      once, and are written in order; with the native library numpy is never imported).
-The output is a GGUF v3 file byte-identical to llama-quantize's (gguf_writer), written to a temporary
+The output is a GGUF v3 file byte-identical to llama-quantize's (gguf.writer), written to a temporary
 file and renamed into place only when complete.
 
 Metadata (llama_model_quantize_impl, `src/llama-quant.cpp`; gguf_set_* removes a key and appends it):
@@ -18,6 +18,7 @@ order (an int is stored as the u32 of its absolute value), then the quantize.ima
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import struct
@@ -25,23 +26,26 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import quants
-from ..errors import GgufkitError, QuantizeError
+from ..errors import QuantizeError
 from ..gguf.reader import GGUFModel, open_gguf
 from ..gguf.types import FLOAT_TYPES, GGMLQuantizationType, GGUFValueType
 from ..gguf.writer import GGUFStreamWriter, TensorEntry, copy_kv, kv_bytes
 from . import stream
 
-__all__ = ["QuantizeProgress", "QuantizeSummary", "default_output_path", "parse_override_kv", "quantize_file"]
+if TYPE_CHECKING:
+    from .plan import Plan, TensorPlan
 
-# The numba JIT kernels (the fallback when the native library is unavailable: quants/native.py) run on
-# libgomp, which by default spin-waits between parallel regions; when the cores are shared with other
-# processes that makes each region 10-20x slower (measured: F16->F32 of 1M values 24 ms spinning vs 1.2 ms
-# passive, 2 threads on a loaded 2-core machine). Passive waiting costs nothing measurable otherwise.
-# libgomp reads this when numba first starts its pool; the user's value wins. (The native path has no
-# OpenMP: its threads are a Python thread pool.)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+__all__ = [
+    "QuantizeProgress",
+    "QuantizeSummary",
+    "default_output_path",
+    "imatrix_kvs",
+    "parse_override_kv",
+    "quantize_file",
+]
 
 GGML_QNT_VERSION = 2  # ggml.h: written as general.quantization_version
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -75,8 +79,8 @@ class QuantizeSummary:
     size_after: int  # tensor bytes of the output (its "quant size")
     file_size: int | None  # bytes of the output file, header and padding included
     seconds: float
-    plan: object  # recipes.Plan
-    fallbacks: list = field(default_factory=list)  # TensorPlans whose type fell back (reason says why)
+    plan: Plan
+    fallbacks: list[TensorPlan] = field(default_factory=list)  # kind FALLBACK: tp.fallback = (wanted, used)
     imatrix_entries: int = 0
     kernels: str = ""  # "native" (the compiled library) or "jit" (numba's fallback); "" for a dry run
 
@@ -154,8 +158,12 @@ def output_kvs(model: GGUFModel, ftype: int, overrides: Sequence[tuple[str, GGUF
     return list(entries.values())
 
 
-def _imatrix_overrides(meta: dict) -> list[tuple[str, GGUFValueType, object]]:
-    """quantize.imatrix.* as llama-quantize appends them (tools/quantize/quantize.cpp)."""
+def imatrix_kvs(meta: dict) -> list[tuple[str, GGUFValueType, object]]:
+    """The quantize.imatrix.* KVs llama-quantize appends (tools/quantize/quantize.cpp), in its order, from
+    Imatrix.quantize_metadata: strings as bytes cut at 127 bytes (strncpy), chunks_count only when
+    positive; nothing at all when no entry is left (llama-quantize then runs as without an imatrix)."""
+    if not meta["entries_count"]:
+        return []
     out = [("quantize.imatrix.file", GGUFValueType.STRING, _truncated(str(meta["file"])))]
     if meta.get("dataset") is not None:
         out.append(("quantize.imatrix.dataset", GGUFValueType.STRING, _truncated(meta["dataset"])))
@@ -195,6 +203,27 @@ def _check_paths(src: Path, dst: Path) -> None:
 # -- the job ----------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _passive_omp_waits():
+    """OMP_WAIT_POLICY=PASSIVE while the kernels run, unless the user set it; the environment is restored.
+
+    The numba JIT kernels (the fallback when the native library is unavailable: quants/native) run on
+    libgomp, which by default spin-waits between parallel regions; when the cores are shared with other
+    processes that makes each region 10-20x slower (F16->F32 of 1M values, 2 threads on a loaded 2-core
+    machine). Passive waiting costs nothing measurable otherwise. libgomp reads the variable once, when
+    numba first starts its pool (quants.set_threads or the first kernel call, both inside this block), and
+    keeps it for the process. The native path has no OpenMP: its threads are a Python thread pool.
+    """
+    if "OMP_WAIT_POLICY" in os.environ:
+        yield
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def _set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
     want = threads if threads and threads > 0 else quants.max_threads()
     use = max(1, min(int(want), quants.max_threads()))
@@ -219,10 +248,6 @@ def _check_imatrix(vectors: dict, model: GGUFModel, path) -> None:
             f"imatrix {path} was made for another model: none of its entries ({some}, ...) is a tensor "
             f"of {model.path}"
         )
-
-
-def _fallbacks(plan) -> list:
-    return [tp for tp in plan.tensors if tp.kind == "fallback"]
 
 
 def quantize_file(
@@ -251,17 +276,13 @@ def quantize_file(
     same options. Raises QuantizeError / GGUFError (GgufkitError) for anything that cannot be done as asked;
     on any error or interrupt the destination is left as it was. Returns a QuantizeSummary.
     """
-    from . import recipes
+    from .levels import level as level_of
+    from .plan import plan_for_gguf
 
     t0 = time.perf_counter()
     if qtype is None:
         raise QuantizeError("no quantization type given (e.g. Q4_K_M)")
-    try:
-        level = recipes.level(str(qtype))
-    except GgufkitError:
-        raise
-    except (KeyError, ValueError) as e:
-        raise QuantizeError(f"unknown quantization type {qtype!r}: {e}") from None
+    level = level_of(str(qtype))
     include_weights, exclude_weights = list(include_weights), list(exclude_weights)
     if include_weights and exclude_weights:
         raise QuantizeError("--include-weights and --exclude-weights cannot be used together")
@@ -276,7 +297,7 @@ def quantize_file(
         if imatrix is not None:
             vectors, imeta = _load_imatrix(imatrix, include_weights, exclude_weights)
             _check_imatrix(vectors, model, imatrix)
-        plan = recipes.plan_for_gguf(
+        plan = plan_for_gguf(
             model,
             level.name,
             imatrix=vectors if vectors else None,
@@ -287,7 +308,7 @@ def quantize_file(
             leave_output_tensor=leave_output_tensor,
         )
         if vectors:
-            overrides += _imatrix_overrides(imeta)
+            overrides += imatrix_kvs(imeta)
         if not dry_run:
             plan.check_imatrix_requirement()
         if not allow_requantize:
@@ -325,7 +346,7 @@ def quantize_file(
             file_size=None,
             seconds=0.0,
             plan=plan,
-            fallbacks=_fallbacks(plan),
+            fallbacks=plan.fallbacks(),
             imatrix_entries=len(vectors),
         )
         if dry_run:
@@ -336,9 +357,6 @@ def quantize_file(
         entries = [
             TensorEntry(tp.name, tuple(tp.shape), GGMLQuantizationType(tp.dst_type)) for tp in plan.tensors
         ]
-        n_threads, restore = _set_threads(threads)
-        summary.threads = n_threads
-        summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
         report = None
         if progress:
             n = len(plan.tensors)
@@ -346,15 +364,19 @@ def quantize_file(
             def report(c, done):
                 progress(QuantizeProgress(c.index, n, c.name, done, size_before))
 
-        try:
-            with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
-                todo = stream.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
-                stream.run(src, todo, writer, threads=n_threads, progress=report)
-                writer.commit()
-                summary.file_size = writer.file_size
-        except OSError as e:
-            raise QuantizeError(f"cannot write {dst_path}: {e.strerror or e}") from None
-        finally:
-            restore()
+        with _passive_omp_waits():
+            n_threads, restore = _set_threads(threads)
+            summary.threads = n_threads
+            summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
+            try:
+                with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
+                    todo = stream.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
+                    stream.run(src, todo, writer, threads=n_threads, progress=report)
+                    writer.commit()
+                    summary.file_size = writer.file_size
+            except OSError as e:
+                raise QuantizeError(f"cannot write {dst_path}: {e.strerror or e}") from None
+            finally:
+                restore()
     summary.seconds = time.perf_counter() - t0
     return summary

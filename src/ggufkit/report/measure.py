@@ -150,7 +150,6 @@ def prepare_base(
 
 def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int | None = None) -> dict:
     """The level's GGUF in `work/levels`, quantized once per (base, level, quantizer code)."""
-    from ..quantize import recipes
     from ..quantize.job import quantize_file
 
     folder = work / "levels"
@@ -172,12 +171,12 @@ def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int
         progress(f"quantizing {p.index + 1}/{p.n_tensors}", p.bytes_done / max(p.bytes_total, 1))
 
     s = quantize_file(base["path"], path, level, threads=threads, progress=cb)
-    plan: recipes.Plan = s.plan
+    plan = s.plan
     fallbacks: dict[str, int] = {}  # "Q4_K -> Q5_0" -> number of tensors
     fallback_rows: set[int] = set()
     for tp in s.fallbacks:
-        # the plan's reason ends with "fallback A -> B: row N not a multiple of K"
-        what = tp.reason.rsplit("fallback ", 1)[-1].split(":")[0]
+        wanted, used = tp.fallback
+        what = f"{wanted.name} -> {used.name}"
         fallbacks[what] = fallbacks.get(what, 0) + 1
         fallback_rows.add(int(tp.shape[0]))
     meta = {

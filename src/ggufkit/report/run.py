@@ -81,7 +81,7 @@ def run_report(
     from .. import memory
     from .. import pick as picker
     from ..evaluate import read_text
-    from ..quantize import recipes
+    from ..quantize import levels
 
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
@@ -92,7 +92,7 @@ def run_report(
         raise ReportError(f"{model}: no such file")
     names = []
     for lv in levels or (QUICK_LEVELS if quick else DEFAULT_LEVELS):
-        name = recipes.level(lv).name
+        name = levels.level(lv).name
         if name in FLOAT_TYPES:
             raise ReportError(
                 f"{name} is not a quantization level for the ladder (the base is full precision)"
