@@ -150,7 +150,7 @@ def _print_plan(s) -> None:
 
 
 def _type_name(t) -> str:
-    from gguf import GGMLQuantizationType
+    from ..gguf.types import GGMLQuantizationType
 
     return GGMLQuantizationType(int(t)).name
 
