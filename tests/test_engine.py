@@ -25,8 +25,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from ggufkit.engine import llama as engine_llama
-from ggufkit.engine.llama import LlamaModel, ModelArgs, _rms_norm, _silu, round_activations
-from ggufkit.engine.numerics import f16_round, f16_to_f32
+from ggufkit.engine import numerics as engine_numerics
+from ggufkit.engine.llama import LlamaModel, ModelArgs
+from ggufkit.engine.numerics import f16_round, f16_to_f32, round_activations
+from ggufkit.engine.numerics import rms_norm as _rms_norm
+from ggufkit.engine.numerics import silu as _silu
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
 from ggufkit.evaluate import default_text
@@ -449,6 +452,7 @@ def test_f16_kernels_are_numpys_astype_bit_for_bit():
 def _logits_with_astype(path, tokens, monkeypatch) -> np.ndarray:
     with monkeypatch.context() as m:  # the engine as it was before the kernels: numpy astype round trips
         m.setattr(engine_llama, "f16_round", _astype_round)
+        m.setattr(engine_numerics, "f16_round", _astype_round)  # round_activations'
         m.setattr(engine_llama, "f16_to_f32", lambda h: h.view(np.float16).astype(np.float32))
         return _ours(path, tokens)
 

@@ -16,9 +16,9 @@ import re
 from collections import Counter
 
 import numpy as np
-from gguf import GGUFValueType
 
 from .gguf.reader import GGUFModel, open_gguf
+from .gguf.types import GGUFValueType
 from .quantize.levels import LEVELS
 
 # llama_ftype ids (include/llama.h) of levels ggufkit cannot produce; the others are in levels.LEVELS.

@@ -39,24 +39,27 @@ argmax 99.8 %.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import logging
-import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
 
 from ..errors import EvalError
 from ..gguf.reader import GGUFModel
-from ..quants import dequantize, quantize
-from .numerics import f16_round, f16_to_f32
-
-log = logging.getLogger(__name__)
+from ..gguf.types import GGMLQuantizationType
+from ..quants import dequantize
+from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for the callers)
+    blas_threads,
+    causal_softmax,
+    cpu_count,
+    f16_round,
+    f16_to_f32,
+    rms_norm,
+    round_activations,
+    silu,
+    vec_dot,
+)
 
 # Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
 ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
@@ -135,150 +138,6 @@ class ModelArgs:
         return 1.0
 
 
-def _blas_thread_setter():
-    """OpenBLAS's set_num_threads of the library numpy is linked with (Linux), or None."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
-    except OSError:
-        return None, None
-    for lib in libs:
-        try:
-            dll = ctypes.CDLL(lib)
-        except OSError:
-            continue
-        for prefix in ("scipy_openblas", "openblas"):
-            for suffix in ("64_", ""):
-                get = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
-                put = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
-                if get is not None and put is not None:
-                    return get, put
-    return None, None
-
-
-@contextmanager
-def blas_threads(n: int | None):
-    """Run BLAS matmuls and numba kernels on n threads inside the block (None: leave them, normally all
-    cores)."""
-    if not n:
-        yield
-        return
-    import numba
-
-    get, put = _blas_thread_setter()
-    if get is None:
-        log.info("cannot set the BLAS thread count (OpenBLAS not found); using its default")
-    old_blas = get() if get is not None else None
-    old_numba = numba.get_num_threads()
-    if put is not None:
-        put(int(n))
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        if put is not None:
-            put(old_blas)
-        numba.set_num_threads(old_numba)
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-# -- llama.cpp's activation rounding ---------------------------------------------------------------
-# ggml's CPU matmul first converts the activations to the weight type's "vec_dot type" (type_traits_cpu in
-# ggml-cpu.c) and then takes exact block dot products. Rounding the activations the same way and then
-# multiplying in float32 reproduces llama.cpp's numbers up to summation order. Without it, a quantized
-# model's measured damage would leave out the (small) activation-rounding share that llama.cpp adds.
-_Q = GGMLQuantizationType
-_VEC_DOT = {
-    **dict.fromkeys((_Q.F16,), "F16"),
-    **dict.fromkeys((_Q.BF16,), "BF16"),
-    **dict.fromkeys((_Q.Q4_0, _Q.Q5_0, _Q.Q8_0, _Q.IQ4_NL), "Q8_0"),
-    **dict.fromkeys((_Q.Q4_1, _Q.Q5_1), "Q8_1"),  # Q8_1 holds the same values as Q8_0
-    **dict.fromkeys((_Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K, _Q.IQ4_XS), "Q8_K"),
-}
-
-
-def _round_q8_0(x: np.ndarray) -> np.ndarray:
-    """x through quantize_row_q8_0 (x86 AVX path) and back: per 32 values d = amax/127 stored as F16,
-    q = round-half-even(x * 127/amax)."""
-    qk = GGML_QUANT_SIZES[_Q.Q8_0][0]
-    b = x.reshape(-1, qk)
-    amax = np.abs(b).max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    d = f16_round(amax / np.float32(127))
-    return (np.rint(b * inv) * d).reshape(x.shape)
-
-
-def _round_q8_k(x: np.ndarray) -> np.ndarray:
-    """x through quantize_row_q8_K_ref and back: per 256 values iscale = -127/max (max = the value of
-    largest magnitude, first one on ties), q = min(127, round(iscale*x)), d = 1/iscale in float32."""
-    qk = GGML_QUANT_SIZES[_Q.Q8_K][0]
-    b = x.reshape(-1, qk)
-    mx = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
-    with np.errstate(divide="ignore"):
-        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
-        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
-    q = np.minimum(np.rint(iscale * b), np.float32(127))
-    return (q * d).reshape(x.shape)
-
-
-def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
-    """Activations x [n, k] as llama.cpp's CPU backend rounds them before a matmul with `weight_type`."""
-    kind = _VEC_DOT.get(GGMLQuantizationType(weight_type))
-    if kind is None:
-        return x
-    if kind == "F16":
-        return f16_round(x)
-    if kind == "BF16":
-        return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
-    if kind == "Q8_K":
-        return _round_q8_k(x)
-    return _round_q8_0(x)
-
-
-@njit(cache=True)
-def _causal_softmax(s, first_pos, group):
-    """In place over s [B, R, K]: row r is query position first_pos + r // group (`group` query heads share
-    a kv head and sit side by side); it becomes softmax over keys 0..pos followed by zeros (causal mask).
-    One pass per row over the causal part only. Serial on purpose: it runs between BLAS calls, and a
-    second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
-    B, R, K = s.shape
-    for x in range(B * R):
-        b, r = x // R, x % R
-        row = s[b, r]
-        last = min(first_pos + r // group, K - 1)
-        m = row[0]
-        for j in range(1, last + 1):
-            if row[j] > m:
-                m = row[j]
-        tot = 0.0
-        for j in range(last + 1):
-            e = np.exp(row[j] - m)
-            row[j] = e
-            tot += e
-        inv = np.float32(1.0 / tot)
-        for j in range(last + 1):
-            row[j] *= inv
-        for j in range(last + 1, K):
-            row[j] = 0.0
-
-
-def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / rms(x) * weight, rounded as ggml's rms_norm: float32 squares summed in double, the mean rounded
-    to float32, scale = 1/sqrt(mean + eps) in float32, then (x * scale) * weight."""
-    sq = np.square(x, dtype=np.float32)
-    ms = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(np.float32)[..., None]
-    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
-    return x * scale * weight
-
-
-def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
 class LlamaModel:
     """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
 
@@ -305,9 +164,11 @@ class LlamaModel:
         """A tensor dequantized to float32, numpy order (rows = ggml's ne1, columns = ne0)."""
         t = self._tensors[name]
         shape = tuple(reversed(t.shape))
-        if t.ggml_type == _Q.F32:  # no copy: a read-only view of the mapped file
+        if t.ggml_type == GGMLQuantizationType.F32:  # no copy: a read-only view of the mapped file
             return np.frombuffer(t.data(), dtype="<f4").reshape(shape)
-        if t.ggml_type == _Q.F16:  # numpy's astype values (ggml's, NaN payloads aside), on numba's threads
+        if (
+            t.ggml_type == GGMLQuantizationType.F16
+        ):  # numpy's astype values (ggml's, NaN payloads aside), on numba's threads
             return f16_to_f32(np.frombuffer(t.data(), dtype="<u2")).reshape(shape)
         return dequantize(t.data(), t.ggml_type, shape)
 
@@ -321,7 +182,7 @@ class LlamaModel:
     def _matmul(self, x: np.ndarray, w: np.ndarray, wtype, cache: dict | None = None) -> np.ndarray:
         """x [n, k] @ w.T, x first rounded as llama.cpp rounds it for a weight of type wtype."""
         if self.llamacpp_numerics and wtype is not None:
-            key = (id(x), _VEC_DOT.get(GGMLQuantizationType(wtype)))
+            key = (id(x), vec_dot(wtype))
             if cache is not None and key in cache:
                 x = cache[key]
             else:
@@ -340,7 +201,7 @@ class LlamaModel:
         rows = dequantize(np.ascontiguousarray(raw[uniq]), t.ggml_type, (len(uniq), n_embd))
         return rows[inverse.ravel()]
 
-    def _layer(self, i: int) -> dict[str, np.ndarray | None]:
+    def _layer(self, i: int) -> tuple[dict[str, np.ndarray | None], dict[str, GGMLQuantizationType | None]]:
         p = f"blk.{i}."
         w = {
             n: self._maybe(p + n + ".weight")
@@ -439,7 +300,7 @@ class LlamaModel:
                 for b0 in range(0, T, block):
                     b1 = min(b0 + block, T)
                     s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[:b1].T  # [nb*g, b1]
-                    _causal_softmax(s[None], b0, g)
+                    causal_softmax(s[None], b0, g)
                     out[c, h, b0:b1] = (s @ vc[:b1]).reshape(b1 - b0, g, dv)
         return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
 
@@ -465,7 +326,7 @@ class LlamaModel:
             for c0 in range(0, C, group):
                 n = min(group, C - c0)
                 xs = x[c0 * T : (c0 + n) * T]  # a view: updated in place
-                h = _rms_norm(xs, w["attn_norm"], eps)
+                h = rms_norm(xs, w["attn_norm"], eps)
                 rounded: dict = {}  # h rounded per vec_dot type, shared by q, k, v of the same type
                 q = self._matmul(h, w["attn_q"], ty["attn_q"], rounded)
                 k = self._matmul(h, w["attn_k"], ty["attn_k"], rounded)
@@ -480,22 +341,22 @@ class LlamaModel:
                 k = k.reshape(n, T, Hkv, dk)
                 v = v.reshape(n, T, Hkv, -1)
                 if w["attn_q_norm"] is not None:
-                    q = _rms_norm(q, w["attn_q_norm"], eps)
+                    q = rms_norm(q, w["attn_q_norm"], eps)
                 if w["attn_k_norm"] is not None:
-                    k = _rms_norm(k, w["attn_k_norm"], eps)
+                    k = rms_norm(k, w["attn_k_norm"], eps)
                 self._rope(q, cos, sin)
                 self._rope(k, cos, sin)
                 if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
                     k = f16_round(k)
                     v = f16_round(v)
                 xs += self._matmul(self._attention(q, k, v), w["attn_output"], ty["attn_output"])
-                h = _rms_norm(xs, w["ffn_norm"], eps)
+                h = rms_norm(xs, w["ffn_norm"], eps)
                 rounded = {}
-                g = _silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded))
+                g = silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded))
                 g *= self._matmul(h, w["ffn_up"], ty["ffn_up"], rounded)
                 xs += self._matmul(g, w["ffn_down"], ty["ffn_down"])
             del w
-        return _rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+        return rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
 
     def _output_name(self) -> str:
         """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""

@@ -1,11 +1,14 @@
-"""numba kernels for the engine's F16 conversions, bit for bit numpy's `astype`.
+"""The engine's numerics, each rounded as llama.cpp's CPU backend rounds it: rms_norm, silu, the causal
+softmax, the activations' rounding to the weight's vec_dot type (round_activations), the F16 kernels, and
+the BLAS/numba thread control.
 
-The engine rounds activations to F16 before F16 matmuls and keeps its KV cache in F16 (both as llama.cpp
-does), and reads F16 weights as float32. numpy's `astype(np.float16).astype(np.float32)` makes two passes
-through memory and a float16 temporary; the round-trip kernel makes one pass (2048x1536 values: 6.3 ms
-against 10 ms), and the F16 -> F32 kernel takes 3.1 ms where astype takes 4.4 ms.
+F16 kernels: bit for bit numpy's `astype`. The engine rounds activations to F16 before F16 matmuls and
+keeps its KV cache in F16 (both as llama.cpp does), and reads F16 weights as float32. numpy's
+`astype(np.float16).astype(np.float32)` makes two passes through memory and a float16 temporary; the
+round-trip kernel makes one pass (2048x1536 values: 6.3 ms against 10 ms), and the F16 -> F32 kernel takes
+3.1 ms where astype takes 4.4 ms.
 
-Serial on purpose, like _causal_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
+Serial on purpose, like causal_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
 against OpenBLAS's threads on 2 cores made the whole engine slower (measured 2026-11-27, 2 shared cores:
 a parallel round trip took 7.7 ms alone and slowed the BLAS products around it).
 
@@ -17,10 +20,20 @@ NaN branch numpy's way: the engine's output is then bit-identical to what the as
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+from contextlib import contextmanager
+
 import numpy as np
 from numba import njit
 
+from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
+from ..quants import dequantize, quantize
 from ..quants.fp import fp16_bits_to_fp32, fp32_to_fp16_bits
+from ..quants.registry import FORMATS
+
+log = logging.getLogger(__name__)
 
 _EXP32 = np.uint32(0x7F800000)
 _ABS32 = np.uint32(0x7FFFFFFF)
@@ -75,3 +88,150 @@ def f16_to_f32(h: np.ndarray) -> np.ndarray:
     oflat = out.reshape(-1)
     _f16_to_f32_flat(h.reshape(-1), oflat, oflat.view(np.uint32))
     return out
+
+
+# -- llama.cpp's activation rounding ---------------------------------------------------------------
+# ggml's CPU matmul first converts the activations to the weight type's "vec_dot type" (type_traits_cpu in
+# ggml-cpu.c) and then takes exact block dot products. Rounding the activations the same way and then
+# multiplying in float32 reproduces llama.cpp's numbers up to summation order. Without it, a quantized
+# model's measured damage would leave out the (small) activation-rounding share that llama.cpp adds.
+# weight type -> the ggml type name its activations are rounded to (the registry's vec_dot)
+_VEC_DOT = {f.ggml_type: f.vec_dot for f in FORMATS.values()}
+
+
+def _round_q8_0(x: np.ndarray) -> np.ndarray:
+    """x through quantize_row_q8_0 (x86 AVX path) and back: per 32 values d = amax/127 stored as F16,
+    q = round-half-even(x * 127/amax)."""
+    qk = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
+    b = x.reshape(-1, qk)
+    amax = np.abs(b).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    d = f16_round(amax / np.float32(127))
+    return (np.rint(b * inv) * d).reshape(x.shape)
+
+
+def _round_q8_k(x: np.ndarray) -> np.ndarray:
+    """x through quantize_row_q8_K_ref and back: per 256 values iscale = -127/max (max = the value of
+    largest magnitude, first one on ties), q = min(127, round(iscale*x)), d = 1/iscale in float32."""
+    qk = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_K][0]
+    b = x.reshape(-1, qk)
+    mx = np.take_along_axis(b, np.abs(b).argmax(axis=1)[:, None], axis=1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(mx != 0, np.float32(-127) / mx, np.float32(0)).astype(np.float32)
+        d = np.where(mx != 0, np.float32(1) / iscale, np.float32(0)).astype(np.float32)
+    q = np.minimum(np.rint(iscale * b), np.float32(127))
+    return (q * d).reshape(x.shape)
+
+
+def vec_dot(weight_type) -> str | None:
+    """The type llama.cpp's CPU backend rounds activations to for a weight of `weight_type` (None: a type
+    the registry does not know)."""
+    return _VEC_DOT.get(GGMLQuantizationType(weight_type))
+
+
+def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
+    """Activations x [n, k] as llama.cpp's CPU backend rounds them before a matmul with `weight_type`."""
+    kind = vec_dot(weight_type)
+    if kind is None or kind == "F32":
+        return x
+    if kind == "F16":
+        return f16_round(x)
+    if kind == "BF16":
+        return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
+    if kind == "Q8_K":
+        return _round_q8_k(x)
+    return _round_q8_0(x)
+
+
+@njit(cache=True)
+def causal_softmax(s, first_pos, group):
+    """In place over s [B, R, K]: row r is query position first_pos + r // group (`group` query heads share
+    a kv head and sit side by side); it becomes softmax over keys 0..pos followed by zeros (causal mask).
+    One pass per row over the causal part only. Serial on purpose: it runs between BLAS calls, and a
+    second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
+    B, R, K = s.shape
+    for x in range(B * R):
+        b, r = x // R, x % R
+        row = s[b, r]
+        last = min(first_pos + r // group, K - 1)
+        m = row[0]
+        for j in range(1, last + 1):
+            if row[j] > m:
+                m = row[j]
+        tot = 0.0
+        for j in range(last + 1):
+            e = np.exp(row[j] - m)
+            row[j] = e
+            tot += e
+        inv = np.float32(1.0 / tot)
+        for j in range(last + 1):
+            row[j] *= inv
+        for j in range(last + 1, K):
+            row[j] = 0.0
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / rms(x) * weight, rounded as ggml's rms_norm: float32 squares summed in double, the mean rounded
+    to float32, scale = 1/sqrt(mean + eps) in float32, then (x * scale) * weight."""
+    sq = np.square(x, dtype=np.float32)
+    ms = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(np.float32)[..., None]
+    scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))
+    return x * scale * weight
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+# -- threads ------------------------------------------------------------------------------------------
+
+
+def _blas_thread_setter():
+    """OpenBLAS's set_num_threads of the library numpy is linked with (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "openblas" in line.lower() and ".so" in line}
+    except OSError:
+        return None, None
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                get = getattr(dll, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(dll, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    return get, put
+    return None, None
+
+
+@contextmanager
+def blas_threads(n: int | None):
+    """Run BLAS matmuls and numba kernels on n threads inside the block (None: leave them, normally all
+    cores)."""
+    if not n:
+        yield
+        return
+    import numba
+
+    get, put = _blas_thread_setter()
+    if get is None:
+        log.info("cannot set the BLAS thread count (OpenBLAS not found); using its default")
+    old_blas = get() if get is not None else None
+    old_numba = numba.get_num_threads()
+    if put is not None:
+        put(int(n))
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        if put is not None:
+            put(old_blas)
+        numba.set_num_threads(old_numba)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

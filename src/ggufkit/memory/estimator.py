@@ -33,9 +33,10 @@ from __future__ import annotations
 import platform
 from dataclasses import asdict, dataclass
 
-from gguf import GGMLQuantizationType as T
-
 from ..errors import GgufkitError, MemoryEstimateError
+from ..gguf.types import FLOAT_TYPES, GGML_QUANT_SIZES
+from ..gguf.types import GGMLQuantizationType as T
+from ..quants.registry import FORMATS
 from .model import ModelInfo
 
 KV_PAD = 256  # llama-context.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
@@ -97,7 +98,7 @@ class Estimate:
         return {**asdict(self), "total_bytes": self.total_bytes, "needed_bytes": self.needed_bytes}
 
 
-_KV_TYPES = {"f16": T.F16, "f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
+_KV_TYPES = {f.name.lower(): f.ggml_type for f in FORMATS.values() if f.kv_cache}  # llama.cpp's -ctk/-ctv
 
 
 def _kv_row(kv_type: T, n: int) -> int:
@@ -105,15 +106,17 @@ def _kv_row(kv_type: T, n: int) -> int:
 
     try:
         return row_bytes(kv_type.name, n)
-    except ValueError:  # format kernels not registered: gguf-py's table holds the same block facts
-        from gguf import GGML_QUANT_SIZES
-
+    except ValueError:  # format kernels not registered: ggml's table holds the same block facts
         block, size = GGML_QUANT_SIZES[kv_type]
         return n // block * size
 
 
 def _pad(x: int, n: int) -> int:
     return (x + n - 1) // n * n
+
+
+def _repacked(machine: str) -> set:
+    return {f.ggml_type for f in FORMATS.values() if machine in f.cpu_repack}
 
 
 def cpu_repack_types() -> frozenset:
@@ -127,13 +130,13 @@ def cpu_repack_types() -> frozenset:
         pass
     if machine in ("x86_64", "amd64"):
         has_avx2 = " avx2" in flags if flags else True
-        types = {T.Q4_0, T.Q4_K, T.IQ4_NL} if has_avx2 else set()
+        types = _repacked("avx2") if has_avx2 else set()
         if " avx512f" in flags:
-            types.add(T.Q2_K)
+            types |= _repacked("avx512")
         return frozenset(types)
     if machine in ("aarch64", "arm64"):
         if " asimddp" in flags or " i8mm" in flags or not flags:
-            return frozenset({T.Q4_0, T.Q4_K, T.Q5_K, T.Q6_K, T.IQ4_NL, T.Q8_0})
+            return frozenset(_repacked("arm"))
     return frozenset()
 
 
@@ -231,7 +234,7 @@ def estimate(
     kv_t = _KV_TYPES.get(str(kv_type).lower())
     if kv_t is None:
         raise MemoryEstimateError(f"unknown KV cache type {kv_type!r}; known: {', '.join(_KV_TYPES)}")
-    if kv_t not in (T.F16, T.F32, T.BF16) and not flash_attn:
+    if kv_t not in FLOAT_TYPES and not flash_attn:
         raise MemoryEstimateError(
             f"a {kv_type} KV cache needs flash attention (llama.cpp refuses it without)"
         )

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from gguf import GGMLQuantizationType as T
-
 from ..errors import MemoryEstimateError
+from ..gguf.types import GGMLQuantizationType as T
 from .model import ModelInfo, swa_layers
 
 # HF architecture class -> GGUF architecture, as convert_hf_to_gguf.py names them (Mistral and Mixtral

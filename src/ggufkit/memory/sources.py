@@ -7,9 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from gguf import GGMLQuantizationType as T
-
 from ..errors import GgufkitError, MemoryEstimateError
+from ..gguf.types import GGMLQuantizationType as T
 from .hf_config import from_folder
 from .model import ModelInfo, per_layer, swa_layers
 from .sizes import from_size

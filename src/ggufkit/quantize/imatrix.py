@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
 
 from ..errors import GgufkitError, QuantizeError
+from ..gguf.types import GGMLQuantizationType, GGUFValueType
 
 __all__ = ["Imatrix", "read_imatrix", "filter_entries", "load_for_quantize", "match_tensor"]
 

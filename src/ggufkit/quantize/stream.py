@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from ..errors import QuantizeError
 from ..gguf.types import FLOAT_TYPES, GGMLQuantizationType
 from ..quants.pool import pool
+from ..quants.registry import FORMATS
 from ..quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backend
 
 # Chunk sizes: small enough that every worker has a chunk while the oldest is being written (a K-quant
@@ -32,10 +33,8 @@ CHUNK_ELEMENTS = 1 << 19  # values per chunk (2 MiB of float32)
 SLOW_CHUNK_ELEMENTS = 1 << 16  # values per chunk for the searched formats (K-quants, IQ4, imatrix legacy)
 COPY_CHUNK_BYTES = 1 << 22  # bytes per chunk of a tensor copied as it is
 EXTRA_LANES = 2  # chunks in flight beyond one per worker
-_SEARCHED = tuple(
-    GGMLQuantizationType[n] for n in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-)
-_SEARCHED_WITH_IMPORTANCE = tuple(GGMLQuantizationType[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"))
+_SEARCHED = frozenset(f.ggml_type for f in FORMATS.values() if f.costly(importance=False))
+_SEARCHED_WITH_IMPORTANCE = frozenset(f.ggml_type for f in FORMATS.values() if f.costly(importance=True))
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,10 @@ operations are libggml's, so the bytes are deterministic and equal to libggml's.
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit, prange
 
 from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
-from .registry import register
+from .registry import FORMATS, register
 
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 _KV = KVALUES.astype(np.float32)  # the kernels compare and multiply in float32, as C promotes int8 there
@@ -224,7 +223,7 @@ def _iq4_xs_deq(data, kv, y):
 
 
 def _register(name: str, deq_kernel) -> None:
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    block, type_size = FORMATS[name].block_size, FORMATS[name].type_size
 
     def quantize_rows(x: np.ndarray, importance) -> np.ndarray:
         n_rows, n_per_row = x.shape

@@ -1,6 +1,6 @@
 """K-quant dequantizers (Q2_K..Q6_K), vectorized numpy over super-blocks: no numba, so the quantize
 pipeline and the engine can use them without a compiler. Element e of a super-block is computed with C's
-float32 products in dequantize_row_q*_K's order (layouts in kquants.py).
+float32 products in dequantize_row_q*_K's order (layouts in kblocks.py).
 
 DEQUANTIZE[name](blocks uint8 [nb, type_size]) -> float32 [nb, 256].
 """
@@ -24,6 +24,17 @@ _Q6_HBYTE = 32 * (_E // 128) + _E % 32
 _Q6_HSHIFT = 2 * ((_E // 32) % 4)
 
 
+DEQUANTIZE: dict = {}  # name -> function, filled by @_dequantizes
+
+
+def _dequantizes(name: str):
+    def put(fn):
+        DEQUANTIZE[name] = fn
+        return fn
+
+    return put
+
+
 def _f16(blocks, off):
     return blocks[:, off : off + 2].copy().view(np.float16).astype(np.float32)  # [nb, 1], exact
 
@@ -33,6 +44,7 @@ def _per_sub(v, n):
     return np.repeat(v, n, axis=1)
 
 
+@_dequantizes("Q2_K")
 def _dequantize_q2_k(blocks):
     sc = blocks[:, :16]
     dl = _f16(blocks, 80) * (sc & 0xF).astype(np.float32)
@@ -41,6 +53,7 @@ def _dequantize_q2_k(blocks):
     return _per_sub(dl, 16) * q.astype(np.float32) - _per_sub(ml, 16)
 
 
+@_dequantizes("Q3_K")
 def _dequantize_q3_k(blocks):
     s = blocks[:, 96:108].astype(np.int32)
     j = np.arange(16)
@@ -59,6 +72,7 @@ def _scales_k4(blocks):
     return sc.astype(np.float32), m.astype(np.float32)
 
 
+@_dequantizes("Q4_K")
 def _dequantize_q4_k(blocks):
     sc, m = _scales_k4(blocks)
     d1 = _f16(blocks, 0) * sc
@@ -67,6 +81,7 @@ def _dequantize_q4_k(blocks):
     return _per_sub(d1, 32) * q.astype(np.float32) - _per_sub(m1, 32)
 
 
+@_dequantizes("Q5_K")
 def _dequantize_q5_k(blocks):
     sc, m = _scales_k4(blocks)
     d1 = _f16(blocks, 0) * sc
@@ -75,16 +90,8 @@ def _dequantize_q5_k(blocks):
     return _per_sub(d1, 32) * q.astype(np.float32) - _per_sub(m1, 32)
 
 
+@_dequantizes("Q6_K")
 def _dequantize_q6_k(blocks):
     sc = blocks[:, 192:208].view(np.int8).astype(np.float32)
     q = ((blocks[:, _Q6_LBYTE] >> _Q6_LSHIFT) & 0xF) | (((blocks[:, 128 + _Q6_HBYTE] >> _Q6_HSHIFT) & 3) << 4)
     return _per_sub(_f16(blocks, 208) * sc, 16) * (q.astype(np.int32) - 32).astype(np.float32)
-
-
-DEQUANTIZE = {
-    "Q2_K": _dequantize_q2_k,
-    "Q3_K": _dequantize_q3_k,
-    "Q4_K": _dequantize_q4_k,
-    "Q5_K": _dequantize_q5_k,
-    "Q6_K": _dequantize_q6_k,
-}

@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import get_thread_id, njit, prange
 
 from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
-from .registry import register
+from .registry import FORMATS, register
 from .search import make_qkx3_quants, make_qx_quants, search_work
 
 QK = 32  # elements per block, the same for all five types
@@ -367,20 +366,22 @@ def _dequantizer(kernel, type_size: int):
     return dequantize_rows
 
 
-_TYPES = {  # name: (ref quantizer, importance quantizer or None, dequantizer)
-    "Q4_0": (_q4_0_ref, _impl_path(8, False), _q4_0_deq),
-    "Q4_1": (_q4_1_ref, _impl_path(15, True), _q4_1_deq),
-    "Q5_0": (_q5_0_ref, _impl_path(16, False), _q5_0_deq),
-    "Q5_1": (_q5_1_ref, _impl_path(31, True), _q5_1_deq),
-    "Q8_0": (_q8_0_ref, None, _q8_0_deq),
-}
-
-for _name, (_ref, _impl, _deq) in _TYPES.items():
-    _block, _size = GGML_QUANT_SIZES[GGMLQuantizationType[_name]]
-    assert _block == QK, _name
+def _register(name: str, ref_kernel, deq_kernel) -> None:
+    """The registry's kernels of one legacy type: `ref_kernel` without importance; with importance, the
+    search of the registry's legacy_search (nmax, has a min), if the type has one."""
+    fmt = FORMATS[name]
+    assert fmt.block_size == QK, name
+    impl = _impl_path(*fmt.legacy_search) if fmt.legacy_search else None
     register(
-        _name,
-        quantize_rows=_quantizer(_ref, _impl, _size),
-        dequantize_rows=_dequantizer(_deq, _size),
-        uses_importance=_impl is not None,
+        name,
+        quantize_rows=_quantizer(ref_kernel, impl, fmt.type_size),
+        dequantize_rows=_dequantizer(deq_kernel, fmt.type_size),
+        uses_importance=impl is not None,
     )
+
+
+_register("Q4_0", _q4_0_ref, _q4_0_deq)
+_register("Q4_1", _q4_1_ref, _q4_1_deq)
+_register("Q5_0", _q5_0_ref, _q5_0_deq)
+_register("Q5_1", _q5_1_ref, _q5_1_deq)
+_register("Q8_0", _q8_0_ref, _q8_0_deq)

@@ -1,9 +1,11 @@
-"""The one table of block formats: type -> block size, bytes per block, quantize and dequantize kernels.
+"""The one table of block formats: type -> block size, bytes per block, kernels, and every other per-type
+fact ggufkit uses (importance, search work, native ops, the engine's dot-product partner, KV cache and
+CPU repacking); other modules derive their lists from FORMATS or names(), never spell them out.
 
 Block size and bytes per block come from GGML_QUANT_SIZES (ggufkit.gguf.types: gguf-py's table, checked
 against it in the tests; the same facts as ggml's type traits); everything that converts shapes to bytes
 goes through `row_bytes`; nothing else in ggufkit hard-codes 256 or 144. The kernels come from one of two
-builds of the same numba source (fp, legacy, kquants, iq4): the native library (quants/native.py: compiled
+builds of the same numba source (fp, legacy, kquants, iq4): the native library (quants/native: compiled
 ahead of time, loaded with ctypes, no numba in the process; the default) or the numba JIT modules, which
 register themselves here on import (the fallback when the library cannot be built, e.g. without a C
 compiler). Both give the same bytes.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -29,24 +31,51 @@ if TYPE_CHECKING:  # numpy is imported by the functions that take arrays (a quan
 QuantizeRows = Callable[["np.ndarray", "np.ndarray | None"], "np.ndarray"]
 DequantizeRows = Callable[["np.ndarray", int], "np.ndarray"]
 
-# name -> (module of its numba kernels, has an importance-weighted (imatrix) algorithm in llama.cpp)
+
+@dataclass(frozen=True)
+class _Facts:
+    """The per-type facts of the table below, beside ggml's block size and bytes per block."""
+
+    kernels: str  # the module of its numba kernels: fp, legacy, kquants, iq4
+    vec_dot: str  # ggml's vec_dot_type (type_traits_cpu in ggml-cpu.c): what the CPU matmul rounds the
+    #              activations to before multiplying with a weight of this type (Q8_1 holds Q8_0's values)
+    uses_importance: bool = False  # has an importance-weighted (imatrix) algorithm in llama.cpp
+    searched: bool = False  # quantizing searches scales block by block even without importance
+    legacy_search: tuple[int, bool] | None = None  # the legacy imatrix search's (nmax, has a min)
+    native_ops: frozenset[str] = frozenset()  # what the native library's gk_run does for the type:
+    #              "quantize", "dequantize" and "check" (the first row holding a NaN or an infinity)
+    kv_cache: bool = False  # a KV cache type of llama.cpp (-ctk/-ctv) the memory estimate knows
+    cpu_repack: frozenset[str] = frozenset()  # machines on which ggml's CPU backend repacks the type's
+    #              weights (ggml-cpu/repack.cpp): "avx2", "avx512" (x86-64), "arm" (dotprod or i8mm)
+
+
+_CHECK = frozenset({"check"})  # F32: quantizing to F32 is a copy, done in Python
+_FLOAT = frozenset({"quantize", "dequantize", "check"})
+_BLOCKS = frozenset({"quantize", "dequantize"})
+_KQ = frozenset({"quantize"})  # K-quant dequantizing is numpy (kdequant.py), in both backends
+_X86_ARM, _ARM, _AVX512 = frozenset({"avx2", "arm"}), frozenset({"arm"}), frozenset({"avx512"})
+_IMP = {"uses_importance": True}
+_SEARCH = {"uses_importance": True, "searched": True}
+# fmt: off
 _TABLE = {
-    "F32": ("fp", False),
-    "F16": ("fp", False),
-    "Q4_0": ("legacy", True),
-    "Q4_1": ("legacy", True),
-    "Q5_0": ("legacy", True),
-    "Q5_1": ("legacy", True),
-    "Q8_0": ("legacy", False),
-    "Q2_K": ("kquants", True),
-    "Q3_K": ("kquants", True),
-    "Q4_K": ("kquants", True),
-    "Q5_K": ("kquants", True),
-    "Q6_K": ("kquants", True),
-    "IQ4_NL": ("iq4", True),
-    "IQ4_XS": ("iq4", True),
-    "BF16": ("fp", False),
+    "F32":    _Facts("fp",      "F32",  native_ops=_CHECK, kv_cache=True),
+    "F16":    _Facts("fp",      "F16",  native_ops=_FLOAT, kv_cache=True),
+    "Q4_0":   _Facts("legacy",  "Q8_0", **_IMP, legacy_search=(8, False), native_ops=_BLOCKS, kv_cache=True,
+                     cpu_repack=_X86_ARM),
+    "Q4_1":   _Facts("legacy",  "Q8_1", **_IMP, legacy_search=(15, True), native_ops=_BLOCKS),
+    "Q5_0":   _Facts("legacy",  "Q8_0", **_IMP, legacy_search=(16, False), native_ops=_BLOCKS),
+    "Q5_1":   _Facts("legacy",  "Q8_1", **_IMP, legacy_search=(31, True), native_ops=_BLOCKS),
+    "Q8_0":   _Facts("legacy",  "Q8_0", native_ops=_BLOCKS, kv_cache=True, cpu_repack=_ARM),
+    "Q2_K":   _Facts("kquants", "Q8_K", **_SEARCH, native_ops=_KQ, cpu_repack=_AVX512),
+    "Q3_K":   _Facts("kquants", "Q8_K", **_SEARCH, native_ops=_KQ),
+    "Q4_K":   _Facts("kquants", "Q8_K", **_SEARCH, native_ops=_KQ, cpu_repack=_X86_ARM),
+    "Q5_K":   _Facts("kquants", "Q8_K", **_SEARCH, native_ops=_KQ, cpu_repack=_ARM),
+    "Q6_K":   _Facts("kquants", "Q8_K", **_SEARCH, native_ops=_KQ, cpu_repack=_ARM),
+    "IQ4_NL": _Facts("iq4",     "Q8_0", **_SEARCH, native_ops=_BLOCKS, cpu_repack=_X86_ARM),
+    "IQ4_XS": _Facts("iq4",     "Q8_K", **_SEARCH, native_ops=_BLOCKS),
+    "BF16":   _Facts("fp",      "BF16", native_ops=_FLOAT, kv_cache=True),
 }
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -55,17 +84,23 @@ class Kernels:
     dequantize_rows: DequantizeRows
 
 
-@dataclass(frozen=True)
-class BlockFormat:
+@dataclass(frozen=True, kw_only=True)
+class BlockFormat(_Facts):
+    """A block format: ggml's type, its block size and bytes per block, the facts above, and its kernels."""
+
     name: str
     ggml_type: GGMLQuantizationType
     block_size: int  # elements per block
     type_size: int  # bytes per block
-    uses_importance: bool  # has an importance-weighted (imatrix) algorithm in llama.cpp
 
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.type_size / self.block_size
+
+    def costly(self, *, importance: bool) -> bool:
+        """Whether quantizing searches (K-quants, IQ4, the legacy types with importance): the quantize
+        stream then cuts smaller chunks."""
+        return self.searched or (importance and self.legacy_search is not None)
 
     def row_bytes(self, n_per_row: int) -> int:
         return row_bytes(self, n_per_row)
@@ -80,7 +115,8 @@ class BlockFormat:
 def _format(name: str) -> BlockFormat:
     qt = GGMLQuantizationType[name]
     block_size, type_size = GGML_QUANT_SIZES[qt]
-    return BlockFormat(name, qt, block_size, type_size, _TABLE[name][1])
+    facts = {f.name: getattr(_TABLE[name], f.name) for f in fields(_Facts)}
+    return BlockFormat(**facts, name=name, ggml_type=qt, block_size=block_size, type_size=type_size)
 
 
 # every supported format by name, in ggml type-id order
@@ -88,6 +124,24 @@ FORMATS: dict[str, BlockFormat] = {
     f.name: f for f in sorted((_format(n) for n in _TABLE), key=lambda f: int(f.ggml_type))
 }
 _BY_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+
+
+def names(**facts) -> tuple[str, ...]:
+    """The names of the formats whose facts equal the given ones, in ggml type-id order; a fact given as a
+    string tests membership for set-valued facts (native_ops="check", cpu_repack="arm")."""
+
+    def match(fmt: BlockFormat) -> bool:
+        for key, want in facts.items():
+            have = getattr(fmt, key)
+            if isinstance(have, frozenset) and not isinstance(want, frozenset):
+                if want not in have:
+                    return False
+            elif have != want:
+                return False
+        return True
+
+    return tuple(f.name for f in FORMATS.values() if match(f))
+
 
 # -- kernels: the native library (quants.native: ahead-of-time compiled, no numba in the process) or the
 # numba JIT modules (fp, legacy, kquants, iq4), which register themselves on import. Both give the same

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import GgufkitError
+from ..gguf import types as gguf_types
 from ..gguf.reader import open_gguf
 from ..models import sha256_file
 from .records import code_fingerprint, read_json, record_key, tensor_sha256, write_json
@@ -20,7 +21,7 @@ CONTEXTS = (4096, 8192, 32768)  # the RAM columns
 SPEED_PROMPT = 256  # tokens of the timed prompt; then SPEED_GEN generated tokens
 SPEED_GEN = 32
 CACHE_VERSION = 2  # bump when a cached record changes shape
-FLOAT_TYPES = ("F32", "F16", "BF16")
+FLOAT_TYPES = frozenset(t.name for t in gguf_types.FLOAT_TYPES)  # by name
 # the modules whose code decides a level file's bytes / a level's measurements: part of the cache keys
 _QUANT_CODE = ("quantize", "gguf", "quants")
 _EVAL_CODE = ("evaluate", "engine", "gguf", "memory")
@@ -31,7 +32,7 @@ class ReportError(GgufkitError):
 
 
 def _type_name(t) -> str:
-    from gguf import GGMLQuantizationType
+    from ..gguf.types import GGMLQuantizationType
 
     return GGMLQuantizationType(int(t)).name
 

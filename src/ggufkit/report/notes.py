@@ -8,7 +8,7 @@ from .measure import CONTEXTS
 
 
 def _bpw_of_type(name: str) -> float:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
 
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
     return 8.0 * size / block

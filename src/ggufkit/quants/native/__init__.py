@@ -40,17 +40,22 @@ _HERE = Path(__file__).parent
 _QUANTS = _HERE.parent  # the numba sources the library is compiled from
 _SOURCES = (
     _QUANTS / "fp.py",
+    _QUANTS / "rounding.py",
     _QUANTS / "search.py",
+    _QUANTS / "lockstep.py",
     _QUANTS / "legacy.py",
+    _QUANTS / "kblocks.py",
     _QUANTS / "kquants.py",
     _QUANTS / "iq4.py",
+    _QUANTS / "registry.py",  # the facts frozen into it: type ids, sizes, the legacy searches
     _HERE / "build.py",
+    _HERE / "shim.c",
 )  # in the .so
-# what gk_run handles (F32 is a copy here; K-quant dequantizing is numpy, kdequant.py)
-QUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
-                  "Q6_K", "IQ4_NL", "IQ4_XS")  # fmt: skip
-DEQUANTIZE_TYPES = ("F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS")
-CHECK_TYPES = ("F32", "F16", "BF16")  # op 2: the first row holding a NaN or an infinity
+# what gk_run handles, from the registry's native_ops (F32 is a copy here; K-quant dequantizing is numpy,
+# kdequant.py)
+QUANTIZE_TYPES = registry.names(native_ops="quantize")
+DEQUANTIZE_TYPES = registry.names(native_ops="dequantize")
+CHECK_TYPES = registry.names(native_ops="check")  # op 2: the first row holding a NaN or an infinity
 _QUANTIZE, _DEQUANTIZE, _NONFINITE = 0, 1, 2  # gk_run's ops
 BUILD_TIMEOUT = 1800  # seconds; a build is about 75 s of CPU
 

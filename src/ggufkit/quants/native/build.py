@@ -13,8 +13,9 @@ chunks on its own threads) and with error_model="numpy", behind one C entry poin
         returns 0, 1 for a type it does not handle, -1 if a kernel took an error path
 
 LLVM emits the cfunc's module as an object file for the host CPU (numba's own target options), and the C
-compiler links it with a small shim into kernels-<key>.so. The shim supplies the few runtime symbols the
-object needs that live in numba's extension modules (the process loading the library has no numba):
+compiler links it with a small shim, shim.c, into kernels-<key>.so. The shim supplies the few runtime
+symbols the object needs that live in numba's extension modules (the process loading the library has no
+numba):
   - NRT_MemInfo_alloc_aligned / NRT_MemInfo_call_dtor / NRT_Free: the kernels' np.empty scratch, as a
     malloc'd block behind numba's MemInfo header {refct, dtor, dtor_info, data, size, allocator}, which
     the inlined reference counting reads (the layout is numba-version specific: the cache key holds
@@ -87,11 +88,15 @@ IQ4_NL, IQ4_XS = _t("IQ4_NL"), _t("IQ4_XS")
 _SIZE = np.zeros(64, np.int64)  # bytes per block by ggml type id (a frozen constant in the library)
 for _f in FORMATS.values():
     _SIZE[int(_f.ggml_type)] = _f.type_size
-_IMPL_NMAX = {Q4_0: (8, False), Q4_1: (15, True), Q5_0: (16, False), Q5_1: (31, True)}
-_N0, _M0 = _IMPL_NMAX[Q4_0]
-_N1, _M1 = _IMPL_NMAX[Q4_1]
-_N2, _M2 = _IMPL_NMAX[Q5_0]
-_N3, _M3 = _IMPL_NMAX[Q5_1]
+# the legacy imatrix searches' (nmax, has a min), frozen into the library as constants
+_N0, _M0 = FORMATS["Q4_0"].legacy_search
+_N1, _M1 = FORMATS["Q4_1"].legacy_search
+_N2, _M2 = FORMATS["Q5_0"].legacy_search
+_N3, _M3 = FORMATS["Q5_1"].legacy_search
+# the K-quants are the ggml type ids Q2_K..Q6_K, which kquants._quantize_blocks takes as they are
+assert {n for n, f in FORMATS.items() if f.kernels == "kquants"} == {
+    n for n, f in FORMATS.items() if Q2_K <= int(f.ggml_type) <= Q6_K
+}
 
 
 @_serial
@@ -123,7 +128,7 @@ def _quantize(t, src, n_rows, n_per_row, qw_p, has_qw, dst):
         nb = n_rows * (n_per_row // _QK_K)
         qw2 = qw.reshape((n_per_row // _QK_K, _QK_K)) if has_qw else np.empty((0, _QK_K), np.float32)
         xb = carray(src, (nb, _QK_K), np.float32)
-        _kquant_blocks(t - Q2_K, xb, qw2, carray(dst, (nb, size), np.uint8))
+        _kquant_blocks(t, xb, qw2, carray(dst, (nb, size), np.uint8))
         return 0
     if t == IQ4_NL or t == IQ4_XS:
         block = 32 if t == IQ4_NL else _QK_K
@@ -239,95 +244,7 @@ def _gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst):
     return _first_nonfinite(t, src, n_rows, n_per_row, dst)
 
 
-_SHIM = r"""
-#include <math.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-extern int64_t gk_kernel(int64_t, int64_t, void *, int64_t, int64_t, void *, int64_t, void *)
-    __asm__("@KERNEL@");
-
-/* Everything here but gk_run is hidden: the kernels bind to these definitions when linked, never to
-   same-named symbols of a numba loaded in the same process. */
-#define GK_LOCAL __attribute__((visibility("hidden")))
-
-static __thread int gk_failed;
-
-typedef void (*gk_dtor)(void *data, size_t size, void *info);
-typedef struct {
-    size_t refct; gk_dtor dtor; void *dtor_info; void *data; size_t size; void *allocator;
-} gk_meminfo;
-
-static void gk_free_data(void *data, size_t size, void *info) { (void)data; (void)size; (void)info; }
-
-GK_LOCAL gk_meminfo *NRT_MemInfo_alloc_aligned(size_t size, unsigned align) {
-    if (align < 16) align = 16;
-    char *base = malloc(sizeof(gk_meminfo) + size + align);
-    if (!base) { gk_failed = 1; return NULL; }
-    gk_meminfo *mi = (gk_meminfo *)base;
-    uintptr_t p = (uintptr_t)(base + sizeof(gk_meminfo));
-    p = (p + align - 1) / align * align;
-    mi->refct = 1; mi->dtor = gk_free_data; mi->dtor_info = NULL;
-    mi->data = (void *)p; mi->size = size; mi->allocator = NULL;
-    return mi;
-}
-GK_LOCAL gk_meminfo *NRT_MemInfo_alloc_safe_aligned(size_t size, unsigned align) {
-    return NRT_MemInfo_alloc_aligned(size, align);
-}
-GK_LOCAL void NRT_MemInfo_call_dtor(gk_meminfo *mi) {
-    if (mi->dtor) mi->dtor(mi->data, mi->size, mi->dtor_info);
-    free(mi);
-}
-GK_LOCAL void *NRT_Allocate(size_t size) { void *p = malloc(size); if (!p) gk_failed = 1; return p; }
-GK_LOCAL void NRT_Free(void *ptr) { free(ptr); }
-
-GK_LOCAL float numba_frexpf(float x, int *exp) {
-    if (isnan(x) || isinf(x) || x == 0.0f) { *exp = 0; return x; }
-    return frexpf(x, exp);
-}
-
-/* Strides of a no-copy reshape to C order: possible when the old array, without its unit axes, is
-   uniformly strided (each stride = next stride * next dim). Returns 1 and fills newstrides, else 0. */
-GK_LOCAL int numba_attempt_nocopy_reshape(intptr_t nd, const intptr_t *dims, const intptr_t *strides,
-                                 intptr_t newnd, const intptr_t *newdims, intptr_t *newstrides,
-                                 intptr_t itemsize, int is_f_order) {
-    intptr_t n_old = 1, n_new = 1, inner = itemsize, prev = -1, i;
-    for (i = 0; i < nd; i++) n_old *= dims[i];
-    for (i = 0; i < newnd; i++) n_new *= newdims[i];
-    if (n_old != n_new || is_f_order) return 0;
-    if (n_old == 0) { for (i = 0; i < newnd; i++) newstrides[i] = itemsize; return 1; }
-    for (i = nd - 1; i >= 0; i--) {
-        if (dims[i] == 1) continue;
-        if (prev < 0) inner = strides[i];
-        else if (strides[i] != strides[prev] * dims[prev]) return 0;
-        prev = i;
-    }
-    for (i = newnd - 1; i >= 0; i--) { newstrides[i] = inner; inner *= newdims[i]; }
-    return 1;
-}
-
-/* Error paths: take the GIL as numba would, remember the failure, raise nothing. */
-extern int PyGILState_Ensure(void);
-extern void PyGILState_Release(int);
-GK_LOCAL void numba_gil_ensure(int *state) { gk_failed = 1; *state = PyGILState_Ensure(); }
-GK_LOCAL void numba_gil_release(int *state) { PyGILState_Release(*state); }
-GK_LOCAL int numba_do_raise(void *exc) { (void)exc; gk_failed = 1; return 0; }
-GK_LOCAL void *numba_unpickle(const char *data, int n, const char *hashed) {
-    (void)data; (void)n; (void)hashed; gk_failed = 1; return NULL;
-}
-GK_LOCAL void *numba_runtime_build_excinfo_struct(void *gv, void *args) {
-    (void)gv; (void)args; gk_failed = 1; return NULL;
-}
-
-int64_t gk_run(int64_t op, int64_t t, void *src, int64_t n_rows, int64_t n_per_row, void *qw, int64_t has_qw,
-               void *dst) {
-    gk_failed = 0;
-    int64_t r = gk_kernel(op, t, src, n_rows, n_per_row, qw, has_qw, dst);
-    return gk_failed ? -1 : r;
-}
-"""
+_SHIM = Path(__file__).with_name("shim.c")  # gk_run and the runtime symbols, in C
 
 
 def _object_code() -> bytes:
@@ -349,7 +266,7 @@ def _link(cc: str, obj: bytes, out: Path, workdir: Path) -> None:
     numba's own NRT_incref etc. in the object stay private), or, if the linker has no version scripts,
     everything."""
     (workdir / "kernels.o").write_bytes(obj)
-    (workdir / "shim.c").write_text(_SHIM.replace("@KERNEL@", _gk_kernel.native_name))
+    (workdir / "shim.c").write_text(_SHIM.read_text().replace("@KERNEL@", _gk_kernel.native_name))
     (workdir / "exports.map").write_text("{ global: gk_run; local: *; };\n")
     cmd = [cc, "-shared", "-fPIC", "-O2", "-o", str(out), str(workdir / "shim.c"), str(workdir / "kernels.o")]
     for extra in ([f"-Wl,--version-script={workdir / 'exports.map'}", "-lm"], ["-lm"]):

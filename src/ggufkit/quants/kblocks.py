@@ -1,0 +1,434 @@
+"""One K-quant super-block: Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, byte-identical to libggml (kquants.py runs them).
+
+Each function takes one super-block x of QK_K = 256 float32 weights and writes its bytes y; without
+importance weights it follows the type's quantize_row_*_ref in ggml-quants.c, with them (qw: the 256
+weights of the block's columns) quantize_row_*_impl; the other arguments are scratch owned by the caller.
+
+Quirks kept on purpose:
+  - super-scales d/dmin are stored as IEEE fp16 (round-to-nearest-even) and requantization uses the
+    fp16-rounded value times the integer sub-scale, dividing: l = nearest_int((x + dm)/d);
+  - sub-blocks whose requantization scale is 0 keep the levels the search produced;
+  - integer sub-scales are stored through C's uint8/int8 conversions (wrap mod 256), including Q4_K's
+    impl path that does not clamp to 63 before packing, and Q2_K's nibble OR that truncates;
+  - sigma2: Q2_K impl sum(x^2)/256, Q3_K/Q4_K/Q5_K impl 2*sum(x^2)/256, Q6_K impl uses the raw weights.
+
+Non-finite input is not rejected here (the file quantizer does that), and nothing raises on it: NaN and
+inf flow through the same float32 arithmetic as in C, and every level is rounded by C's nearest_int (its
+bit trick for NaN, inf and |v| > 2**22, which also decides levels of finite spikes far from a fitted min,
+and of sub-blocks whose max - min is subnormal). Tested byte-equal to libggml with numpy's default NaN;
+a NaN with another payload could round differently (C's trick reads the payload).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .lockstep import make_q3_lockstep, make_qkx_lockstep
+from .registry import FORMATS
+from .search import (
+    F32,
+    GROUP_MAX_EPS,
+    f16_bits_to_f32,
+    f32_to_f16_bits,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+)
+
+QK_K = FORMATS["Q4_K"].block_size
+_kernel = njit(cache=True, nogil=True, error_model="numpy")
+_inline = njit(cache=True, nogil=True, error_model="numpy", inline="always")
+
+
+# ---------------------------------------------------------------------------------------------------
+# small shared pieces
+
+
+@_kernel
+def _put_f16(y, off, bits):
+    y[off] = bits & 0xFF
+    y[off + 1] = bits >> 8
+
+
+@_kernel
+def _scale_min_k4(j, q):
+    """(sc, m) of sub-block j from the 12 packed scale bytes q of Q4_K/Q5_K (get_scale_min_k4)."""
+    if j < 4:
+        return np.int64(q[j]) & 63, np.int64(q[j + 4]) & 63
+    sc = (np.int64(q[j + 4]) & 0xF) | ((np.int64(q[j - 4]) >> 6) << 4)
+    m = (np.int64(q[j + 4]) >> 4) | ((np.int64(q[j]) >> 6) << 4)
+    return sc, m
+
+
+@_kernel
+def _q3k_scale(j, q):
+    """Signed 6-bit sub-scale j (-32..31) from Q3_K's 12 packed scale bytes q."""
+    lo = (np.int64(q[j]) & 0xF) if j < 8 else (np.int64(q[j - 8]) >> 4)
+    return (lo | (((np.int64(q[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
+
+
+@_kernel
+def _pack_2bit(L, y, off):
+    """qs of Q2_K/Q3_K: byte 32h+l holds L[128h+32k+l] in bits 2k..2k+1."""
+    for h in range(QK_K // 128):
+        for l in range(32):
+            b = 128 * h + l
+            y[off + 32 * h + l] = L[b] | (L[b + 32] << 2) | (L[b + 64] << 4) | (L[b + 96] << 6)
+
+
+@_kernel
+def _sum_sq(x, start, n):
+    s = F32(0.0)
+    for i in range(start, start + n):
+        s += x[i] * x[i]
+    return s
+
+
+@_kernel
+def _impl_weights(x, qw, start, n, sigma2, w):
+    """w = qw * sqrt(sigma2 + x^2) for x[start:start+n] (the imatrix paths); returns sum(w) in order."""
+    sumw = F32(0.0)
+    for l in range(n):
+        xv = x[start + l]
+        w[l] = qw[start + l] * np.sqrt(sigma2 + xv * xv)
+        sumw += w[l]
+    return sumw
+
+
+# ---------------------------------------------------------------------------------------------------
+# one super-block of each type; y is the block's bytes, the rest is scratch
+
+
+@_inline
+def _max_scale_min(scales, mins, nsub):
+    """The largest sub-block scale and min, from 0 (C's max_scale/max_min loop)."""
+    max_scale = F32(0.0)
+    max_min = F32(0.0)
+    for j in range(nsub):
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
+    return max_scale, max_min
+
+
+@_kernel
+def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict, L, scales, mins, sc):
+    """The 256/sub make_qkx searches of one super-block (sub-blocks of `sub` elements, weights wfull in
+    block order) in lockstep (search.make_qkx_lockstep): columns of a [sub, 256/sub] transpose; the levels
+    go back into L in block order, scale/the_min into scales/mins. sc: the scratch arrays."""
+    xt_f, wt_f, lt_f, st, lev_f = sc
+    nsub = QK_K // sub
+    xt = xt_f.reshape((sub, nsub))
+    wt = wt_f.reshape((sub, nsub))
+    lt = lt_f.reshape((sub, nsub))
+    for j in range(nsub):
+        for i in range(sub):
+            xt[i, j] = x[sub * j + i]
+            wt[i, j] = wfull[sub * j + i]
+    make_qkx_lockstep(
+        xt,
+        wt,
+        nmax,
+        rmin,
+        rdelta,
+        nstep,
+        use_mad,
+        strict,
+        lt,
+        scales[:nsub],
+        mins[:nsub],
+        st,
+        lev_f.reshape((sub, nsub)),
+    )
+    for j in range(nsub):
+        for i in range(sub):
+            L[sub * j + i] = lt[i, j]
+
+
+@_inline
+def _q45k_block(x, qw, is_q5, y, L, w, sc, scales, mins, sw, Ls, Lm):
+    """Q4_K (144 bytes: d, dmin, scales[12], qs[128]) or Q5_K (176: d, dmin, scales[12], qh[32], qs[128]).
+    8 sub-blocks of 32, 6-bit scale and min each, levels 0..15 / 0..31. w: f32[256] scratch."""
+    nsub = QK_K // 32
+    nmax = np.int64(31 if is_q5 else 15)
+    if qw.shape[0] == 0:  # quantize_row_q{4,5}_K_ref: make_qkx2_quants(32, nmax, x, av_x + |x|, ...)
+        for j in range(nsub):
+            av_x = np.sqrt(_sum_sq(x, 32 * j, np.int64(32)) / F32(32.0))
+            for l in range(32):
+                w[32 * j + l] = av_x + abs(x[32 * j + l])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(32),
+            nmax,
+            -0.5 if is_q5 else -1.0,
+            0.1,
+            np.int64(15 if is_q5 else 20),
+            np.bool_(False),
+            np.bool_(True),
+            L,
+            scales,
+            mins,
+            sc,
+        )
+        max_scale, max_min = _max_scale_min(scales, mins, nsub)
+        inv_scale = F32(63.0) / max_scale if max_scale > 0 else F32(0.0)
+        inv_min = F32(63.0) / max_min if max_min > 0 else F32(0.0)
+        for j in range(nsub):
+            Ls[j] = min(63, nearest_int(inv_scale * scales[j]) & 0xFF)  # uint8_t ls = ...; MIN(63, ls)
+            Lm[j] = min(63, nearest_int(inv_min * mins[j]) & 0xFF)
+        dbits = f32_to_f16_bits(max_scale / F32(63.0))
+        mbits = f32_to_f16_bits(max_min / F32(63.0))
+    else:  # quantize_row_q{4,5}_K_impl: make_qkx3_quants(32, nmax, x, qw*sqrt(sigma2 + x^2), -0.9, 0.05, 36)
+        sigma2 = F32(2.0) * _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
+        for j in range(nsub):
+            sw[j] = _impl_weights(x, qw, 32 * j, np.int64(32), sigma2, w[32 * j : 32 * j + 32])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(32),
+            nmax,
+            -0.9,
+            0.05,
+            np.int64(36),
+            np.bool_(False),
+            np.bool_(False),
+            L,
+            scales,
+            mins,
+            sc,
+        )
+        dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(63), Ls, sw[:nsub]))
+        mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(63), Lm, sw[:nsub]))
+        if is_q5:  # Q5_K clamps here, Q4_K packs the raw uint8
+            for j in range(nsub):
+                Ls[j] = min(np.uint8(63), Ls[j])
+                Lm[j] = min(np.uint8(63), Lm[j])
+    _put_f16(y, np.int64(0), dbits)
+    _put_f16(y, np.int64(2), mbits)
+    q = y[4:16]
+    for j in range(nsub):
+        ls = np.int64(Ls[j])
+        lm = np.int64(Lm[j])
+        if j < 4:
+            q[j] = ls
+            q[j + 4] = lm
+        else:
+            q[j + 4] = ((ls & 0xF) | ((lm & 0xF) << 4)) & 0xFF
+            q[j - 4] = (np.int64(q[j - 4]) | ((ls >> 4) << 6)) & 0xFF
+            q[j] = (np.int64(q[j]) | ((lm >> 4) << 6)) & 0xFF
+    d_all = f16_bits_to_f32(dbits)
+    m_all = f16_bits_to_f32(mbits)
+    for j in range(nsub):
+        sc, m = _scale_min_k4(j, q)
+        d = d_all * F32(sc)
+        if d == 0:
+            continue
+        dm = m_all * F32(m)
+        for ii in range(32):
+            l = nearest_int((x[32 * j + ii] + dm) / d)
+            L[32 * j + ii] = max(0, min(nmax, l))
+    if is_q5:  # qh @16: bit j of byte l = bit 4 of L[32j+l]; ql @48: nibbles as Q4_K's qs
+        for l in range(32):
+            h = 0
+            for j in range(nsub):
+                h |= (np.int64(L[32 * j + l]) >> 4) << j
+            y[16 + l] = h
+        off = 48
+    else:
+        off = 16
+    for c in range(QK_K // 64):  # byte 32c+l = L[64c+l] & 15 | (L[64c+32+l] & 15) << 4
+        for l in range(32):
+            y[off + 32 * c + l] = (L[64 * c + l] & 0xF) | ((L[64 * c + 32 + l] & 0xF) << 4)
+
+
+@_inline
+def _q6k_block(x, qw, y, L, work, scales):
+    """Q6_K (210 bytes: ql[128], qh[64], int8 scales[16], d): 16 sub-blocks of 16, levels -32..31 + 32."""
+    nsub = QK_K // 16
+    max_scale = F32(0.0)
+    max_abs = F32(0.0)
+    for j in range(nsub):
+        # ref: w = x*x (qw empty); impl: the raw importance as weights (no sigma2 term)
+        qws = qw[16 * j : 16 * j + 16] if qw.shape[0] else qw
+        s = make_qx_quants(x[16 * j : 16 * j + 16], np.int64(32), L[16 * j : 16 * j + 16], qws, work)
+        scales[j] = s
+        if abs(s) > max_abs:
+            max_abs = abs(s)
+            max_scale = s
+    if max_abs < GROUP_MAX_EPS:
+        y[:] = 0
+        return
+    iscale = F32(-128.0) / max_scale
+    dbits = f32_to_f16_bits(F32(1.0) / iscale)
+    d_all = f16_bits_to_f32(dbits)
+    for j in range(nsub):
+        sc = min(127, nearest_int(iscale * scales[j])) & 0xFF  # stored as int8
+        y[192 + j] = sc
+        d = d_all * F32(sc - 256 if sc > 127 else sc)
+        if d == 0:
+            continue
+        for ii in range(16):
+            l = nearest_int(x[16 * j + ii] / d)
+            L[16 * j + ii] = max(-32, min(31, l)) + 32
+    _put_f16(y, np.int64(208), dbits)
+    for h in range(QK_K // 128):  # per 128-half: ql 64 bytes (two nibble planes), qh 32 bytes (2 bits x4)
+        for l in range(32):
+            b = 128 * h + l
+            y[64 * h + l] = (L[b] & 0xF) | ((L[b + 64] & 0xF) << 4)
+            y[64 * h + l + 32] = (L[b + 32] & 0xF) | ((L[b + 96] & 0xF) << 4)
+            y[128 + 32 * h + l] = (
+                (L[b] >> 4) | ((L[b + 32] >> 4) << 2) | ((L[b + 64] >> 4) << 4) | ((L[b + 96] >> 4) << 6)
+            )
+
+
+@_inline
+def _q3k_block(x, qw, y, L, w, work, scales, sw, Ls, sc):
+    """Q3_K (110 bytes: hmask[32], qs[64], scales[12], d): 16 sub-blocks of 16, signed 6-bit scales,
+    levels -4..3 + 4 (bit 2 in hmask, bits 0-1 in qs)."""
+    nsub = QK_K // 16
+    q = y[96:108]
+    q[:] = 0
+    pack = True
+    if qw.shape[0] == 0:  # quantize_row_q3_K_ref: make_q3_quants(16, 4, x, L, true) per sub-block
+        xt_f, lf_f, lt_f, st, _ = sc
+        xt = xt_f.reshape((16, nsub))
+        lt = lt_f.reshape((16, nsub))
+        for j in range(nsub):
+            for i in range(16):
+                xt[i, j] = x[16 * j + i]
+        make_q3_lockstep(xt, np.int64(4), lt, scales[:nsub], st, lf_f.reshape((16, nsub)))
+        for j in range(nsub):
+            for i in range(16):
+                L[16 * j + i] = lt[i, j]
+        max_scale = F32(0.0)
+        amax = F32(0.0)
+        for j in range(nsub):
+            s = scales[j]
+            if abs(s) > amax:
+                amax = abs(s)
+                max_scale = s
+        if max_scale != 0:
+            iscale = F32(-32.0) / max_scale
+            for j in range(nsub):
+                l = nearest_int(iscale * scales[j]) & 0xFF  # int8_t l = nearest_int(...)
+                l = l - 256 if l > 127 else l
+                Ls[j] = max(-32, min(31, l)) + 32
+            dbits = f32_to_f16_bits(F32(1.0) / iscale)
+        else:  # the scale bytes stay zero
+            dbits = 0
+            pack = False
+    else:  # quantize_row_q3_K_impl
+        sigma2 = F32(2.0) * _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
+        for j in range(nsub):
+            sw[j] = _impl_weights(x, qw, 16 * j, np.int64(16), sigma2, w)
+            scales[j] = make_qx_quants(
+                x[16 * j : 16 * j + 16], np.int64(4), L[16 * j : 16 * j + 16], w[:16], work
+            )
+        dbits = f32_to_f16_bits(make_qx_quants(scales[:nsub], np.int64(32), Ls, sw[:nsub], work))
+    if pack:  # low nibble of scale j in byte j%8 (j<8: low, else high nibble), top 2 bits in byte 8+j%4
+        for j in range(nsub):
+            l = np.int64(Ls[j])
+            if j < 8:
+                q[j] = l & 0xF
+            else:
+                q[j - 8] |= (l & 0xF) << 4
+            q[8 + j % 4] |= (l >> 4) << (2 * (j // 4))
+    d_all = f16_bits_to_f32(dbits)
+    for j in range(nsub):
+        d = d_all * F32(_q3k_scale(j, q))
+        if d == 0:
+            continue
+        for ii in range(16):
+            l = nearest_int(x[16 * j + ii] / d)
+            L[16 * j + ii] = max(-4, min(3, l)) + 4
+    for l in range(32):  # hmask: bit k of byte l = bit 2 of L[32k+l] (L > 3); qs: the low 2 bits
+        hm = 0
+        for k in range(QK_K // 32):
+            hm |= (np.int64(L[32 * k + l]) >> 2) << k
+        y[l] = hm
+    for h in range(QK_K // 128):
+        for l in range(32):
+            b = 128 * h + l
+            y[32 + 32 * h + l] = (
+                (L[b] & 3) | ((L[b + 32] & 3) << 2) | ((L[b + 64] & 3) << 4) | ((L[b + 96] & 3) << 6)
+            )
+    _put_f16(y, np.int64(108), dbits)
+
+
+@_inline
+def _q2k_block(x, qw, y, L, w, sc, scales, mins, sw, Ls, Lm):
+    """Q2_K (84 bytes: scales[16] (scale | min << 4), qs[64], d, dmin): 16 sub-blocks of 16, levels 0..3.
+    w: f32[256] scratch."""
+    nsub = QK_K // 16
+    if qw.shape[0] == 0:  # quantize_row_q2_K_ref: make_qkx2_quants(16, 3, x, |x|, -0.5, 0.1, 15, mad)
+        for i in range(QK_K):
+            w[i] = abs(x[i])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(16),
+            np.int64(3),
+            -0.5,
+            0.1,
+            np.int64(15),
+            np.bool_(True),
+            np.bool_(True),
+            L,
+            scales,
+            mins,
+            sc,
+        )
+        max_scale, max_min = _max_scale_min(scales, mins, nsub)
+        dbits = 0
+        mbits = 0
+        for j in range(nsub):
+            y[j] = 0
+        if max_scale > 0:
+            iscale = F32(15.0) / max_scale
+            for j in range(nsub):
+                y[j] = nearest_int(iscale * scales[j]) & 0xFF
+            dbits = f32_to_f16_bits(max_scale / F32(15.0))
+        if max_min > 0:
+            iscale = F32(15.0) / max_min
+            for j in range(nsub):
+                y[j] = (np.int64(y[j]) | (nearest_int(iscale * mins[j]) << 4)) & 0xFF
+            mbits = f32_to_f16_bits(max_min / F32(15.0))
+    else:  # quantize_row_q2_K_impl: make_qkx3_quants(16, 3, x, qw*sqrt(sigma2 + x^2), -0.9, 0.05, 36)
+        sigma2 = _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
+        for j in range(nsub):
+            sw[j] = _impl_weights(x, qw, 16 * j, np.int64(16), sigma2, w[16 * j : 16 * j + 16])
+        _search_subblocks(
+            x,
+            w,
+            np.int64(16),
+            np.int64(3),
+            -0.9,
+            0.05,
+            np.int64(36),
+            np.bool_(False),
+            np.bool_(False),
+            L,
+            scales,
+            mins,
+            sc,
+        )
+        dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(15), Ls, sw[:nsub]))
+        mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(15), Lm, sw[:nsub]))
+        for j in range(nsub):
+            y[j] = (np.int64(Ls[j]) | (np.int64(Lm[j]) << 4)) & 0xFF
+    d_all = f16_bits_to_f32(dbits)
+    m_all = f16_bits_to_f32(mbits)
+    for j in range(nsub):
+        d = d_all * F32(y[j] & 0xF)
+        if d == 0:
+            continue
+        dm = m_all * F32(y[j] >> 4)
+        for ii in range(16):
+            l = nearest_int((x[16 * j + ii] + dm) / d)
+            L[16 * j + ii] = max(0, min(3, l))
+    _pack_2bit(L, y, np.int64(16))
+    _put_f16(y, np.int64(80), dbits)
+    _put_f16(y, np.int64(82), mbits)
