@@ -29,8 +29,9 @@ from memory_oracle import llama_bench_peak_rss, make_small_model  # noqa: E402
 from synthetic import synthetic_llama  # noqa: E402
 
 from ggufkit import memory  # noqa: E402
+from ggufkit.cache import cache_dir  # noqa: E402
 from ggufkit.memory import estimator  # noqa: E402
-from ggufkit.models import cache_dir, default_model_path  # noqa: E402
+from ggufkit.models import default_model_path  # noqa: E402
 
 
 def mib(n: float) -> str:

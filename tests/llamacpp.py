@@ -16,7 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from ggufkit.models import cache_dir
+from ggufkit.cache import cache_dir
 
 VERSION = "0.3.36"
 SDIST = f"llama-cpp-python=={VERSION}"

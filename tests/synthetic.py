@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggufkit.models import cache_dir
+from ggufkit.cache import cache_dir
 
 
 def copy_tokenizer(writer: gguf.GGUFWriter, vocab_source, *, extra: dict[str, list] | None = None) -> int:

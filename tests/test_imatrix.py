@@ -24,9 +24,9 @@ from llamacpp import llama_quantize_dry_run, reference_quantized, tool
 from oracle import ggml_quantize
 from test_recipes import llama_quantize_refusal
 
+from ggufkit.cache import cache_dir
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
-from ggufkit.models import cache_dir
 from ggufkit.quantize.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
 from ggufkit.quantize.recipes import plan_for_gguf
 

@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass
 from gguf import GGMLQuantizationType as T
 
 from ..errors import GgufkitError, MemoryEstimateError
+from ..gguf.layout import pad, row_nbytes
 from .model import ModelInfo
 
 KV_PAD = 256  # llama-context.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
-GGUF_ALIGNMENT = 32  # tensors in a file llama-quantize writes start on 32-byte boundaries
 
 # The llama.cpp runtime's own resident memory, beyond weights, KV, compute and output: the program and its
 # libraries, the thread pool, the GGUF metadata copy, the vocabulary's tables (token texts, token -> id map,
@@ -98,22 +98,6 @@ class Estimate:
 
 
 _KV_TYPES = {"f16": T.F16, "f32": T.F32, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0}
-
-
-def _kv_row(kv_type: T, n: int) -> int:
-    from ..quants import row_bytes
-
-    try:
-        return row_bytes(kv_type.name, n)
-    except ValueError:  # format kernels not registered: gguf-py's table holds the same block facts
-        from gguf import GGML_QUANT_SIZES
-
-        block, size = GGML_QUANT_SIZES[kv_type]
-        return n // block * size
-
-
-def _pad(x: int, n: int) -> int:
-    return (x + n - 1) // n * n
 
 
 def cpu_repack_types() -> frozenset:
@@ -180,7 +164,7 @@ def _in_file_order(tensors) -> list:
     out, offset = [], 0
     for name, shape, qtype, nbytes in tensors:
         out.append((name, shape, qtype, nbytes, offset))
-        offset += _pad(nbytes, GGUF_ALIGNMENT)
+        offset += pad(nbytes)  # llama-quantize aligns every tensor to 32 bytes
     return out
 
 
@@ -248,17 +232,19 @@ def estimate(
         model.weights_cache[key] = _weights(tensors, repack), {t[2] for t in tensors}
     (weights, mapped, repacked, reclaimable), weight_types = model.weights_cache[key]
 
-    cells = _pad(n_ctx, KV_PAD)
+    cells = pad(n_ctx, KV_PAD)
     n_ub = min(n_ubatch, n_batch)
     # llama-kv-cache-iswa.cpp: the SWA layers keep the window plus one ubatch (one sequence, swa_full off)
-    swa_cells = _pad(min(cells, model.n_swa + n_ub), KV_PAD) if model.n_swa else 0
+    swa_cells = pad(min(cells, model.n_swa + n_ub), KV_PAD) if model.n_swa else 0
     kv = 0
     for il in range(model.n_layer):
         heads = model.n_head_kv[il]
         if not heads:
             continue
         n_cells = swa_cells if (swa_cells and model.is_swa[il]) else cells
-        kv += (_kv_row(kv_t, model.head_dim_k * heads) + _kv_row(kv_t, model.head_dim_v * heads)) * n_cells
+        kv += (
+            row_nbytes(kv_t, model.head_dim_k * heads) + row_nbytes(kv_t, model.head_dim_v * heads)
+        ) * n_cells
     n = min(n_ub, cells)
     compute, reserved = _compute(
         model,
