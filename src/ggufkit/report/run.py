@@ -108,7 +108,7 @@ def run_report(
     model_sha = sha256_file(model)
     work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
     work.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(out if out is not None else DEFAULT_OUT)
+    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 1 + len(names)
 
