@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ggufkit import memory
+from ggufkit.cache import cache_dir
 from ggufkit.memory import estimator
-from ggufkit.models import cache_dir, default_model_path
+from ggufkit.models import default_model_path
 from tests.helpers.llama_programs import base_model, reference_quantized
 from tests.helpers.memory_oracle import llama_bench_peak_rss, make_small_model
 from tests.helpers.synthetic import synthetic_llama

@@ -32,7 +32,7 @@ CTX, CHUNKS, THREADS = 512, 8, 2
 def cache_root(tmp_path_factory, monkeypatch_module):
     """A fresh ggufkit cache for the eval cache; everything else in it (the built llama.cpp programs, the
     native kernel library, models) links to the real cache, so nothing is rebuilt or downloaded."""
-    from ggufkit.models import cache_dir
+    from ggufkit.cache import cache_dir
 
     real = cache_dir()
     root = tmp_path_factory.mktemp("ggufkit-cache")

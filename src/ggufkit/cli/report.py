@@ -28,7 +28,11 @@ def add_parser(sub):
         f"with --quick: {','.join(rep.QUICK_LEVELS)})",
     )
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: Python's pydoc topics)")
-    p.add_argument("--out", metavar="DIR", help="output folder (default: ~/.cache/ggufkit/reports/<sha256>)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help=f"where report.md/json/html/png go (default: ./{rep.DEFAULT_OUT}; level files stay cached)",
+    )
     p.add_argument(
         "--quick", action="store_true", help=f"fewer levels and {rep.QUICK_CHUNKS} chunks (a few minutes)"
     )

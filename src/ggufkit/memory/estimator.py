@@ -34,13 +34,13 @@ import platform
 from dataclasses import asdict, dataclass
 
 from ..errors import GgufkitError, MemoryEstimateError
-from ..gguf.types import FLOAT_TYPES, GGML_QUANT_SIZES
+from ..gguf.layout import pad, row_nbytes
+from ..gguf.types import FLOAT_TYPES
 from ..gguf.types import GGMLQuantizationType as T
 from ..quants.registry import FORMATS
 from .model import ModelInfo
 
 KV_PAD = 256  # llama-context.cpp pads n_ctx (and the SWA cache) to a multiple of 256 cells
-GGUF_ALIGNMENT = 32  # tensors in a file llama-quantize writes start on 32-byte boundaries
 
 # The llama.cpp runtime's own resident memory, beyond weights, KV, compute and output: the program and its
 # libraries, the thread pool, the GGUF metadata copy, the vocabulary's tables (token texts, token -> id map,
@@ -99,20 +99,6 @@ class Estimate:
 
 
 _KV_TYPES = {f.name.lower(): f.ggml_type for f in FORMATS.values() if f.kv_cache}  # llama.cpp's -ctk/-ctv
-
-
-def _kv_row(kv_type: T, n: int) -> int:
-    from ..quants import row_bytes
-
-    try:
-        return row_bytes(kv_type.name, n)
-    except ValueError:  # format kernels not registered: ggml's table holds the same block facts
-        block, size = GGML_QUANT_SIZES[kv_type]
-        return n // block * size
-
-
-def _pad(x: int, n: int) -> int:
-    return (x + n - 1) // n * n
 
 
 def _repacked(machine: str) -> set:
@@ -183,7 +169,7 @@ def _in_file_order(tensors) -> list:
     out, offset = [], 0
     for name, shape, qtype, nbytes in tensors:
         out.append((name, shape, qtype, nbytes, offset))
-        offset += _pad(nbytes, GGUF_ALIGNMENT)
+        offset += pad(nbytes)  # llama-quantize aligns every tensor to 32 bytes
     return out
 
 
@@ -251,17 +237,19 @@ def estimate(
         model.weights_cache[key] = _weights(tensors, repack), {t[2] for t in tensors}
     (weights, mapped, repacked, reclaimable), weight_types = model.weights_cache[key]
 
-    cells = _pad(n_ctx, KV_PAD)
+    cells = pad(n_ctx, KV_PAD)
     n_ub = min(n_ubatch, n_batch)
     # llama-kv-cache-iswa.cpp: the SWA layers keep the window plus one ubatch (one sequence, swa_full off)
-    swa_cells = _pad(min(cells, model.n_swa + n_ub), KV_PAD) if model.n_swa else 0
+    swa_cells = pad(min(cells, model.n_swa + n_ub), KV_PAD) if model.n_swa else 0
     kv = 0
     for il in range(model.n_layer):
         heads = model.n_head_kv[il]
         if not heads:
             continue
         n_cells = swa_cells if (swa_cells and model.is_swa[il]) else cells
-        kv += (_kv_row(kv_t, model.head_dim_k * heads) + _kv_row(kv_t, model.head_dim_v * heads)) * n_cells
+        kv += (
+            row_nbytes(kv_t, model.head_dim_k * heads) + row_nbytes(kv_t, model.head_dim_v * heads)
+        ) * n_cells
     n = min(n_ub, cells)
     compute, reserved = _compute(
         model,

@@ -9,8 +9,8 @@ For each level of the ladder (default Q8_0 ... Q2_K) `run_report`:
      built-in numpy engine's prompt throughput (labelled as such in every output);
   4. estimates resident memory at 4K/8K/32K contexts (memory.estimate on the level's file).
 Then it asks `pick` for this machine's recommendation and writes report.md, report.json, report.html and
-report.png (size vs KLD and same-top agreement) into the output folder, with a copy of report.json in
-cache_dir("reports")/<model sha256>/ where `ggufkit pick` finds it.
+report.png (size vs KLD and same-top agreement) into the output folder (default ./ggufkit-report/), with a
+copy of report.json in cache_dir("reports")/<model sha256>/ where `ggufkit pick` finds it.
 
 Notes on where the model departs from the textbook are computed from the plans and the files: tensors
 that fell back to another type because their rows are not a multiple of the K-quant block, levels whose
@@ -23,7 +23,7 @@ file is written to a temporary name and renamed into place when complete, so an 
 the old file or the new one, never half of one; a re-run reuses everything already done.
 
 Modules, in the order the run uses them: run.py (run_report and the table's rows), measure.py (the cached
-steps: base, level, quality/speed/RAM), records.py (atomic files, JSON records, cache keys), notes.py (the
+steps: base, level, quality/speed/RAM), records.py (JSON records, cache keys), notes.py (the
 computed notes), render.py (table text, report.md/png/html/json).
 """
 
@@ -33,6 +33,7 @@ from .run import (
     DEFAULT_CHUNKS,
     DEFAULT_CTX,
     DEFAULT_LEVELS,
+    DEFAULT_OUT,
     QUICK_CHUNKS,
     QUICK_LEVELS,
     Report,
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_CHUNKS",
     "DEFAULT_CTX",
     "DEFAULT_LEVELS",
+    "DEFAULT_OUT",
     "QUICK_CHUNKS",
     "QUICK_LEVELS",
     "Report",

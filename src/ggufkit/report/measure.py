@@ -11,10 +11,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..cache import sha256_file
 from ..errors import GgufkitError
 from ..gguf import types as gguf_types
 from ..gguf.reader import open_gguf
-from ..models import sha256_file
 from .records import code_fingerprint, read_json, record_key, tensor_sha256, write_json
 
 CONTEXTS = (4096, 8192, 32768)  # the RAM columns
@@ -22,8 +22,10 @@ SPEED_PROMPT = 256  # tokens of the timed prompt; then SPEED_GEN generated token
 SPEED_GEN = 32
 CACHE_VERSION = 2  # bump when a cached record changes shape
 FLOAT_TYPES = frozenset(t.name for t in gguf_types.FLOAT_TYPES)  # by name
-# the modules whose code decides a level file's bytes / a level's measurements: part of the cache keys
-_QUANT_CODE = ("quantize", "gguf", "quants")
+# the sources whose code decides a level file's bytes / a level's measurements: part of the cache keys.
+# _QUANT_CODE holds every module the quantize job imports but the package's lazy __init__ and errors.py
+# (tests/test_report.py checks it); cache.py writes the file and moves it into place.
+_QUANT_CODE = ("quantize", "gguf", "quants", "cache.py")
 _EVAL_CODE = ("evaluate", "engine", "gguf", "memory")
 
 

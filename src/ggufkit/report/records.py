@@ -1,30 +1,16 @@
-"""The report's work records: files written whole or not at all, JSON records, and the keys that tie a cached
-result to what decided it (inputs, options, the code that computed it)."""
+"""The report's work records: JSON records (written whole or not at all, by cache.atomic_write), and the keys
+that tie a cached result to what decided it (inputs, options, the code that computed it)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from .. import __version__
+from ..cache import atomic_write
 from ..gguf.reader import open_gguf
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, renamed when complete."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj) -> None:
@@ -42,15 +28,23 @@ def record_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SOURCE_SUFFIXES = (".py", ".c")  # the package's sources: Python, and C compiled into the native kernels
+
+
 @functools.cache
 def code_fingerprint(parts: tuple[str, ...]) -> str:
     """sha256 of the package's source files that decide a result, so a changed quantizer or engine never
     reuses a stale cache entry. Taken once per process: it stands for the code this process runs."""
-    root = Path(__file__).parents[1]  # the ggufkit package
+    return source_fingerprint(Path(__file__).parents[1], parts)
+
+
+def source_fingerprint(root: Path, parts: tuple[str, ...]) -> str:
+    """code_fingerprint of the package at `root` (a folder holding ggufkit's files): every source file
+    (SOURCE_SUFFIXES) under each part, by its path and bytes, and the version."""
     h = hashlib.sha256(__version__.encode())
     for part in parts:
         p = root / part
-        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        files = sorted(f for f in p.rglob("*") if f.suffix in SOURCE_SUFFIXES) if p.is_dir() else [p]
         for f in files:
             h.update(f.relative_to(root).as_posix().encode())
             h.update(f.read_bytes())

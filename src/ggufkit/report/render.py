@@ -9,9 +9,9 @@ import html
 import io
 from pathlib import Path
 
-from ..models import cache_dir
+from ..cache import atomic_write, cache_dir
 from .measure import CONTEXTS
-from .records import atomic_write, write_json
+from .records import write_json
 
 
 def _mib(n: int) -> str:
@@ -35,12 +35,20 @@ HEADERS = [
 ]
 
 
+def _pm(value: float, err: float | None, digits: int, unit: str = "") -> str:
+    """value ± its uncertainty (llama-perplexity's, as report.json holds it), so a step can be told from
+    noise; the value alone where there is no uncertainty."""
+    if err is None:
+        return f"{value:.{digits}f}{unit}"
+    return f"{value:.{digits}f} ± {err:.{digits}f}{unit}"
+
+
 def _cells(r: dict) -> list[str]:
-    ppl = "" if r["ppl"] is None else f"{r['ppl']:.3f}"
+    ppl = "" if r["ppl"] is None else _pm(r["ppl"], r.get("ppl_err"), 3)
     name = r["level"] + (" (base)" if r.get("base") else "")
     delta = "—" if r.get("base") else f"{r['ppl_delta_pct']:+.2f}%"
-    kld = "—" if r.get("base") else f"{r['kld_mean']:.4f}"
-    top = "—" if r.get("base") else f"{r['same_top']:.1f}%"
+    kld = "—" if r.get("base") else _pm(r["kld_mean"], r.get("kld_err"), 4)
+    top = "—" if r.get("base") else _pm(r["same_top"], r.get("same_top_err"), 1, "%")
     return [
         name,
         _mib(r["size_bytes"]),
@@ -86,7 +94,8 @@ def render_markdown(data: dict) -> str:
         "",
         "PPL: perplexity on the text; ΔPPL against the base; mean KLD: KL divergence of the level's "
         "next-token distribution from the base's (nats/token); same top: how often both pick the same "
-        "most likely token; RAM: what llama.cpp needs at that context (f16 KV cache).",
+        "most likely token; ± is one standard uncertainty of the mean over the scored tokens, as "
+        "llama-perplexity gives it; RAM: what llama.cpp needs at that context (f16 KV cache).",
         "",
         "## Recommendation",
         "",

@@ -12,8 +12,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..cache import cache_dir, sha256_file
 from ..gguf.reader import open_gguf
-from ..models import cache_dir, default_model_path, sha256_file
+from ..models import default_model_path
 from .measure import (
     FLOAT_TYPES,
     ReportError,
@@ -29,6 +30,7 @@ from .measure import (
 from .notes import notes_for
 from .render import write_outputs
 
+DEFAULT_OUT = "ggufkit-report"  # the output folder, relative to the working directory, unless `out` is given
 DEFAULT_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M", "Q4_K_S", "Q3_K_M", "Q3_K_S", "Q2_K")
 QUICK_LEVELS = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
 PICK_CTX = 4096  # ram_bytes and the recommendation are at this context
@@ -75,7 +77,7 @@ def run_report(
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
     """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
-    and write report.md/json/html/png into `out` (default cache_dir("reports")/<model sha256>). Returns the
+    and write report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the
     Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
     base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
     from .. import memory
@@ -106,7 +108,7 @@ def run_report(
     model_sha = sha256_file(model)
     work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
     work.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(out) if out is not None else cache_dir("reports", model_sha)
+    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
     out_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 1 + len(names)
 

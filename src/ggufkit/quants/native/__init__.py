@@ -114,7 +114,7 @@ def compiler() -> str | None:
 
 
 def library_path() -> Path:
-    from ...models import cache_dir
+    from ...cache import cache_dir
 
     return cache_dir("native") / f"kernels-{cache_key()}.so"
 

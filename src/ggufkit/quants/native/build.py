@@ -36,7 +36,6 @@ Usage: python -m ggufkit.quants.native.build OUTPUT.so   (exit 0: OUTPUT.so inst
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
 import sys
 import tempfile
@@ -349,7 +348,9 @@ def build(out: Path) -> None:
         so = tmpdir / "kernels.so"
         _link(cc, obj, so, tmpdir)
         self_test(so)
-        os.replace(so, out)
+        from ...cache import atomic_write
+
+        atomic_write(out, so.read_bytes())
 
 
 def main(argv: list[str]) -> int:
