@@ -41,7 +41,7 @@ def default_models() -> list[Path]:
 
 def chunks_for(path, ctx: int, n: int) -> np.ndarray:
     from ggufkit.engine.tokenizer import load_tokenizer
-    from ggufkit.evaluate import default_text
+    from ggufkit.evaluation import default_text
     from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(path) as g:

@@ -32,7 +32,7 @@ from ggufkit.engine.numerics import rms_norm as _rms_norm
 from ggufkit.engine.numerics import silu as _silu
 from ggufkit.engine.tokenizer import load_tokenizer
 from ggufkit.errors import EvalError
-from ggufkit.evaluate import default_text
+from ggufkit.evaluation import default_text
 from ggufkit.gguf.reader import open_gguf
 from tests.helpers.gguf_build import write_gguf
 

@@ -22,7 +22,7 @@ import pytest
 
 from ggufkit.cli import main
 from ggufkit.errors import EvalError
-from ggufkit.evaluate import base_records, default_text, evaluate
+from ggufkit.evaluation import base_records, default_text, evaluate
 from tests.helpers.gguf_build import write_gguf
 
 CTX, CHUNKS, THREADS = 512, 8, 2

@@ -1,5 +1,5 @@
-"""ggufkit.pick: the decision rules over ggufkit.memory's estimates (which test_memory.py checks against
-llama.cpp's measured peak memory), report lookup, and the command."""
+"""ggufkit.recommend (`ggufkit pick`): the decision rules over ggufkit.memory's estimates (which
+test_memory.py checks against llama.cpp's measured peak memory), report lookup, and the command."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from ggufkit import memory, pick
+from ggufkit import memory
+from ggufkit import recommend as pick
 from ggufkit.cli import main as cli_main
 
 GIB = 1 << 30

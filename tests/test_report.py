@@ -187,7 +187,7 @@ def test_identical_levels_noted(ladder, references):
 
 
 def test_pick_finds_the_report(ladder, smollm2_path, cache_root):
-    from ggufkit import pick
+    from ggufkit import recommend as pick
 
     r, _ = ladder
     with own_cache(cache_root):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ggufkit.engine.tokenizer import load_tokenizer
-from ggufkit.evaluate import default_text
+from ggufkit.evaluation import default_text
 from ggufkit.gguf.reader import open_gguf
 from tests.helpers.gguf_build import write_gguf
 

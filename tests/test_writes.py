@@ -358,7 +358,7 @@ def test_atomic_write_replaces_whole_and_clears_stale_temporaries(tmp_path):
 
 
 def test_base_cache_write_is_atomic(tmp_path, monkeypatch):
-    from ggufkit.evaluate import base_cache
+    from ggufkit.evaluation import base_cache
 
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((6, 300)).astype(np.float32) * 4

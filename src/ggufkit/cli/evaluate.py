@@ -1,6 +1,6 @@
 """`ggufkit eval MODEL.gguf [--base BASE.gguf] ...`: perplexity, and with a base KLD / same-top / Δp.
 
-Thin: parses, calls ggufkit.evaluate.evaluate, prints a llama-perplexity-like summary or one JSON object.
+Thin: parses, calls ggufkit.evaluation.evaluate, prints a llama-perplexity-like summary or one JSON object.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def _progress(phase: str, done: int, total: int) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     res = evaluate(
         args.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .. import memory
-from .. import pick as picker
+from .. import recommend as picker
 
 
 def add_parser(sub):

@@ -6,7 +6,7 @@ import re
 import sys
 
 from .. import report as rep
-from ..pick import TASKS
+from ..recommend import TASKS
 
 
 def add_parser(sub):

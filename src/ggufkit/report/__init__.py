@@ -4,7 +4,7 @@ For each level of the ladder (default Q8_0 ... Q2_K) `run_report`:
   1. quantizes the base with ggufkit's own quantizer (quantize.quantize_file; byte-identical to
      llama-quantize). The base is the user's F32/F16/BF16 GGUF as it is, or, for a quantized GGUF such as
      the default SmolLM2 Q4_1, its exact F32 dequantization (the faithful full-precision form of that file);
-  2. evaluates the level against the base (evaluate.evaluate: PPL, mean KLD, same-top-token agreement);
+  2. evaluates the level against the base (evaluation.evaluate: PPL, mean KLD, same-top-token agreement);
   3. measures tokens/s: llama.cpp's own generation speed when llama-cpp-python is installed, otherwise the
      built-in numpy engine's prompt throughput (labelled as such in every output);
   4. estimates resident memory at 4K/8K/32K contexts (memory.estimate on the level's file).

@@ -26,7 +26,7 @@ FLOAT_TYPES = frozenset(t.name for t in gguf_types.FLOAT_TYPES)  # by name
 # _QUANT_CODE holds every module the quantize job imports but the package's lazy __init__ and errors.py
 # (tests/test_report.py checks it); cache.py writes the file and moves it into place.
 _QUANT_CODE = ("quantize", "gguf", "quants", "cache.py")
-_EVAL_CODE = ("evaluate", "engine", "gguf", "memory")
+_EVAL_CODE = ("evaluation", "engine", "gguf", "memory")
 
 
 class ReportError(GgufkitError):
@@ -101,7 +101,7 @@ def default_threads() -> int:
 
 
 def resolve_engine(engine: str) -> str:
-    from ..evaluate import ENGINES
+    from ..evaluation import ENGINES
 
     if engine == "auto":
         return "llama.cpp" if llama_cpp_available() else "builtin"
@@ -244,7 +244,7 @@ def _speed(path, tokens, *, engine: str, threads: int | None) -> dict:
 def speed_tokens(path, text_path):
     """The tokens of the text the speed runs time (the first SPEED_PROMPT of them are the prompt)."""
     from ..engine.tokenizer import load_tokenizer
-    from ..evaluate import read_text
+    from ..evaluation import read_text
 
     body, _ = read_text(text_path)
     with open_gguf(path) as g:
@@ -272,7 +272,7 @@ def measure_file(
 ) -> dict:
     """Quality (against the base), speed and RAM of one file, cached by `ident` (the sha256 of its tensors:
     two levels with identical tensors are measured once) and the options."""
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     folder = work / "results"
     folder.mkdir(exist_ok=True)

@@ -81,8 +81,8 @@ def run_report(
     Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
     base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
     from .. import memory
-    from .. import pick as picker
-    from ..evaluate import read_text
+    from .. import recommend as picker
+    from ..evaluation import read_text
     from ..quantize import levels
 
     t_start = time.perf_counter()

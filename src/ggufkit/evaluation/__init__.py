@@ -14,8 +14,8 @@ Method and statistics are llama-perplexity's (tools/perplexity/perplexity.cpp; f
   same-top compares the first argmax of the model's logits with the first argmax of the base codes;
   Δp = p(tok) - p_base(tok); percentiles interpolate in float32 as llama.cpp's lambda does.
 
-The base model's records are cached (evaluate/base_cache.py), so a ladder of levels runs the base once;
-the statistics are in evaluate/stats.py.
+The base model's records are cached (evaluation/base_cache.py), so a ladder of levels runs the base once;
+the statistics are in evaluation/stats.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which level to run: the decision rules of the chapter, made exact with ggufkit's memory estimate.
+"""Which level to run (`ggufkit pick`): the usual rules of thumb, made exact with the memory estimate.
 
 Rules, in order:
 1. Headroom. With the memory budget B and each level's needed memory N (ggufkit.memory, at the asked
