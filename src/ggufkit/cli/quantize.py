@@ -12,6 +12,12 @@ from collections import defaultdict
 from ..errors import QuantizeError
 from ..gguf.writer import WriteInterrupted
 
+
+def repeatable(p, flag: str, metavar: str, help: str) -> None:
+    """An option that may be given many times, collected in order into a list (empty when absent)."""
+    p.add_argument(flag, action="append", default=[], metavar=metavar, help=f"{help} (repeatable)")
+
+
 USAGE = "ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
 
@@ -26,29 +32,11 @@ def add_parser(sub):
     )
     p.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [THREADS]")
     p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or legacy .dat)")
-    p.add_argument(
-        "--include-weights",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="use imatrix entries whose name contains NAME only (repeatable)",
-    )
-    p.add_argument(
-        "--exclude-weights",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="ignore imatrix entries whose name contains NAME (repeatable)",
-    )
+    repeatable(p, "--include-weights", "NAME", "use imatrix entries whose name contains NAME only")
+    repeatable(p, "--exclude-weights", "NAME", "ignore imatrix entries whose name contains NAME")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
     p.add_argument("--token-embedding-type", metavar="TYPE", help="ggml type for token_embd.weight")
-    p.add_argument(
-        "--tensor-type",
-        action="append",
-        default=[],
-        metavar="REGEX=TYPE",
-        help="type for tensors whose name matches REGEX (repeatable; first match wins)",
-    )
+    repeatable(p, "--tensor-type", "REGEX=TYPE", "type for tensors whose name matches REGEX (first wins)")
     p.add_argument("--pure", action="store_true", help="no mixture rules: every tensor gets the default type")
     p.add_argument("--leave-output-tensor", action="store_true", help="leave output.weight unquantized")
     p.add_argument(
@@ -56,13 +44,7 @@ def add_parser(sub):
         action="store_true",
         help="allow a quantized input (dequantized first; loses quality)",
     )
-    p.add_argument(
-        "--override-kv",
-        action="append",
-        default=[],
-        metavar="KEY=TYPE:VALUE",
-        help="set metadata in the output (TYPE: int, float, bool, str; repeatable)",
-    )
+    repeatable(p, "--override-kv", "KEY=TYPE:VALUE", "set output metadata (TYPE: int, float, bool, str)")
     p.add_argument(
         "--allow-nonfinite",
         action="store_true",
