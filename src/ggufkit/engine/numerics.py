@@ -5,12 +5,12 @@ the BLAS/numba thread control.
 F16 kernels: bit for bit numpy's `astype`. The engine rounds activations to F16 before F16 matmuls and
 keeps its KV cache in F16 (both as llama.cpp does), and reads F16 weights as float32. numpy's
 `astype(np.float16).astype(np.float32)` makes two passes through memory and a float16 temporary; the
-round-trip kernel makes one pass (2048x1536 values: 6.3 ms against 10 ms), and the F16 -> F32 kernel takes
-3.1 ms where astype takes 4.4 ms.
+round-trip kernel makes one pass, and the F16 -> F32 kernel one read and one write (both faster than
+astype: docs/benchmarks.md).
 
 Serial on purpose, like causal_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
-against OpenBLAS's threads on 2 cores made the whole engine slower (measured 2026-11-27, 2 shared cores:
-a parallel round trip took 7.7 ms alone and slowed the BLAS products around it).
+against OpenBLAS's threads on 2 cores made the whole engine slower (a parallel round trip was slower alone
+and slowed the BLAS products around it).
 
 The conversions are ggml's (quants/fp.py), which are numpy's for every non-NaN value: round to nearest
 even, subnormals, overflow to inf (|x| >= 65520), -0.0. They differ on NaN payloads only (ggml drops the

@@ -1,6 +1,7 @@
 """Measure the damage: perplexity, KL divergence, same-top-token agreement and Δp against a base model.
 
-Method and statistics are llama-perplexity's (tools/perplexity/perplexity.cpp; facts digest §6):
+Method and statistics are llama-perplexity's (tools/perplexity/perplexity.cpp, perplexity() and
+kl_divergence()):
 - the text is tokenized whole (BOS first when the vocab adds one), cut into n_chunk = min(chunks,
   n_tokens // ctx) chunks of ctx tokens; at least 2·ctx tokens are needed;
 - each chunk is its own sequence; when the vocab adds BOS its first token is *overwritten* by BOS;

@@ -28,7 +28,7 @@ from ..quants.rows import ArrayRows, Buffer, NativeRows, NonFiniteRow, for_backe
 
 # Chunk sizes: small enough that every worker has a chunk while the oldest is being written (a K-quant
 # chunk costs ~20x a Q8_0 chunk of the same size, so theirs are smaller), large enough that the per-chunk
-# overhead stays small. Measured on 2 cores (SmolLM2 F16 -> Q4_K_M: 1M-value chunks 0.84 s, these 0.47 s).
+# overhead stays small (the measurements that chose them: docs/benchmarks.md, "Quantize files").
 CHUNK_ELEMENTS = 1 << 19  # values per chunk (2 MiB of float32)
 SLOW_CHUNK_ELEMENTS = 1 << 16  # values per chunk for the searched formats (K-quants, IQ4, imatrix legacy)
 COPY_CHUNK_BYTES = 1 << 22  # bytes per chunk of a tensor copied as it is
