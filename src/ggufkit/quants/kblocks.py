@@ -148,6 +148,15 @@ def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict,
 
 
 @_inline
+def _search_impl(x, w, sub, nmax, L, scales, mins, sc):
+    """The importance-weighted (_impl) paths' sub-block searches: make_qkx3_quants(sub, nmax, x, w, -0.9,
+    0.05, 36), neither the MAD error nor the strict degenerate-group rule."""
+    _search_subblocks(
+        x, w, sub, nmax, -0.9, 0.05, np.int64(36), np.bool_(False), np.bool_(False), L, scales, mins, sc
+    )
+
+
+@_inline
 def _q45k_block(x, qw, is_q5, y, L, w, sc, scales, mins, sw, Ls, Lm):
     """Q4_K (144 bytes: d, dmin, scales[12], qs[128]) or Q5_K (176: d, dmin, scales[12], qh[32], qs[128]).
     8 sub-blocks of 32, 6-bit scale and min each, levels 0..15 / 0..31. w: f32[256] scratch."""
@@ -185,21 +194,7 @@ def _q45k_block(x, qw, is_q5, y, L, w, sc, scales, mins, sw, Ls, Lm):
         sigma2 = F32(2.0) * _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
         for j in range(nsub):
             sw[j] = _impl_weights(x, qw, 32 * j, np.int64(32), sigma2, w[32 * j : 32 * j + 32])
-        _search_subblocks(
-            x,
-            w,
-            np.int64(32),
-            nmax,
-            -0.9,
-            0.05,
-            np.int64(36),
-            np.bool_(False),
-            np.bool_(False),
-            L,
-            scales,
-            mins,
-            sc,
-        )
+        _search_impl(x, w, np.int64(32), nmax, L, scales, mins, sc)
         dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(63), Ls, sw[:nsub]))
         mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(63), Lm, sw[:nsub]))
         if is_q5:  # Q5_K clamps here, Q4_K packs the raw uint8
@@ -400,21 +395,7 @@ def _q2k_block(x, qw, y, L, w, sc, scales, mins, sw, Ls, Lm):
         sigma2 = _sum_sq(x, np.int64(0), np.int64(QK_K)) / F32(QK_K)
         for j in range(nsub):
             sw[j] = _impl_weights(x, qw, 16 * j, np.int64(16), sigma2, w[16 * j : 16 * j + 16])
-        _search_subblocks(
-            x,
-            w,
-            np.int64(16),
-            np.int64(3),
-            -0.9,
-            0.05,
-            np.int64(36),
-            np.bool_(False),
-            np.bool_(False),
-            L,
-            scales,
-            mins,
-            sc,
-        )
+        _search_impl(x, w, np.int64(16), np.int64(3), L, scales, mins, sc)
         dbits = f32_to_f16_bits(make_qp_quants(scales[:nsub], np.int64(15), Ls, sw[:nsub]))
         mbits = f32_to_f16_bits(make_qp_quants(mins[:nsub], np.int64(15), Lm, sw[:nsub]))
         for j in range(nsub):

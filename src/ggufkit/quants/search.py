@@ -57,6 +57,22 @@ def search_work() -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
+def _signed_max(x):
+    """(max |x|, the first x holding it, how many x are NaN or infinite): the loop that opens ggml's
+    make_qx_quants and make_q3_quants (a strict > keeps the first of equal magnitudes)."""
+    mx = F32(0.0)
+    amax = F32(0.0)
+    n_nonfinite = 0
+    for i in range(x.shape[0]):
+        ax = abs(x[i])
+        n_nonfinite += not ax <= _F32_MAX
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return amax, mx, n_nonfinite
+
+
+@njit(cache=True, error_model="numpy")
 def _make_qx_plain(x, nmax, L, qw, mx):
     """make_qx_quants one candidate at a time with nearest_int, as in C (for inputs with NaN/inf)."""
     n = x.shape[0]
@@ -99,15 +115,7 @@ def make_qx_quants(x, nmax, L, qw, work):
     usually negative (max maps to -nmax). nmax <= 127.
     """
     n = x.shape[0]
-    mx = F32(0.0)
-    amax = F32(0.0)
-    n_nonfinite = 0
-    for i in range(n):
-        ax = abs(x[i])
-        n_nonfinite += not ax <= _F32_MAX
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx, n_nonfinite = _signed_max(x)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
@@ -174,13 +182,7 @@ def _make_q3(x, nmax, L, work):
     """make_q3_quants with scratch work (3 rows of >= n float32): the signed levels are kept as float32
     and w = x*x, w*x are computed once, the same values C recomputes in every sweep."""
     n = x.shape[0]
-    mx = F32(0.0)
-    amax = F32(0.0)
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            mx = x[i]
+    amax, mx, _ = _signed_max(x)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
