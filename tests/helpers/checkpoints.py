@@ -46,7 +46,7 @@ def _smollm2_gguf() -> Path:
 
 def tokenizer_from_gguf(gguf_path) -> dict[str, bytes]:
     """tokenizer.json / tokenizer.model + tokenizer_config.json exported from a GGUF's tokenizer metadata."""
-    from ggufkit.convert.export import tokenizer_files
+    from ggufkit.convert.export_vocab import tokenizer_files
     from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(gguf_path) as m:
