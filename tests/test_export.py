@@ -341,3 +341,81 @@ def test_cli_export_refuses_other_architectures(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'gpt2' cannot be exported" in err and "llama, qwen2, qwen3, gemma3" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gemma_norm_inverse_gives_every_converted_value_back():
+    """fl32(fl32(v - 1) + 1) == v for every v = fl32(w + 1) the converter makes (w float32 or bfloat16,
+    tiny to huge, both signs), so the Gemma 3 round trip is exact on its norms too."""
+    from ggufkit.convert.export import norm_minus_one
+    from tests.helpers.checkpoints import to_bf16_bits
+
+    rng = np.random.default_rng(0)
+    scales = (1e-6, 0.01, 0.3, 1.0, 3.0, 30.0, 1e4, 1e7)
+    w = np.concatenate([rng.standard_normal(200_000, dtype=np.float32) * np.float32(s) for s in scales])
+    bf = (to_bf16_bits(w).astype(np.uint32) << 16).view(np.float32)
+    for src in (w, bf):
+        v = src + np.float32(1)
+        back = norm_minus_one(v) + np.float32(1)
+        assert back.dtype == np.float32
+        np.testing.assert_array_equal(back, v)
+
+
+@pytest.fixture(scope="module")
+def gemma3_f32(gemma3_path):
+    """Gemma 3 270M dequantized to F32 by llama.cpp itself."""
+    from tests.helpers.llama_programs import base_model
+
+    return base_model(gemma3_path, "F32")
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf(tmp_path_factory, gemma3_f32):
+    from ggufkit.convert.export import export
+
+    return export(gemma3_f32, tmp_path_factory.mktemp("hf") / "gemma-3-270m").path
+
+
+def test_gemma3_transformers_logits_match_llama_cpp(gemma3_hf, gemma3_f32):
+    """transformers' Gemma3ForCausalLM on the exported folder gives llama.cpp's logits (same F32 weights)."""
+    import llama_cpp
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma3_hf)
+    ids = tok("The capital of France is Paris. The capital of Germany is")["input_ids"]
+    assert ids[0] == 2  # <bos>: add_bos_token carried over
+    model = AutoModelForCausalLM.from_pretrained(gemma3_hf, dtype=torch.float32)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(gemma3_f32), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    try:
+        assert llm.tokenize(b"The capital of France is Paris. The capital of Germany is", add_bos=True) == ids
+        llm.eval(ids)
+        ref = np.asarray(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    assert hf.shape == ref.shape == (len(ids), 262144)
+    rel = np.sqrt(np.mean((hf - ref) ** 2)) / np.sqrt(np.mean(ref**2))
+    assert rel < 2e-3, rel
+    assert (hf.argmax(-1) == ref.argmax(-1)).all()
+    assert tok.decode(int(hf[-1].argmax())).strip() == "Berlin"
+
+
+def test_gemma3_round_trip_f32(gemma3_hf, gemma3_f32):
+    """Export, then convert_hf_to_gguf.py at F32: every tensor's bytes (norms included: see norm_minus_one),
+    every gemma3.* hyperparameter and the whole SentencePiece vocabulary (tokens, scores, types) come back.
+    The one KV difference: the converter now also writes gemma3.rope.freq_base_swa, which the shipped GGUF
+    (an older converter) lacks."""
+    from ggufkit.gguf.reader import open_gguf
+
+    back = reference_convert(gemma3_hf, "f32")
+    with open_gguf(gemma3_f32) as a, open_gguf(back) as b:
+        assert sorted(t.name for t in a.tensors) == sorted(t.name for t in b.tensors)
+        for t in a.tensors:
+            u = b.tensor(t.name)
+            assert (t.ggml_type, t.shape) == (u.ggml_type, u.shape), t.name
+            assert np.array_equal(t.data(), u.data()), f"{t.name}: bytes differ"
+        for key in [k for k in a.kv if k.startswith(("gemma3.", "tokenizer."))]:
+            assert _kv_equal(a.get(key), b.get(key)), key
+        assert {k for k in b.kv if k.startswith("gemma3.")} - set(a.kv) == {"gemma3.rope.freq_base_swa"}

@@ -15,9 +15,10 @@ What is written, and which of the converter's steps it undoes:
 - the tokenizer files (export_vocab.py).
 
 The way back is exact: export then convert_hf_to_gguf.py at the GGUF's own type gives every tensor's bytes
-again, with one exception for gemma3: a norm weight v stored as 1 + w is exported as v - 1 in float32,
-which is exact only when v is in [0.5, 2^24] (Sterbenz); outside it the converter's "+ 1" cannot give v
-back bit for bit (real norm weights are inside it).
+again. gemma3's norms are where this needs care: the GGUF holds v = fl32(1 + w), and export writes
+w' = fl32(v - 1), for which fl32(1 + w') == v whenever v was made that way (`norm_minus_one`); w' is w
+itself only when the "+ 1" lost none of w's low bits, so the exported HF norms equal the checkpoint's up
+to that rounding, while the GGUF comes back bit for bit.
 """
 
 from __future__ import annotations
@@ -272,6 +273,13 @@ def _cast(x: np.ndarray, st_dtype: str) -> np.ndarray:
     return bits
 
 
+def norm_minus_one(v: np.ndarray) -> np.ndarray:
+    """The inverse of the converter's gemma "+ 1" on float32: w' = fl32(v - 1) has fl32(w' + 1) == v for
+    every v = fl32(w + 1) (for v in [0.5, 2^24] v - 1 is exact, Sterbenz; below 0.5, v came from an exact
+    sum and is a multiple of 2^-24, so v - 1 is exact too; above, both sums stay on the same grid)."""
+    return np.ascontiguousarray(v, dtype=np.float32) - np.float32(1)
+
+
 class _Tensor:
     """One HF tensor to write: where it comes from, how it is transformed, its safetensors dtype and shape."""
 
@@ -292,7 +300,7 @@ class _Tensor:
         if self.permute_heads:
             x = _unpermute(x, self.permute_heads)
         if self.minus_one:
-            x = x - np.float32(1.0)
+            x = norm_minus_one(x)
         return _cast(x, self.st_dtype)
 
 
