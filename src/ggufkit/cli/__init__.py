@@ -26,6 +26,7 @@ COMMANDS = {
     "ram": "ram",
     "pick": "pick",
     "inspect": "inspect",
+    "export": "export",
 }
 
 
