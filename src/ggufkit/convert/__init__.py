@@ -1,0 +1,1 @@
+"""Hugging Face checkpoint folder -> GGUF, in one streaming pass (ggufkit convert)."""
