@@ -1,0 +1,1 @@
+"""From a Hugging Face checkpoint folder to GGUF (`ggufkit convert`)."""
