@@ -130,7 +130,7 @@ F32_2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
         (_raw({"a": F32_2, "b": F32_2}, bytes(8)), "overlaps"),
         (_raw({"a": {**F32_2, "data_offsets": [0, 8]}}, bytes(12)), "cover 8 bytes of a 12"),
         (_raw({"a": {**F32_2, "data_offsets": [4, 12]}}, bytes(12)), "gap of 4"),
-        (_raw({"a": {**F32_2, "data_offsets": [0, 16]}}, bytes(8)), "past the data area"),
+        (_raw({"a": {**F32_2, "data_offsets": [0, 16]}}, bytes(8)), "past the 8-byte data area"),
         (_raw({"a": {**F32_2, "data_offsets": [8, 0]}}, bytes(8)), "begin <= end"),
         (_raw({"a": {**F32_2, "shape": [3]}}, bytes(8)), "needs 12 bytes"),
         (_raw({"a": {**F32_2, "shape": [2**40, 2**40]}}, bytes(8)), "needs"),
