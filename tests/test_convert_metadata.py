@@ -230,3 +230,17 @@ def test_bad_sampling_value_refused(tmp_path):
     d = _make(tmp_path, 0, "m", None, {"top_k": 2.5}, None)
     with pytest.raises(ConvertError, match="top_k"):
         general_kvs(d, None, total_params=10)
+
+
+def test_synthetic_checkpoints_equal_reference():
+    from ggufkit.convert.hf import load_model_config
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folders = [
+        synthetic_checkpoint(a, d) for a, d in (("llama", "BF16"), ("qwen3", "BF16"), ("gemma3", "F32"))
+    ]
+    cases = [(f, 1_234_567) for f in folders]
+    for (folder, total), ref in zip(cases, run_reference(cases)):
+        assert "kvs" in ref, ref.get("error")
+        ours = general_kvs(folder, load_model_config(folder), total_params=total)
+        assert _norm(ours) == _norm(ref["kvs"]), folder

@@ -455,3 +455,24 @@ def test_config_mutation_corpus(tmp_path):
             counts[key] += 1
     assert counts["both"] > 40, counts
     print(counts)
+
+
+def test_synthetic_checkpoints_equal_reference():
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folders = [
+        synthetic_checkpoint(arch, dtype, rope=rope)
+        for arch, dtype, rope in (
+            ("llama", "F16", "llama3"),
+            ("llama", "BF16", None),
+            ("mistral", "F32", None),
+            ("qwen2", "F16", None),
+            ("qwen3", "BF16", None),
+            ("gemma3", "F32", None),
+        )
+    ]
+    for folder, ref in zip(folders, run_reference(folders)):
+        assert "kvs" in ref, ref.get("error")
+        cfg = load_model_config(folder)
+        assert {k: cfg.hparams[k] for k in READ_KEYS if k in cfg.hparams} == ref["hparams"], folder
+        assert _norm_kvs(arch_kvs(cfg, FILE_TYPES["F16"])) == _norm_kvs(ref["kvs"]), folder

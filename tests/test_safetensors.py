@@ -242,3 +242,55 @@ def test_read_header_agrees_with_safetensors_library(tmp_path):
         assert [r.name for r in refs] == list(f.keys())
         for r in refs:
             assert np.array_equal(f.get_tensor(r.name), t[r.name])
+
+
+# ---- against the reference's own index_tensors, on the synthetic checkpoints ----------------------------
+
+REFERENCE_INDEX = r"""
+import hashlib, json, logging, sys
+from pathlib import Path
+tree = sys.argv[1]
+sys.path[:0] = [tree, tree + "/gguf-py"]
+logging.disable(logging.CRITICAL)
+import gguf, torch
+from conversion import get_model_class
+out = []
+for folder in json.load(sys.stdin):
+    d = Path(folder)
+    arch = json.load(open(d / "config.json"))["architectures"][0]
+    m = get_model_class(arch)(d, gguf.LlamaFileType.MOSTLY_F16, d / "out.gguf", eager=True)
+    out.append([[name, hashlib.sha256(gen().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()]
+                for name, gen in m.model_tensors.items()])
+json.dump(out, sys.stdout)
+"""
+
+
+def test_order_and_bytes_equal_reference_index():
+    pytest.importorskip("torch")
+    import hashlib
+    import subprocess
+    import sys
+
+    from tests.helpers.checkpoints import synthetic_checkpoint
+    from tests.helpers.llama_programs import source_tree
+
+    folders = [
+        synthetic_checkpoint("llama", "BF16", shards=2),
+        synthetic_checkpoint("llama", "F16", rope="llama3"),
+        synthetic_checkpoint("qwen2", "F16"),
+        synthetic_checkpoint("qwen3", "BF16", shards=2),
+        synthetic_checkpoint("gemma3", "F32"),
+        synthetic_checkpoint("mistral", "F32", shards=2, tied=False),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", REFERENCE_INDEX, str(source_tree())],
+        input=json.dumps([str(f) for f in folders]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for folder, ref in zip(folders, json.loads(proc.stdout)):
+        with open_checkpoint(folder) as ckpt:
+            ours = [[n, hashlib.sha256(ckpt.read(n).tobytes()).hexdigest()] for n in ckpt.tensors]
+        assert ours == ref, folder
