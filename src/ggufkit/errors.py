@@ -35,3 +35,7 @@ class PickError(GgufkitError):
 
 class ModelFetchError(GgufkitError):
     """The default model could not be fetched or did not verify."""
+
+
+class ConvertError(GgufkitError):
+    """A Hugging Face checkpoint cannot be converted as asked (architecture, tensors, shapes, values)."""

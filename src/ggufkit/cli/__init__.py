@@ -22,6 +22,7 @@ from ..errors import GgufkitError
 COMMANDS = {
     "report": "report",
     "quantize": "quantize",
+    "convert": "convert",
     "eval": "evaluate",
     "ram": "ram",
     "pick": "pick",

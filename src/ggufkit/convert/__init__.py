@@ -1,5 +1,6 @@
 """Hugging Face checkpoints ⇄ GGUF.
 
+    convert(hf_dir, dst, type="F16")         a checkpoint folder to GGUF at any level, one pass (job.py)
     export(gguf_path, hf_dir, dtype="f32")   a GGUF back to a folder transformers loads (export.py)
 
 Imports are lazy, as in ggufkit/__init__.py: importing the package loads none of its modules.
@@ -7,6 +8,8 @@ Imports are lazy, as in ggufkit/__init__.py: importing the package loads none of
 
 # public name -> (module under ggufkit.convert, attribute)
 _API = {
+    "convert": ("job", "convert"),
+    "ConvertSummary": ("job", "ConvertSummary"),
     "export": ("export", "export"),
     "ExportError": ("export", "ExportError"),
     "ExportSummary": ("export", "ExportSummary"),

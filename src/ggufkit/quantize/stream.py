@@ -98,6 +98,29 @@ def _importance(vector, size: int):
     return vector if vector.size == size else None
 
 
+class FileSource:
+    """Chunks read from a file by their byte offsets (the input GGUF of a quantize job).
+
+    A source is anything with readinto(chunk, view), which fills view (chunk.nbytes bytes) with the chunk's
+    rows in chunk.src_type, and may be called from several worker threads at once; ggufkit.convert's
+    source makes them from a checkpoint instead of a file.
+    """
+
+    def __init__(self, path):
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def readinto(self, c: Chunk, view: memoryview) -> None:
+        got = 0
+        while got < c.nbytes:
+            n = os.preadv(self.fd, [view[got:]], c.offset + got)
+            if n <= 0:
+                raise QuantizeError(f"unexpected end of input at byte {c.offset + got}")
+            got += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Lane:
     """What one chunk in flight needs: its input buffer and the kernels' own buffers."""
 
@@ -105,15 +128,10 @@ class _Lane:
         self.input = Buffer()
         self.rows = rows
 
-    def run(self, fd: int, c: Chunk) -> memoryview:
+    def run(self, source, c: Chunk) -> memoryview:
         address = self.input.reserve(max(1, c.nbytes))
         view = self.input.view(c.nbytes)
-        got = 0
-        while got < c.nbytes:
-            n = os.preadv(fd, [view[got:]], c.offset + got)
-            if n <= 0:
-                raise QuantizeError(f"unexpected end of input at byte {c.offset + got}")
-            got += n
+        source.readinto(c, view)
         try:
             if c.src_type == c.dst_type:
                 if c.check:
@@ -131,10 +149,15 @@ class _Lane:
             ) from None
 
 
-def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Callable | None = None) -> None:
-    """Read, convert and write every chunk; progress(chunk, input bytes done) after each is written."""
+def run(
+    source, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Callable | None = None
+) -> None:
+    """Read, convert and write every chunk; progress(chunk, input bytes done) after each is written.
+    source: the input file's path, or a source object (see FileSource)."""
     rows = for_backend()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    own = not hasattr(source, "readinto")
+    if own:
+        source = FileSource(source)
     parallel = isinstance(rows, NativeRows) and threads > 1
     if parallel:
         lanes = [_Lane(NativeRows(rows.lib, threads=1)) for _ in range(threads + EXTRA_LANES)]
@@ -165,9 +188,9 @@ def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Ca
                 write_oldest()
             lane = free.popleft()
             if workers is None:
-                pending.append((c, lane, lane.run(fd, c)))
+                pending.append((c, lane, lane.run(source, c)))
             else:
-                pending.append((c, lane, workers.submit(lambda lane=lane, c=c: lane.run(fd, c))))
+                pending.append((c, lane, workers.submit(lambda lane=lane, c=c: lane.run(source, c))))
             while pending and (workers is None or pending[0][2].done()):
                 write_oldest()
         while pending:
@@ -176,4 +199,5 @@ def run(path, chunk_list: Iterator[Chunk], writer, *, threads: int, progress: Ca
         if workers is not None:
             for _, _, task in pending:  # on an error: the lanes' chunks still use the file and buffers
                 task.wait()
-        os.close(fd)
+        if own:
+            source.close()
