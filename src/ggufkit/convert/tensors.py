@@ -28,7 +28,6 @@ from ..errors import ConvertError
 from ..gguf.types import GGMLQuantizationType as T
 
 __all__ = [
-    "ARCHITECTURES",
     "ConvertTensor",
     "OUTPUT_TYPES",
     "gguf_name",
@@ -43,15 +42,6 @@ __all__ = [
 # general.file_type (LlamaFileType): every other level goes through the quantize plan.
 OUTPUT_TYPES = {"F32": (T.F32, 0), "F16": (T.F16, 1), "BF16": (T.BF16, 32), "Q8_0": (T.Q8_0, 7)}
 _DTYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
-
-# HF class name -> GGUF architecture (conversion/__init__.py TEXT_MODEL_MAP).
-ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma3ForCausalLM": "gemma3",
-}
 
 _TOP = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm"}
 _BLOCK = {
@@ -387,7 +377,7 @@ def _check_finite(t: ConvertTensor, data) -> None:
         bad = (data & 0x7F80) == 0x7F80
     else:
         with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.add.reduce(data.reshape(-1), dtype=np.float64)):
+            if np.isfinite(np.add.reduce(data.reshape(-1), dtype=np.float32)):
                 return
         bad = ~np.isfinite(data)
     if bad.any():
