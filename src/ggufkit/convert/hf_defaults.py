@@ -76,27 +76,6 @@ _DEFAULTS: dict[str, dict] = {
         eos_token_id=None,
         pad_token_id=None,
     ),
-    "qwen3": dict(
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=22016,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        head_dim=128,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        use_sliding_window=False,
-        sliding_window=4096,
-        max_window_layers=28,
-        layer_types=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    ),
     "gemma3_text": dict(
         vocab_size=262_208,
         hidden_size=2304,
@@ -195,7 +174,21 @@ READ_KEYS = (
     "text_config",
 )
 
+
 # rope types whose transformers validation raises KeyError when these keys are missing (4.57.6)
+def _with_head_dim(defaults: dict, head_dim: int) -> dict:
+    """Qwen3Config's defaults: Qwen2Config's, and a head_dim right after num_key_value_heads (its order)."""
+    out = {}
+    for key, value in defaults.items():
+        out[key] = value
+        if key == "num_key_value_heads":
+            out["head_dim"] = head_dim
+    return out
+
+
+_DEFAULTS["qwen3"] = _with_head_dim(_DEFAULTS["qwen2"], 128)
+
+
 _ROPE_REQUIRED = {
     "default": (),
     "linear": ("factor",),
