@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ggufkit.errors import ConvertError
 from ggufkit.gguf.types import GGUFValueType as V
+from ggufkit.quantize.levels import LEVELS
 
 from .hf_defaults import READ_KEYS, transformers_hparams
 
@@ -48,8 +49,10 @@ ARCHITECTURES: dict[str, tuple[str, tuple[str, ...]]] = {
     "Gemma3ForCausalLM": ("gemma3", ("gemma3_text",)),
 }
 
-# llama.cpp's LlamaFileType ids for the output types convert writes itself
-FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
+# convert_hf_to_gguf.py's --outtype choices, which convert writes itself (every other level goes through the
+# quantize plan), and their general.file_type: the llama_ftype of llama-quantize's level of the same name
+OUTTYPES = ("F32", "F16", "BF16", "Q8_0")
+FILE_TYPES = {name: LEVELS[name].ftype_id for name in OUTTYPES}
 
 KV = tuple  # (key, GGUFValueType, value) or (key, ARRAY, list, sub_type)
 

@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 from ..errors import ConvertError
 from ..gguf.types import GGMLQuantizationType as T
+from ..quantize.levels import LEVELS
+from .hf import FILE_TYPES, OUTTYPES
+from .safetensors import DTYPES
 
 __all__ = [
     "ConvertTensor",
@@ -40,8 +43,8 @@ __all__ = [
 
 # The --type values convert writes itself (what convert_hf_to_gguf.py --outtype writes) and their
 # general.file_type (LlamaFileType): every other level goes through the quantize plan.
-OUTPUT_TYPES = {"F32": (T.F32, 0), "F16": (T.F16, 1), "BF16": (T.BF16, 32), "Q8_0": (T.Q8_0, 7)}
-_DTYPES = {"F32": T.F32, "F16": T.F16, "BF16": T.BF16}
+OUTPUT_TYPES = {name: (LEVELS[name].default_type, FILE_TYPES[name]) for name in OUTTYPES}
+_DTYPES = {name: T[name] for name in DTYPES}  # a safetensors dtype -> the ggml type of the same name
 
 _TOP = {"model.embed_tokens": "token_embd", "lm_head": "output", "model.norm": "output_norm"}
 _BLOCK = {
