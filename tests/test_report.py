@@ -358,11 +358,11 @@ def test_editing_any_quantizer_source_changes_the_fingerprint(tmp_path):
         assert source_fingerprint(root, _QUANT_CODE) != before, f.relative_to(root)
         f.write_bytes(original)
     assert source_fingerprint(root, _QUANT_CODE) == before
-    # a C source the native kernels are built from counts as much as a Python one
-    (root / "quants" / "native" / "shim.c").write_text("int gk_shim;\n")
+    # a new C source beside the native kernels' counts as much as a new Python one
+    (root / "quants" / "native" / "extra.c").write_text("int gk_extra;\n")
     assert source_fingerprint(root, _QUANT_CODE) != before
     # and what is not a source (a compiled cache, notes) does not
-    (root / "quants" / "native" / "shim.c").unlink()
+    (root / "quants" / "native" / "extra.c").unlink()
     (root / "quants" / "README.txt").write_text("notes\n")
     assert source_fingerprint(root, _QUANT_CODE) == before
 

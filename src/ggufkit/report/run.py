@@ -83,7 +83,7 @@ def run_report(
     from .. import memory
     from .. import recommend as picker
     from ..evaluation import read_text
-    from ..quantize import levels
+    from ..quantize.levels import level as level_of
 
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
@@ -94,7 +94,7 @@ def run_report(
         raise ReportError(f"{model}: no such file")
     names = []
     for lv in levels or (QUICK_LEVELS if quick else DEFAULT_LEVELS):
-        name = levels.level(lv).name
+        name = level_of(lv).name
         if name in FLOAT_TYPES:
             raise ReportError(
                 f"{name} is not a quantization level for the ladder (the base is full precision)"
