@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ggufkit import convert
 from ggufkit.cache import sha256_file
 from ggufkit.cli import main
-from ggufkit.convert import convert
 from ggufkit.errors import ConvertError
 from ggufkit.gguf.reader import open_gguf
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ggufkit.convert.metadata import _id_components, general_kvs, id_to_title, size_label
+from ggufkit.conversion.metadata import _id_components, general_kvs, id_to_title, size_label
 from ggufkit.errors import ConvertError
 from ggufkit.gguf.types import GGUFValueType as V
 from tests.helpers.llama_programs import source_tree
@@ -233,7 +233,7 @@ def test_bad_sampling_value_refused(tmp_path):
 
 
 def test_synthetic_checkpoints_equal_reference():
-    from ggufkit.convert.hf import load_model_config
+    from ggufkit.conversion.hf import load_model_config
     from tests.helpers.checkpoints import synthetic_checkpoint
 
     folders = [

@@ -1,4 +1,4 @@
-"""convert/vocab.py: every tokenizer.* KV as llama.cpp's convert_hf_to_gguf.py writes it.
+"""conversion/vocab.py: every tokenizer.* KV as llama.cpp's convert_hf_to_gguf.py writes it.
 
 The oracle is the reference converter itself (`--vocab-only`, from the llama-cpp-python sdist tree, run
 once for all folders in one subprocess), read back with the tree's gguf-py GGUFReader.
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from ggufkit.convert.vocab import (
+from ggufkit.conversion.vocab import (
     CHECK_TEXT,
     PRE_TOKENIZER_HASHES,
     n_vocab_real,

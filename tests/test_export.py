@@ -98,7 +98,7 @@ def test_round_trip_through_the_reference_converter(case, tmp_path):
 
     The exported folder keeps the checkpoint's folder name (the converter derives general.name from it),
     so even the metadata comes back: all KVs and all tensor bytes are equal, with no exception."""
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
 
     arch, dtype, kw = case
     src = synthetic_checkpoint(arch, dtype, **kw)
@@ -116,7 +116,7 @@ def test_export_gives_the_checkpoints_tensors_back(arch, tmp_path):
     (the converter's + 1 drops w's low bits; the GGUF round trip above is still exact)."""
     from safetensors import safe_open
 
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
 
     src = synthetic_checkpoint(arch, "F32", tied=arch == "gemma3", shards=2 if arch == "qwen2" else 1)
     folder = tmp_path / src.name
@@ -147,7 +147,7 @@ def test_export_gives_the_checkpoints_tensors_back(arch, tmp_path):
 def test_quantized_export_dequantizes_as_llama_cpp(tmp_path, smollm2_path, smollm2_f32):
     """Exporting the Q4_1 GGUF (ggufkit dequantizes) gives the same safetensors as exporting llama.cpp's own
     F32 dequantization of it."""
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
 
     a = export(smollm2_path, tmp_path / "q" / "SmolLM2-135M-Instruct")
     b = export(smollm2_f32, tmp_path / "f" / "SmolLM2-135M-Instruct")
@@ -159,7 +159,7 @@ def test_quantized_export_dequantizes_as_llama_cpp(tmp_path, smollm2_path, smoll
 def test_smollm2_round_trip_f32(tmp_path, smollm2_f32):
     """The real model: export llama.cpp's F32 SmolLM2, convert it back at F32: every tensor's bytes equal.
     (Metadata differs on purpose: the original came from another converter version and a README.)"""
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
     from ggufkit.gguf.reader import open_gguf
 
     folder = export(smollm2_f32, tmp_path / "SmolLM2-135M-Instruct").path
@@ -183,7 +183,7 @@ def test_smollm2_round_trip_f32(tmp_path, smollm2_f32):
 
 @pytest.fixture(scope="module")
 def smollm2_hf(tmp_path_factory, smollm2_f32):
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
 
     return export(smollm2_f32, tmp_path_factory.mktemp("hf") / "SmolLM2-135M-Instruct").path
 
@@ -251,7 +251,7 @@ def test_gemma3_sentencepiece_model(tmp_path, gemma3_path):
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    from ggufkit.convert.export_vocab import tokenizer_files
+    from ggufkit.conversion.export_vocab import tokenizer_files
     from ggufkit.engine.tokenizer import load_tokenizer
     from ggufkit.gguf.reader import open_gguf
 
@@ -346,7 +346,7 @@ def test_cli_export_refuses_other_architectures(tmp_path, capsys):
 def test_gemma_norm_inverse_gives_every_converted_value_back():
     """fl32(fl32(v - 1) + 1) == v for every v = fl32(w + 1) the converter makes (w float32 or bfloat16,
     tiny to huge, both signs), so the Gemma 3 round trip is exact on its norms too."""
-    from ggufkit.convert.export import norm_minus_one
+    from ggufkit.conversion.export import norm_minus_one
     from tests.helpers.checkpoints import to_bf16_bits
 
     rng = np.random.default_rng(0)
@@ -370,7 +370,7 @@ def gemma3_f32(gemma3_path):
 
 @pytest.fixture(scope="module")
 def gemma3_hf(tmp_path_factory, gemma3_f32):
-    from ggufkit.convert.export import export
+    from ggufkit.conversion.export import export
 
     return export(gemma3_f32, tmp_path_factory.mktemp("hf") / "gemma-3-270m").path
 

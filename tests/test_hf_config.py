@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ggufkit.convert.hf import FILE_TYPES, READ_KEYS, arch_kvs, load_model_config
+from ggufkit.conversion.hf import FILE_TYPES, READ_KEYS, arch_kvs, load_model_config
 from ggufkit.errors import ConvertError
 from ggufkit.gguf.types import GGUFValueType as V
 from tests.helpers.llama_programs import source_tree

@@ -20,8 +20,8 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "ggufkit"
 FACT_HOMES = {
     "quants/registry.py",  # block formats: sizes, kernels, native ops, search work, vec_dot partner
     "gguf/types.py",  # ggml's enums and block sizes
-    "convert/hf.py",  # convert_hf_to_gguf.py's --outtype choices
-    "convert/safetensors.py",  # safetensors' own dtype names, which ggml spells the same
+    "conversion/hf.py",  # convert_hf_to_gguf.py's --outtype choices
+    "conversion/safetensors.py",  # safetensors' own dtype names, which ggml spells the same
     "quantize/levels.py",  # llama-quantize's levels and aliases, whose names are type names too
     "quantize/rules.py",  # llama-quant.cpp's per-tensor rules, naming types in conditions as the C++ does
 }

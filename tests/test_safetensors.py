@@ -14,7 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ggufkit.convert.safetensors import open_checkpoint, read_header
+from ggufkit.conversion.safetensors import open_checkpoint, read_header
 from ggufkit.errors import ConvertError
 
 

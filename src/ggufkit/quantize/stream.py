@@ -102,7 +102,7 @@ class FileSource:
     """Chunks read from a file by their byte offsets (the input GGUF of a quantize job).
 
     A source is anything with readinto(chunk, view), which fills view (chunk.nbytes bytes) with the chunk's
-    rows in chunk.src_type, and may be called from several worker threads at once; ggufkit.convert's
+    rows in chunk.src_type, and may be called from several worker threads at once; ggufkit.conversion's
     source makes them from a checkpoint instead of a file.
     """
 

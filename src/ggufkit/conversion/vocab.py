@@ -182,8 +182,9 @@ def pre_tokenizer_name(tok, path: Path) -> str:
     if name is None:
         raise ConvertError(
             f"{path}: BPE pre-tokenizer not recognised (check-text hash {digest}); ggufkit knows "
-            f"{', '.join(sorted(set(PRE_TOKENIZER_HASHES.values())))}. If llama.cpp's convert_hf_to_gguf.py "
-            "knows this hash, add it to ggufkit.convert.vocab.PRE_TOKENIZER_HASHES; otherwise the tokenizer "
+            f"{', '.join(sorted(set(PRE_TOKENIZER_HASHES.values())))}. If llama.cpp's "
+            "convert_hf_to_gguf.py knows this hash, add it to ggufkit.conversion.vocab.PRE_TOKENIZER_HASHES; "
+            "otherwise the tokenizer "
             "files differ from the published model's: use the original tokenizer.json"
         )
     return name
