@@ -32,8 +32,8 @@ import errno
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..cache import TEMP_MARK, AtomicFile, WriteInterrupted, remove_stale_temporaries
 from .layout import ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, I32, I64, U32, U64, n_dims, pad, tensor_nbytes
@@ -59,8 +59,7 @@ __all__ = [
 WRITEBACK_BYTES = 8 << 20  # start writing back every 8 MiB written
 
 
-@dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(NamedTuple):
     """One tensor of the output: name, shape in ggml order (shape[0] = row length), type."""
 
     name: str

@@ -24,9 +24,8 @@ import re
 import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from .. import quants
 from ..errors import QuantizeError
@@ -52,8 +51,7 @@ _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 _KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]
 
 
-@dataclass(frozen=True)
-class QuantizeProgress:
+class QuantizeProgress(NamedTuple):
     """Passed to the `progress` callback after each chunk: where the job is, in input bytes."""
 
     index: int  # 0-based index of the current tensor
@@ -63,8 +61,7 @@ class QuantizeProgress:
     bytes_total: int
 
 
-@dataclass
-class QuantizeSummary:
+class QuantizeSummary(NamedTuple):
     """What a quantize job did (or, with dry_run, would do)."""
 
     src: Path
@@ -80,7 +77,7 @@ class QuantizeSummary:
     file_size: int | None  # bytes of the output file, header and padding included
     seconds: float
     plan: Plan
-    fallbacks: list[TensorPlan] = field(default_factory=list)  # kind FALLBACK: tp.fallback = (wanted, used)
+    fallbacks: list[TensorPlan]  # kind FALLBACK: tp.fallback = (wanted, used)
     imatrix_entries: int = 0
     kernels: str = ""  # "native" (the compiled library) or "jit" (numba's fallback); "" for a dry run
 
@@ -350,8 +347,7 @@ def quantize_file(
             imatrix_entries=len(vectors),
         )
         if dry_run:
-            summary.seconds = time.perf_counter() - t0
-            return summary
+            return summary._replace(seconds=time.perf_counter() - t0)
 
         kvs = output_kvs(model, int(level.ftype_id), overrides)
         entries = [
@@ -366,17 +362,16 @@ def quantize_file(
 
         with _passive_omp_waits():
             n_threads, restore = _set_threads(threads)
-            summary.threads = n_threads
-            summary.kernels = quants.backend()  # loads (or, the first time, builds) them before any output
+            # quants.backend() loads (or, the first time, builds) the kernels before any output
+            summary = summary._replace(threads=n_threads, kernels=quants.backend())
             try:
                 with GGUFStreamWriter(dst_path, kvs, entries, write_hook=_write_hook) as writer:
                     todo = stream.chunks(model, plan, vectors, allow_nonfinite=allow_nonfinite)
                     stream.run(src, todo, writer, threads=n_threads, progress=report)
                     writer.commit()
-                    summary.file_size = writer.file_size
+                    summary = summary._replace(file_size=writer.file_size)
             except OSError as e:
                 raise QuantizeError(f"cannot write {dst_path}: {e.strerror or e}") from None
             finally:
                 restore()
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    return summary._replace(seconds=time.perf_counter() - t0)

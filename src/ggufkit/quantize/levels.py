@@ -8,7 +8,7 @@ which imports numpy only inside its array functions, so planning never loads it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import QuantizeError
 from ..gguf.types import GGMLQuantizationType as T
@@ -16,8 +16,7 @@ from ..quants.registry import FORMATS, get_format
 from ..quants.registry import row_bytes as _registry_row_bytes
 
 
-@dataclass(frozen=True)
-class Level:
+class Level(NamedTuple):
     """A llama-quantize TYPE: its llama_ftype (written as general.file_type) and default tensor type."""
 
     name: str

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import QuantizeError
 from ..gguf.types import FLOAT_TYPES
@@ -48,8 +47,7 @@ __all__ = [
 # -- model facts ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """A tensor as the policy sees it. shape is in ggml order: shape[0] = ne0 = row length. nbytes: its
     bytes in the source file when known (a tensor copied verbatim keeps them, whatever its type)."""
 
@@ -64,8 +62,7 @@ class TensorSpec:
 SUPPORTED_ARCHS = ("llama", "mistral3", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
 
 
-@dataclass
-class Hparams:
+class Hparams(NamedTuple):
     """The model facts the rules read (llama.cpp's hparams; head counts of layer 0)."""
 
     arch: str
@@ -129,8 +126,7 @@ def hparams_from_gguf(model) -> Hparams:
 # -- the plan ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class TensorPlan:
+class TensorPlan(NamedTuple):
     """One tensor's fate: its destination type, what decided it (kind) and, when the row length forced
     another type than the rules chose, the (wanted, used) pair. reason: the same, as text for people."""
 
@@ -158,8 +154,7 @@ class TensorPlan:
         return fallback_note(*self.fallback, self.shape[0]) if self.fallback else ""
 
 
-@dataclass
-class Plan:
+class Plan(NamedTuple):
     level: Level
     tensors: list[TensorPlan]  # in llama.cpp's output order
     n_fallback: int  # llama.cpp's count of row-length fallbacks (its "N of M tensor(s)" warning)

@@ -28,8 +28,7 @@ import enum
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..errors import QuantizeError
 from ..gguf.types import GGMLQuantizationType as T
@@ -50,8 +49,7 @@ class TensorKind(enum.Enum):
     OVERRIDE = "override"  # a command-line option (--tensor-type, --output-tensor-type, ...)
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     """One decision of the policy, before the row-length fallback. detail: for MIX the rule ("attn_v
     more-bits layer 3"), for OVERRIDE the option ("--tensor-type attn_v=q8_0"), for COPY why not."""
 

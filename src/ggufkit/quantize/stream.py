@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import QuantizeError
 from ..gguf.types import FLOAT_TYPES, GGMLQuantizationType
@@ -37,8 +37,7 @@ _SEARCHED = frozenset(f.ggml_type for f in FORMATS.values() if f.costly(importan
 _SEARCHED_WITH_IMPORTANCE = frozenset(f.ggml_type for f in FORMATS.values() if f.costly(importance=True))
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):
     """Rows [first_row, first_row + n_rows) of plan tensor `index`, at byte `offset` of the input."""
 
     index: int

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
 
@@ -32,21 +31,68 @@ QuantizeRows = Callable[["np.ndarray", "np.ndarray | None"], "np.ndarray"]
 DequantizeRows = Callable[["np.ndarray", int], "np.ndarray"]
 
 
-@dataclass(frozen=True)
-class _Facts:
-    """The per-type facts of the table below, beside ggml's block size and bytes per block."""
+class BlockFormat(NamedTuple):
+    """A block format: ggml's type, its block size and bytes per block, the facts of the table below, and
+    its kernels. (A NamedTuple, as every record a quantize process builds on import: they cost a tenth of a
+    dataclass's creation, and start-up is part of what a user waits for.)"""
 
+    name: str
+    ggml_type: GGMLQuantizationType
+    block_size: int  # elements per block
+    type_size: int  # bytes per block
     kernels: str  # the module of its numba kernels: fp, legacy, kquants, iq4
     vec_dot: str  # ggml's vec_dot_type (type_traits_cpu in ggml-cpu.c): what the CPU matmul rounds the
     #              activations to before multiplying with a weight of this type (Q8_1 holds Q8_0's values)
-    uses_importance: bool = False  # has an importance-weighted (imatrix) algorithm in llama.cpp
-    searched: bool = False  # quantizing searches scales block by block even without importance
-    legacy_search: tuple[int, bool] | None = None  # the legacy imatrix search's (nmax, has a min)
-    native_ops: frozenset[str] = frozenset()  # what the native library's gk_run does for the type:
+    uses_importance: bool  # has an importance-weighted (imatrix) algorithm in llama.cpp
+    searched: bool  # quantizing searches scales block by block even without importance
+    legacy_search: tuple[int, bool] | None  # the legacy imatrix search's (nmax, has a min)
+    native_ops: frozenset[str]  # what the native library's gk_run does for the type:
     #              "quantize", "dequantize" and "check" (the first row holding a NaN or an infinity)
-    kv_cache: bool = False  # a KV cache type of llama.cpp (-ctk/-ctv) the memory estimate knows
-    cpu_repack: frozenset[str] = frozenset()  # machines on which ggml's CPU backend repacks the type's
+    kv_cache: bool  # a KV cache type of llama.cpp (-ctk/-ctv) the memory estimate knows
+    cpu_repack: frozenset[str]  # machines on which ggml's CPU backend repacks the type's
     #              weights (ggml-cpu/repack.cpp): "avx2", "avx512" (x86-64), "arm" (dotprod or i8mm)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    def costly(self, *, importance: bool) -> bool:
+        """Whether quantizing searches (K-quants, IQ4, the legacy types with importance): the quantize
+        stream then cuts smaller chunks."""
+        return self.searched or (importance and self.legacy_search is not None)
+
+    def row_bytes(self, n_per_row: int) -> int:
+        return row_bytes(self, n_per_row)
+
+    def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+        return kernels(self.name).quantize_rows(x, importance)
+
+    def dequantize_rows(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
+        return kernels(self.name).dequantize_rows(data, n_per_row)
+
+
+def _Facts(  # noqa: N802  (reads as the table's row constructor)
+    kernels: str,
+    vec_dot: str,
+    *,
+    uses_importance: bool = False,
+    searched: bool = False,
+    legacy_search: tuple[int, bool] | None = None,
+    native_ops: frozenset[str] = frozenset(),
+    kv_cache: bool = False,
+    cpu_repack: frozenset[str] = frozenset(),
+) -> dict:
+    """One row of the table below: the BlockFormat fields beyond ggml's block size and bytes per block."""
+    return {
+        "kernels": kernels,
+        "vec_dot": vec_dot,
+        "uses_importance": uses_importance,
+        "searched": searched,
+        "legacy_search": legacy_search,
+        "native_ops": native_ops,
+        "kv_cache": kv_cache,
+        "cpu_repack": cpu_repack,
+    }
 
 
 _CHECK = frozenset({"check"})  # F32: quantizing to F32 is a copy, done in Python
@@ -78,45 +124,15 @@ _TABLE = {
 # fmt: on
 
 
-@dataclass(frozen=True)
-class Kernels:
+class Kernels(NamedTuple):
     quantize_rows: QuantizeRows
     dequantize_rows: DequantizeRows
-
-
-@dataclass(frozen=True, kw_only=True)
-class BlockFormat(_Facts):
-    """A block format: ggml's type, its block size and bytes per block, the facts above, and its kernels."""
-
-    name: str
-    ggml_type: GGMLQuantizationType
-    block_size: int  # elements per block
-    type_size: int  # bytes per block
-
-    @property
-    def bits_per_weight(self) -> float:
-        return 8.0 * self.type_size / self.block_size
-
-    def costly(self, *, importance: bool) -> bool:
-        """Whether quantizing searches (K-quants, IQ4, the legacy types with importance): the quantize
-        stream then cuts smaller chunks."""
-        return self.searched or (importance and self.legacy_search is not None)
-
-    def row_bytes(self, n_per_row: int) -> int:
-        return row_bytes(self, n_per_row)
-
-    def quantize_rows(self, x: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
-        return kernels(self.name).quantize_rows(x, importance)
-
-    def dequantize_rows(self, data: np.ndarray, n_per_row: int) -> np.ndarray:
-        return kernels(self.name).dequantize_rows(data, n_per_row)
 
 
 def _format(name: str) -> BlockFormat:
     qt = GGMLQuantizationType[name]
     block_size, type_size = GGML_QUANT_SIZES[qt]
-    facts = {f.name: getattr(_TABLE[name], f.name) for f in fields(_Facts)}
-    return BlockFormat(**facts, name=name, ggml_type=qt, block_size=block_size, type_size=type_size)
+    return BlockFormat(name=name, ggml_type=qt, block_size=block_size, type_size=type_size, **_TABLE[name])
 
 
 # every supported format by name, in ggml type-id order
