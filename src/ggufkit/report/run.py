@@ -18,6 +18,7 @@ from ..models import default_model_path
 from .measure import (
     FLOAT_TYPES,
     ReportError,
+    convert_checkpoint,
     default_threads,
     llama_cpp_available,
     machine_facts,
@@ -88,10 +89,8 @@ def run_report(
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
     model = Path(default_model_path() if model is None else model)
-    if model.is_dir():
-        raise ReportError(f"{model}: Hugging Face folders are not supported yet; convert to GGUF first")
-    if not model.is_file():
-        raise ReportError(f"{model}: no such file")
+    if not model.is_file() and not model.is_dir():
+        raise ReportError(f"{model}: no such file or folder")
     names = []
     for lv in levels or (QUICK_LEVELS if quick else DEFAULT_LEVELS):
         name = level_of(lv).name
@@ -105,11 +104,6 @@ def run_report(
     engine = resolve_engine(engine)
     threads = threads if threads and threads > 0 else default_threads()
     body, text_name = read_text(text)
-    model_sha = sha256_file(model)
-    work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
-    work.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
-    out_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 1 + len(names)
 
     def step(index: int, level: str):
@@ -121,8 +115,26 @@ def run_report(
 
     notes: list[str] = []
     base_step = step(0, "base")
+    if model.is_dir():  # a checkpoint folder: its GGUF, converted once, is the model the ladder starts from
+        source, work = convert_checkpoint(
+            model, work, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+        )
+        model_path, model_sha = Path(source["converted"]), source["converted_sha256"]
+        notes.append(
+            f"The model is a Hugging Face checkpoint folder ({source['architecture']}, {source['dtype']} "
+            f"safetensors). The base is ggufkit convert's {source['dtype']} GGUF of it (what "
+            f"convert_hf_to_gguf.py --outtype {source['dtype'].lower()} writes), made once and cached by the "
+            f"folder's content; each level is quantized from it, as `ggufkit convert --type LEVEL` makes it."
+        )
+    else:
+        model_path, model_sha = model, sha256_file(model)
+        work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
+        work.mkdir(parents=True, exist_ok=True)
+        source = {"kind": "gguf", "path": str(model), "sha256": model_sha}
+    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
+    out_dir.mkdir(parents=True, exist_ok=True)
     base = prepare_base(
-        model, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+        model_path, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
     )
     opts = {
         "text": text_name,
@@ -193,7 +205,7 @@ def run_report(
                 "measured_now": not r["reused"],
             }
         )
-    info = memory.load_source(model)
+    info = memory.load_source(model_path)
     notes += notes_for(rows, quant, info, opts)
     data = {
         "ggufkit_version": __version__,
@@ -201,7 +213,8 @@ def run_report(
         "machine": machine,
         "model": str(model),
         "model_name": model.name,
-        "model_sha256": model_sha,
+        "model_sha256": model_sha,  # the GGUF the ladder starts from (for a folder: its conversion)
+        "source": source,
         "base": base,
         "options": {k: v for k, v in opts.items() if k != "text_path"} | {"levels": names, "quick": quick},
         "units": {
