@@ -312,28 +312,44 @@ def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
 NOT_SHAPING = {"ggufkit", "ggufkit.errors"}
 
 
-def test_quantize_job_modules_lie_under_the_fingerprint():
-    from ggufkit.report.measure import _QUANT_CODE
-
-    script = (
-        "import sys, ggufkit.quantize.job\n"
-        "from ggufkit import quants\n"
-        "quants.backend()\n"
+def _modules_outside(script: str, parts: tuple[str, ...], must: tuple[str, ...]) -> list[str]:
+    """The ggufkit modules a fresh interpreter has imported after `script` that lie under none of `parts`."""
+    script += (
+        "\nimport sys\n"
         "print('\\n'.join(m.__name__ + ' ' + (m.__file__ or '') for m in list(sys.modules.values())"
         " if m.__name__.split('.')[0] == 'ggufkit'))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     pkg = SRC / "ggufkit"
-    modules = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    assert "ggufkit.quantize.job" in modules and "ggufkit.gguf.writer" in modules
+    modules = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("ggufkit"))
+    assert all(m in modules for m in must), sorted(modules)
     outside = []
     for name, file in modules.items():
         rel = Path(file).resolve().relative_to(pkg).as_posix()
-        covered = any(rel == part or rel.startswith(part + "/") for part in _QUANT_CODE)
+        covered = any(rel == part or rel.startswith(part + "/") for part in parts)
         if not covered and name not in NOT_SHAPING:
             outside.append(name)
-    assert outside == []
+    return outside
+
+
+def test_quantize_job_modules_lie_under_the_fingerprint():
+    from ggufkit.report.measure import _QUANT_CODE
+
+    script = "import ggufkit.quantize.job\nfrom ggufkit import quants\nquants.backend()"
+    assert _modules_outside(script, _QUANT_CODE, ("ggufkit.quantize.job", "ggufkit.gguf.writer")) == []
+
+
+def test_converter_modules_lie_under_the_fingerprint(tmp_path):
+    """Every module a real conversion (to a llama-quantize level, the longest route) imports is under the
+    fingerprint that keys a converted checkpoint in the report's cache."""
+    from ggufkit.report.measure import _CONVERT_CODE
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint("qwen2", "F16")
+    script = f"import ggufkit\nggufkit.convert({str(folder)!r}, {str(tmp_path / 'q.gguf')!r}, type='Q4_K_M')"
+    must = ("ggufkit.conversion.job", "ggufkit.conversion.vocab", "ggufkit.quantize.stream")
+    assert _modules_outside(script, _CONVERT_CODE, must) == []
 
 
 def test_editing_any_quantizer_source_changes_the_fingerprint(tmp_path):
