@@ -256,6 +256,34 @@ def test_checkpoint_folder_estimate_is_the_converted_files(arch, dtype, opts, tm
     assert facts(m) == facts(g)
 
 
+@pytest.mark.parametrize("arch,dtype,opts", CHECKPOINTS + [("qwen3", "F16", {})], ids=lambda v: str(v))
+def test_config_alone_has_the_converted_files_tensors(arch, dtype, opts, tmp_path):
+    """A config.json with no weights beside it (a model not downloaded yet) gets the tensors `ggufkit
+    convert --type F16` writes for the whole checkpoint: names, shapes, types and order, from the
+    converter's tables."""
+    import shutil
+
+    from ggufkit.conversion import job
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint(arch, dtype, **opts)
+    alone = tmp_path / folder.name
+    alone.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(folder / name, alone / name)
+    gguf = tmp_path / "converted.gguf"
+    job.convert(folder, gguf, type="F16", threads=1)
+    m, g = memory.load_source(alone), memory.load_source(gguf)
+    assert m.kind == "config" and "no weights" in memory.describe(m)
+    assert [(t.name, t.shape, t.ggml_type) for t in m.tensors] == [
+        (t.name, t.shape, t.ggml_type) for t in g.tensors
+    ]
+    if arch != "gemma3":  # (gemma3's sliding layers: config.json's layer_types, llama.cpp's own pattern)
+        for level in ("F16", "Q4_K_M"):
+            a, b = memory.estimate(m, n_ctx=4096, level=level), memory.estimate(g, n_ctx=4096, level=level)
+            assert a.needed_bytes == b.needed_bytes, level
+
+
 def test_checkpoint_folder_convert_refuses_is_one_line(tmp_path, capsys):
     """A folder with weights that convert refuses (an architecture it cannot convert): the converter's own
     error, one line, exit 2 -- not an estimate from config.json alone."""
