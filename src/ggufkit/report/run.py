@@ -77,10 +77,12 @@ def run_report(
     work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
-    """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
-    and write report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the
-    Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
-    base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
+    """Quantize `model` (a GGUF or a Hugging Face checkpoint folder, converted first; default:
+    SmolLM2-135M-Instruct) to each level, measure every level against the base and write
+    report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the Report; raises
+    ReportError / GgufkitError (ConvertError for a folder the converter refuses) for anything that cannot be
+    done as asked. `work` is where the converted folder, the base, the level files and the cached
+    measurements live (default cache_dir("report-cache")/<sha[:16]>, for a folder hf-<content sha[:16]>)."""
     from .. import memory
     from .. import recommend as picker
     from ..evaluation import read_text
