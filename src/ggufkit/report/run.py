@@ -126,7 +126,8 @@ def run_report(
             f"The model is a Hugging Face checkpoint folder ({source['architecture']}, {source['dtype']} "
             f"safetensors). The base is ggufkit convert's {source['dtype']} GGUF of it (what "
             f"convert_hf_to_gguf.py --outtype {source['dtype'].lower()} writes), made once and cached by the "
-            f"folder's content; each level is quantized from it, as `ggufkit convert --type LEVEL` makes it."
+            f"folder's content; each level is llama-quantize's of that file (for a level --outtype does not "
+            f"offer, the file `ggufkit convert --type LEVEL` writes)."
         )
     else:
         model_path, model_sha = model, sha256_file(model)
