@@ -208,6 +208,98 @@ def test_hf_folder_and_bare_size_give_the_gguf_shape(smollm2_levels, tmp_path):
         )
 
 
+# A checkpoint folder is estimated as the file `ggufkit convert --type F16` makes of it: the oracle is that
+# file, written by the command in the test (tests/test_convert.py holds it byte-identical to
+# convert_hf_to_gguf.py's), and `ram` run on it. llama3 rope adds a generated rope_freqs tensor; qwen2 has
+# q/k/v biases; gemma3 has its extra norms and sliding-window layers.
+CHECKPOINTS = [("llama", "BF16", {"rope": "llama3"}), ("qwen2", "F16", {"shards": 2}), ("gemma3", "F32", {})]
+
+
+@pytest.mark.parametrize("arch,dtype,opts", CHECKPOINTS, ids=[c[0] for c in CHECKPOINTS])
+def test_checkpoint_folder_estimate_is_the_converted_files(arch, dtype, opts, tmp_path, capsys):
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint(arch, dtype, **opts)
+    gguf = tmp_path / "converted.gguf"
+    assert cli_main(["convert", str(folder), str(gguf), "--type", "F16"]) == 0
+    capsys.readouterr()
+    outputs = []
+    for source in (folder, gguf):
+        for extra in ([], ["--type", "F16", "--type", "Q8_0", "--type", "Q4_K_M", "--type", "Q2_K"]):
+            args = ["ram", str(source), "--ctx", "512", "--ctx", "8192", "--ram", "1G", "--json", *extra]
+            assert cli_main(args) == 0
+            outputs.append(json.loads(capsys.readouterr().out))
+
+    def without_name(d):
+        if isinstance(d, dict):
+            return {k: without_name(v) for k, v in d.items() if k != "model"}
+        return [without_name(v) for v in d] if isinstance(d, list) else d
+
+    folder_default, folder_levels, gguf_default, gguf_levels = outputs
+    # the folder's default is F16 (planned); the file's is the file as it is, an F16 file, which its
+    # default table lists first ("F16 file") before the ladder F16 .. Q2_K the folder's table has
+    assert folder_default["level"] == gguf_default["level"] == "F16"
+    folder_table, gguf_table = folder_default.pop("table"), gguf_default.pop("table")
+    assert without_name(folder_default) == without_name(gguf_default)
+    assert gguf_table["levels"][0] == "F16 file" and gguf_table["levels"][1:] == folder_table["levels"]
+    assert without_name(gguf_table["rows"][1:]) == without_name(folder_table["rows"])
+    assert without_name(folder_levels) == without_name(gguf_levels)
+    assert [row["level"] for row in folder_levels["table"]["rows"]] == ["F16", "Q8_0", "Q4_K_M", "Q2_K"]
+    # and the facts llama.cpp reads are those of the file
+    m, g = memory.load_source(folder), memory.load_source(gguf)
+    assert m.kind == "hf" and g.kind == "gguf"
+
+    def facts(x):
+        tensors = [(t.name, t.shape, t.ggml_type) for t in x.tensors]
+        return tensors, x.n_vocab, x.n_merges, x.n_ctx_train, x.is_swa, x.n_head_kv
+
+    assert facts(m) == facts(g)
+
+
+@pytest.mark.parametrize("arch,dtype,opts", CHECKPOINTS + [("qwen3", "F16", {})], ids=lambda v: str(v))
+def test_config_alone_has_the_converted_files_tensors(arch, dtype, opts, tmp_path):
+    """A config.json with no weights beside it (a model not downloaded yet) gets the tensors `ggufkit
+    convert --type F16` writes for the whole checkpoint: names, shapes, types and order, from the
+    converter's tables."""
+    import shutil
+
+    from ggufkit.conversion import job
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint(arch, dtype, **opts)
+    alone = tmp_path / folder.name
+    alone.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(folder / name, alone / name)
+    gguf = tmp_path / "converted.gguf"
+    job.convert(folder, gguf, type="F16", threads=1)
+    m, g = memory.load_source(alone), memory.load_source(gguf)
+    assert m.kind == "config" and "no weights" in memory.describe(m)
+    assert [(t.name, t.shape, t.ggml_type) for t in m.tensors] == [
+        (t.name, t.shape, t.ggml_type) for t in g.tensors
+    ]
+    if arch != "gemma3":  # (gemma3's sliding layers: config.json's layer_types, llama.cpp's own pattern)
+        for level in ("F16", "Q4_K_M"):
+            a, b = memory.estimate(m, n_ctx=4096, level=level), memory.estimate(g, n_ctx=4096, level=level)
+            assert a.needed_bytes == b.needed_bytes, level
+
+
+def test_checkpoint_folder_convert_refuses_is_one_line(tmp_path, capsys):
+    """A folder with weights that convert refuses (an architecture it cannot convert): the converter's own
+    error, one line, exit 2 -- not an estimate from config.json alone."""
+    import shutil
+
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = tmp_path / "Phi-Tiny"
+    shutil.copytree(synthetic_checkpoint("llama", "F16"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["Phi3ForCausalLM"]}))
+    assert cli_main(["ram", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Phi3ForCausalLM" in err and "not supported" in err
+
+
 def test_bare_sizes_resolve_to_family_shapes():
     m = memory.load_source("7B")
     assert (m.n_layer, m.n_embd, m.n_head_kv[0], m.n_vocab) == (32, 4096, 32, 32000)

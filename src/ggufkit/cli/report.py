@@ -14,13 +14,18 @@ def add_parser(sub):
         "report",
         help="quantize a model to every level, measure each, print the table and a recommendation",
         description=(
-            "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; default: "
+            "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; a Hugging "
+            "Face checkpoint folder is first converted, once, to a GGUF of its own dtype; default: "
             "SmolLM2-135M-Instruct) to each level, measure perplexity, KL divergence, same-top-token "
             "agreement, tokens/s and RAM against the full-precision base, and write report.md, report.json, "
             "report.html and report.png. Work is cached: a re-run reuses what is done."
         ),
     )
-    p.add_argument("model", nargs="?", help="GGUF file (default: SmolLM2-135M-Instruct, fetched and cached)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        help="GGUF file or Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct, fetched, cached)",
+    )
     p.add_argument(
         "--levels",
         metavar="L1,L2",

@@ -64,8 +64,14 @@ class ConvertSummary:
     file_size: int | None
     threads: int
     seconds: float
-    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF name -> stored type
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF name -> stored type, file order
+    tensor_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # GGUF name -> ggml shape
     fallbacks: list[str] = field(default_factory=list)  # tensors stored in another type than asked
+    # The converted model's KVs (key -> value, in order): the file's own at F32/F16/BF16/Q8_0; at another
+    # level those of the --outtype <checkpoint dtype> file the quantize plan starts from. With tensor_types
+    # and tensor_shapes, a dry run is the converted file's header without a byte of tensor data read
+    # (memory.sources estimates a checkpoint folder from it).
+    kvs: dict = field(default_factory=dict, repr=False)
 
     @property
     def bits_per_weight(self) -> float:
@@ -285,6 +291,8 @@ def convert(
         shapes = {t.name: t.ggml_shape for t in plan}
         entries = [TensorEntry(n, shapes[n], dst_types[n]) for n in order]
         summary.tensor_types = {n: dst_types[n].name for n in order}
+        summary.tensor_shapes = {n: shapes[n] for n in order}
+        summary.kvs = {kv[0]: kv[2] for kv in kvs}  # a repeated key: its first place, its last value
         summary.size_after = sum(e.nbytes for e in entries)
         if dry_run:
             summary.seconds = time.perf_counter() - t0

@@ -33,6 +33,7 @@ from .safetensors import DTYPES
 __all__ = [
     "ConvertTensor",
     "OUTPUT_TYPES",
+    "config_tensors",
     "gguf_name",
     "output_type",
     "plan_tensors",
@@ -336,6 +337,48 @@ def plan_tensors(ckpt, cfg, *, n_vocab_real: int | None = None) -> list[ConvertT
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise ConvertError(f"{cfg.architecture} checkpoint lacks tensor(s) {', '.join(missing[:5])}{more}")
     return out + list(seen.values())
+
+
+@dataclass(frozen=True)
+class _HeaderRef:
+    """A checkpoint tensor as plan_tensors reads it (dtype and shape), without a file behind it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class _ImpliedCheckpoint:
+    def __init__(self, tensors: dict[str, _HeaderRef]):
+        self.tensors = tensors
+
+
+@dataclass(frozen=True)
+class _Config:
+    architecture: str
+    arch: str
+    hparams: dict
+
+
+def config_tensors(arch: str, hparams: dict, *, tied: bool, dtype: str = "F16") -> list[ConvertTensor]:
+    """The tensors a complete checkpoint of this configuration converts to, when there is no checkpoint to
+    read (an estimate from config.json alone): every tensor the architecture requires, lm_head unless the
+    output is tied to the embeddings, shaped as config.json implies and stored as `dtype`, in the order of a
+    single-file checkpoint (names sorted), through plan_tensors (llama3's rope_freqs included)."""
+    if arch not in _REQUIRED_BLOCK:
+        raise ConvertError(
+            f"architecture {arch!r} has no tensor map (supported: {', '.join(_REQUIRED_BLOCK)})"
+        )
+    to_hf = {gguf: hf for hf, gguf in {**_TOP, **_BLOCK, **_BLOCK_BY_ARCH[arch]}.items()}
+    expected = _expected_shapes(arch, hparams, int(hparams["vocab_size"]))
+    wanted = ["token_embd.weight", "output_norm.weight", *([] if tied else ["output.weight"])]
+    names = {f"{to_hf[n.split('.')[0]]}.weight": expected[n] for n in wanted}
+    for i in range(int(hparams["num_hidden_layers"])):
+        for required in _REQUIRED_BLOCK[arch]:
+            base, _, suffix = required.partition(".")
+            suffix = suffix or "weight"
+            names[f"model.layers.{i}.{to_hf[base]}.{suffix}"] = expected[f"{base}.{suffix}"]
+    ckpt = _ImpliedCheckpoint({n: _HeaderRef(dtype, names[n]) for n in sorted(names)})
+    return plan_tensors(ckpt, _Config(f"config.json ({arch})", arch, hparams))
 
 
 # -- data ------------------------------------------------------------------------------------------------

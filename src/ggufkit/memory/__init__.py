@@ -2,8 +2,9 @@
 
 Read in pipeline order:
 - model.py      ModelInfo: the shapes the estimate needs, however they were found;
-- sources.py    load_source(): a GGUF (header and tensor table only), else
-  hf_config.py  a Hugging Face folder's config.json, or
+- sources.py    load_source(): a GGUF (header and tensor table only) or a Hugging Face checkpoint folder
+                (convert's dry run: the header of the F16 file it would write), else
+  hf_config.py  a config.json with no weights (the converter's tensors for that config), or
   sizes.py      a bare size such as "7B" or "qwen2:1.5B", resolved to a family's typical shape;
 - estimator.py  estimate(): each resident term as llama.cpp allocates it (the derivations are there);
 - fit.py        fit_table(): every level x context against a RAM budget, and the budget itself.

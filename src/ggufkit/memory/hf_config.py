@@ -1,29 +1,41 @@
-"""A Hugging Face config.json (a model folder, or a typical shape from sizes.py) -> ModelInfo, with the
-tensors convert_hf_to_gguf.py would write for it."""
+"""A config.json with no weights beside it (a folder or file holding only the configuration, or a typical
+shape from sizes.py) -> ModelInfo. A folder with its safetensors is read by sources.from_checkpoint instead,
+from convert's dry run.
+
+The architectures and tensors are the converter's (conversion/hf.py ARCHITECTURES, conversion/tensors.py
+config_tensors: the tensors a complete checkpoint of the configuration converts to). A few architectures
+the converter does not take are still estimated from their config (_ESTIMATE_ONLY), with _other_tensors'
+llama-family approximation of their tensors."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from ..conversion.hf import ARCHITECTURES
 from ..errors import MemoryEstimateError
 from ..gguf.types import GGMLQuantizationType as T
 from .model import ModelInfo, swa_layers
 
-# HF architecture class -> GGUF architecture, as convert_hf_to_gguf.py names them (Mistral and Mixtral
-# convert to "llama").
-_HF_ARCH = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "MixtralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Gemma3ForConditionalGeneration": "gemma3",
-    "GemmaForCausalLM": "gemma",
-    "Phi3ForCausalLM": "phi3",
+# HF classes ggufkit cannot convert whose shapes the estimate still knows, and their GGUF architecture as
+# convert_hf_to_gguf.py names it (Mixtral converts to "llama"; Gemma 3's multimodal class nests the LM).
+_ESTIMATE_ONLY = {
+    "MixtralForCausalLM": ("llama", "mixtral"),
+    "Gemma2ForCausalLM": ("gemma2", "gemma2"),
+    "Gemma3ForConditionalGeneration": ("gemma3", "gemma3"),
+    "GemmaForCausalLM": ("gemma", "gemma"),
+    "Phi3ForCausalLM": ("phi3", "phi3"),
 }
+# HF class -> GGUF arch; config.json model_type -> GGUF arch (for a config that names no known class)
+HF_ARCH = {cls: arch for cls, (arch, _) in ARCHITECTURES.items()} | {
+    cls: arch for cls, (arch, _) in _ESTIMATE_ONLY.items()
+}
+_MODEL_TYPE_ARCH = {types[0]: arch for arch, types in ARCHITECTURES.values()} | {
+    model_type: arch for arch, model_type in _ESTIMATE_ONLY.values()
+}
+# GGUF arch -> an HF class of it (sizes.py writes configs with it); the converter's classes first
+HF_CLASS = {arch: cls for cls, arch in reversed(HF_ARCH.items())}
+_CONVERTED = {arch for arch, _ in ARCHITECTURES.values()}
 # BPE merge counts of the well-known vocabularies (by size), for sources without a tokenizer file:
 # Llama 3, Qwen2/2.5, SmolLM2. SentencePiece vocabularies (Llama 2, Mistral, Gemma) have none.
 _MERGES_BY_VOCAB = {128256: 280147, 151936: 151387, 152064: 151387, 49152: 48900}
@@ -42,18 +54,8 @@ def from_config(
     if missing:
         raise MemoryEstimateError(f"{name}: config.json lacks {', '.join(missing)}, needed for the estimate")
     archs = cfg.get("architectures") or []
-    arch = next((_HF_ARCH[a] for a in archs if a in _HF_ARCH), None) or {
-        "llama": "llama",
-        "mistral": "llama",
-        "mixtral": "llama",
-        "qwen2": "qwen2",
-        "qwen3": "qwen3",
-        "gemma": "gemma",
-        "gemma2": "gemma2",
-        "gemma3_text": "gemma3",
-        "gemma3": "gemma3",
-        "phi3": "phi3",
-    }.get(cfg.get("model_type", ""), "llama")
+    arch = next((HF_ARCH[a] for a in archs if isinstance(a, str) and a in HF_ARCH), None)
+    arch = arch or _MODEL_TYPE_ARCH.get(cfg.get("model_type") or "", "llama")
     try:
         d = int(cfg["hidden_size"])
         n_layer = int(cfg["num_hidden_layers"])
@@ -96,13 +98,30 @@ def from_config(
         path=path,
         note=note,
     )
-    info.tensors = _tensor_specs(info, tied=tied)
+    if arch in _CONVERTED and not n_expert:
+        info.tensors = _converted_tensors(arch, cfg, tied=tied)
+    else:
+        info.tensors = _other_tensors(info, tied=tied)
     return info
 
 
-def _tensor_specs(m: ModelInfo, *, tied: bool) -> list:
-    """The tensors convert_hf_to_gguf.py writes for a llama-family model (ggml order, F16 matrices, F32
-    vectors), named as llama.cpp names them."""
+def _converted_tensors(arch: str, cfg: dict, *, tied: bool) -> list:
+    """The tensors `ggufkit convert --type F16` writes for a complete checkpoint of this config."""
+    from ..conversion.tensors import config_tensors, output_type
+    from ..errors import GgufkitError
+    from ..quantize.plan import TensorSpec
+
+    try:
+        planned = config_tensors(arch, cfg, tied=tied)
+    except (GgufkitError, KeyError, TypeError, ValueError) as e:
+        raise MemoryEstimateError(f"config.json: cannot shape the {arch} tensors ({e})") from None
+    return [TensorSpec(t.name, t.ggml_shape, output_type(t, "F16")) for t in planned]
+
+
+def _other_tensors(m: ModelInfo, *, tied: bool) -> list:
+    """An architecture the converter does not take (_ESTIMATE_ONLY, or a mixture of experts): the tensors of
+    a llama-family model with its extra norms and experts (ggml order, F16 matrices, F32 vectors), named as
+    llama.cpp names them -- an approximation, not what any converter is known to write."""
     from ..quantize.plan import TensorSpec
 
     F16, F32 = T.F16, T.F32
@@ -124,18 +143,7 @@ def _tensor_specs(m: ModelInfo, *, tied: bool) -> list:
             TensorSpec(b + "attn_output.weight", (m.n_head * m.head_dim_v, d), F16),
             TensorSpec(b + "ffn_norm.weight", (d,), F32),
         ]
-        if m.arch == "qwen2":
-            specs += [
-                TensorSpec(b + "attn_q.bias", (q,), F32),
-                TensorSpec(b + "attn_k.bias", (kv,), F32),
-                TensorSpec(b + "attn_v.bias", (kv,), F32),
-            ]
-        if m.arch in ("qwen3", "gemma3"):
-            specs += [
-                TensorSpec(b + "attn_q_norm.weight", (hd,), F32),
-                TensorSpec(b + "attn_k_norm.weight", (hd,), F32),
-            ]
-        if m.arch in ("gemma2", "gemma3"):
+        if m.arch == "gemma2":
             specs += [
                 TensorSpec(b + "post_attention_norm.weight", (d,), F32),
                 TensorSpec(b + "post_ffw_norm.weight", (d,), F32),
@@ -167,7 +175,10 @@ def from_folder(folder: Path) -> ModelInfo:
         raise MemoryEstimateError(f"{cfg_path}: not readable JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise MemoryEstimateError(f"{cfg_path}: not a JSON object")
-    return from_config(cfg, name=folder.name, kind="hf", path=folder, n_merges=_hf_merges(folder))
+    note = "config.json only, no weights"
+    return from_config(
+        cfg, name=folder.name, kind="config", path=folder, note=note, n_merges=_hf_merges(folder)
+    )
 
 
 def _hf_merges(folder: Path) -> int | None:

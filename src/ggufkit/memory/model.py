@@ -15,7 +15,7 @@ class ModelInfo:
     """What the estimate needs to know about a model. Per-layer lists have one entry per layer."""
 
     name: str
-    kind: str  # "gguf", "hf" or "size"
+    kind: str  # "gguf", "hf" (a checkpoint folder), "config" (a config.json alone) or "size"
     arch: str
     n_layer: int
     n_embd: int

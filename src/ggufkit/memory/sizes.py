@@ -7,7 +7,7 @@ import math
 import re
 
 from ..errors import MemoryEstimateError
-from .hf_config import from_config
+from .hf_config import HF_CLASS, from_config
 from .model import ModelInfo
 
 # Typical shapes by family, as the published config.json files give them (hidden, layers, heads, KV
@@ -75,14 +75,7 @@ def _config_of(family: str, label: str) -> dict:
     d, n_layer, n_head, n_kv, hd, ff, vocab, tied, swa = _SHAPES[family][label]
     arch = _FAMILY_ARCH[family]
     return {
-        "architectures": [
-            {
-                "llama": "LlamaForCausalLM",
-                "qwen2": "Qwen2ForCausalLM",
-                "gemma2": "Gemma2ForCausalLM",
-                "gemma3": "Gemma3ForCausalLM",
-            }[arch]
-        ],
+        "architectures": [HF_CLASS[arch]],
         "hidden_size": d,
         "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,

@@ -1,5 +1,10 @@
 """The ladder report: one model quantized to every level, each level measured against the base, one table.
 
+The model is a GGUF or a Hugging Face checkpoint folder. A folder is first converted (conversion.convert)
+to a GGUF of the checkpoint's own dtype (F32, F16 or BF16: lossless, so the base is the checkpoint itself),
+once: the file lives in the work folder, keyed by the sha256 of the folder's files and the converter's code,
+and report.json's `source` says where it came from. From there on the folder's GGUF is the model.
+
 For each level of the ladder (default Q8_0 ... Q2_K) `run_report`:
   1. quantizes the base with ggufkit's own quantizer (quantize.quantize_file; byte-identical to
      llama-quantize). The base is the user's F32/F16/BF16 GGUF as it is, or, for a quantized GGUF such as
@@ -16,7 +21,8 @@ Notes on where the model departs from the textbook are computed from the plans a
 that fell back to another type because their rows are not a multiple of the K-quant block, levels whose
 tensors come out identical, a base that is itself a dequantized model, a context beyond the trained one.
 
-Resumable and safe. Work lives in cache_dir("report-cache")/<model sha256[:16]>/: the base, each level's
+Resumable and safe. Work lives in cache_dir("report-cache")/<model sha256[:16]>/ (for a folder,
+hf-<content sha256[:16]>/, which also holds the converted model): the base, each level's
 GGUF with a JSON record of its quantization (keyed by the base and the quantizer's code), and each level's
 measurements (keyed by the level file's sha256, the base, the text, ctx, chunks and the engines). Every
 file is written to a temporary name and renamed into place when complete, so an interrupt leaves either

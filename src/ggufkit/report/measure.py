@@ -4,6 +4,7 @@ thread and engine choices they run with."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import platform
@@ -11,7 +12,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..cache import sha256_file
+from ..cache import cache_dir, sha256_file
 from ..errors import GgufkitError
 from ..gguf import types as gguf_types
 from ..gguf.reader import open_gguf
@@ -27,6 +28,8 @@ FLOAT_TYPES = frozenset(t.name for t in gguf_types.FLOAT_TYPES)  # by name
 # (tests/test_report.py checks it); cache.py writes the file and moves it into place.
 _QUANT_CODE = ("quantize", "gguf", "quants", "cache.py")
 _EVAL_CODE = ("evaluation", "engine", "gguf", "memory")
+# the sources that decide a converted checkpoint's bytes: the converter and the quantize stream it runs on
+_CONVERT_CODE = ("conversion", *_QUANT_CODE)
 
 
 class ReportError(GgufkitError):
@@ -111,6 +114,70 @@ def resolve_engine(engine: str) -> str:
 
 
 # -- the base ---------------------------------------------------------------------------------------------
+
+
+def folder_sha256(folder: Path) -> str:
+    """sha256 of a checkpoint folder's content: every file the converter may read (the folder's own files
+    and additional_chat_templates/, hidden ones left out), by relative path and sha256."""
+    h = hashlib.sha256()
+    files = [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")]
+    templates = folder / "additional_chat_templates"
+    if templates.is_dir():
+        files += [f for f in templates.iterdir() if f.is_file() and not f.name.startswith(".")]
+    for f in sorted(files, key=lambda f: f.relative_to(folder).as_posix()):
+        h.update(f"{f.relative_to(folder).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def convert_checkpoint(folder: Path, work: Path | None, progress, *, threads=None) -> tuple[dict, Path]:
+    """A Hugging Face checkpoint folder as the report's model: `ggufkit convert` to the checkpoint's own
+    float type (F32, F16 or BF16: lossless, the highest precision there is, and what llama-quantize's
+    levels start from in llama.cpp's own flow, convert_hf_to_gguf.py --outtype <dtype> then llama-quantize),
+    written once into the work folder (default cache_dir("report-cache")/hf-<content sha256[:16]>) and
+    reused while the folder's content and the converter's code are the same. Returns (the source's facts,
+    the work folder); ConvertError for a folder the converter refuses, before anything is hashed."""
+    from ..conversion.hf import load_model_config
+    from ..conversion.job import convert
+    from ..conversion.safetensors import open_checkpoint
+    from ..conversion.tensors import source_ftype
+
+    cfg = load_model_config(folder)  # an architecture or config the converter refuses fails here, first
+    with open_checkpoint(folder) as ckpt:
+        dtype = source_ftype(ckpt)
+    progress("base", "hashing the checkpoint", 0.0)
+    digest = folder_sha256(folder)
+    work = Path(work) if work is not None else cache_dir("report-cache", "hf-" + digest[:16])
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"model-{dtype}.gguf"
+    meta_path = work / f"model-{dtype}.json"
+    key = {
+        "folder_sha256": digest,
+        "type": dtype,
+        "code": code_fingerprint(_CONVERT_CODE),
+        "v": CACHE_VERSION,
+    }
+    meta = read_json(meta_path)
+    reused = bool(
+        meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("size")
+    )
+    if not reused:
+
+        def cb(p):
+            progress("base", f"converting to {dtype}", p.bytes_done / max(p.bytes_total, 1))
+
+        convert(folder, path, type=dtype, threads=threads, progress=cb)
+        meta = {"key": key, "size": path.stat().st_size, "sha256": sha256_file(path)}
+        write_json(meta_path, meta)
+    return {
+        "kind": "hf",
+        "path": str(folder),
+        "sha256": digest,
+        "architecture": cfg.architecture,
+        "dtype": dtype,
+        "converted": str(path),
+        "converted_sha256": meta["sha256"],
+        "converted_now": not reused,
+    }, work
 
 
 def prepare_base(

@@ -74,8 +74,16 @@ def format_table(data: dict) -> str:
 def _summary_lines(data: dict) -> list[str]:
     m, o, b = data["machine"], data["options"], data["base"]
     base = b["type"] + (f", dequantized from {b['dequantized_from']}" if b["dequantized_from"] else "")
+    src = data.get("source") or {}
+    if src.get("kind") == "hf":
+        model = (
+            f"{data['model_name']} (Hugging Face checkpoint folder, {src['dtype']}; converted to GGUF sha256 "
+            f"{data['model_sha256'][:12]})"
+        )
+    else:
+        model = f"{data['model_name']} (sha256 {data['model_sha256'][:12]})"
     return [
-        f"Model: {data['model_name']} (sha256 {data['model_sha256'][:12]}); base {base}.",
+        f"Model: {model}; base {base}.",
         f"Text: {o['text']}, ctx {o['ctx']}, {o['chunks']} chunks; quality engine {o['engine']}, "
         f"{o['threads']} thread(s); took {data.get('seconds', 0):.0f} s.",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['system']}; load average {m['load_average_1min']} at "

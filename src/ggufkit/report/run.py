@@ -18,6 +18,7 @@ from ..models import default_model_path
 from .measure import (
     FLOAT_TYPES,
     ReportError,
+    convert_checkpoint,
     default_threads,
     llama_cpp_available,
     machine_facts,
@@ -76,10 +77,12 @@ def run_report(
     work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
-    """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
-    and write report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the
-    Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
-    base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
+    """Quantize `model` (a GGUF or a Hugging Face checkpoint folder, converted first; default:
+    SmolLM2-135M-Instruct) to each level, measure every level against the base and write
+    report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the Report; raises
+    ReportError / GgufkitError (ConvertError for a folder the converter refuses) for anything that cannot be
+    done as asked. `work` is where the converted folder, the base, the level files and the cached
+    measurements live (default cache_dir("report-cache")/<sha[:16]>, for a folder hf-<content sha[:16]>)."""
     from .. import memory
     from .. import recommend as picker
     from ..evaluation import read_text
@@ -88,10 +91,8 @@ def run_report(
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
     model = Path(default_model_path() if model is None else model)
-    if model.is_dir():
-        raise ReportError(f"{model}: Hugging Face folders are not supported yet; convert to GGUF first")
-    if not model.is_file():
-        raise ReportError(f"{model}: no such file")
+    if not model.is_file() and not model.is_dir():
+        raise ReportError(f"{model}: no such file or folder")
     names = []
     for lv in levels or (QUICK_LEVELS if quick else DEFAULT_LEVELS):
         name = level_of(lv).name
@@ -105,11 +106,6 @@ def run_report(
     engine = resolve_engine(engine)
     threads = threads if threads and threads > 0 else default_threads()
     body, text_name = read_text(text)
-    model_sha = sha256_file(model)
-    work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
-    work.mkdir(parents=True, exist_ok=True)
-    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
-    out_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 1 + len(names)
 
     def step(index: int, level: str):
@@ -121,8 +117,27 @@ def run_report(
 
     notes: list[str] = []
     base_step = step(0, "base")
+    if model.is_dir():  # a checkpoint folder: its GGUF, converted once, is the model the ladder starts from
+        source, work = convert_checkpoint(
+            model, work, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+        )
+        model_path, model_sha = Path(source["converted"]), source["converted_sha256"]
+        notes.append(
+            f"The model is a Hugging Face checkpoint folder ({source['architecture']}, {source['dtype']} "
+            f"safetensors). The base is ggufkit convert's {source['dtype']} GGUF of it (what "
+            f"convert_hf_to_gguf.py --outtype {source['dtype'].lower()} writes), made once and cached by the "
+            f"folder's content; each level is llama-quantize's of that file (for a level --outtype does not "
+            f"offer, the file `ggufkit convert --type LEVEL` writes)."
+        )
+    else:
+        model_path, model_sha = model, sha256_file(model)
+        work = Path(work) if work is not None else cache_dir("report-cache", model_sha[:16])
+        work.mkdir(parents=True, exist_ok=True)
+        source = {"kind": "gguf", "path": str(model), "sha256": model_sha}
+    out_dir = Path(out) if out is not None else Path.cwd() / DEFAULT_OUT
+    out_dir.mkdir(parents=True, exist_ok=True)
     base = prepare_base(
-        model, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
+        model_path, model_sha, work, notes, lambda _lv, label, f: base_step(label, 0.5 * f), threads=threads
     )
     opts = {
         "text": text_name,
@@ -193,7 +208,7 @@ def run_report(
                 "measured_now": not r["reused"],
             }
         )
-    info = memory.load_source(model)
+    info = memory.load_source(model_path)
     notes += notes_for(rows, quant, info, opts)
     data = {
         "ggufkit_version": __version__,
@@ -201,7 +216,8 @@ def run_report(
         "machine": machine,
         "model": str(model),
         "model_name": model.name,
-        "model_sha256": model_sha,
+        "model_sha256": model_sha,  # the GGUF the ladder starts from (for a folder: its conversion)
+        "source": source,
         "base": base,
         "options": {k: v for k, v in opts.items() if k != "text_path"} | {"levels": names, "quick": quick},
         "units": {
