@@ -169,14 +169,19 @@ def test_moe_counts_per_expert(moe_model, calib_file, tmp_path):
 def test_levels_with_our_imatrix_cost_what_llamas_cost(smollm2_f16, smol_pair, tmp_path, level):
     """Mean KLD against the F16 base (ggufkit's evaluation, llama.cpp as the engine, 4 chunks of 512 of the
     evaluation half of the pydoc topics) of the level made with our imatrix within 1 % of the level made
-    with llama-imatrix's; both quantized by ggufkit (byte-identical to llama-quantize)."""
+    with llama-imatrix's."""
     from ggufkit.evaluation import evaluate
     from ggufkit.quantize.job import quantize_file
 
-    klds = {}
-    for who, imx in zip(("ours", "llama"), smol_pair):
-        q = quantize_file(smollm2_f16, tmp_path / f"{who}.gguf", level, imatrix=imx, threads=2).dst
-        klds[who] = evaluate(q, base=smollm2_f16, ctx=512, chunks=4, threads=2, engine="llama.cpp").kld_mean
+    ours, ref = smol_pair
+    levels = {  # ours made by ggufkit; llama-imatrix's by llama-quantize (the same bytes, and cached)
+        "ours": quantize_file(smollm2_f16, tmp_path / "ours.gguf", level, imatrix=ours, threads=2).dst,
+        "llama": reference_quantized(smollm2_f16, level, imatrix=ref),
+    }
+    klds = {
+        who: evaluate(q, base=smollm2_f16, ctx=512, chunks=4, threads=2, engine="llama.cpp").kld_mean
+        for who, q in levels.items()
+    }
     ratio = klds["ours"] / klds["llama"]
     print(f"{level}: KLD ours {klds['ours']:.5f}, llama-imatrix's {klds['llama']:.5f}, ratio {ratio:.4f}")
     assert abs(ratio - 1) <= 0.01
