@@ -18,7 +18,8 @@ Every error a user can cause is a GgufkitError (one subclass per domain). Import
 loads nothing else, so the CLI and a quantize process pay only for what they use.
 
 The tree is the pipeline: gguf (file format) -> quants (block formats) -> quantize (per-tensor policy and
-the streaming job) -> engine (forward pass) -> calibrate / evaluate / memory / pick -> report; cli is a thin layer on top.
+the streaming job) -> engine (forward pass) -> calibrate / evaluate / memory / pick -> report; cli is a thin
+layer on top.
 """
 
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import GgufkitError, QuantizeError
 from ..gguf.types import GGMLQuantizationType, GGUFValueType
+from ..gguf.values import show_name
 
 __all__ = ["Imatrix", "read_imatrix", "filter_entries", "load_for_quantize", "match_tensor"]
 
@@ -127,9 +128,8 @@ def _read_gguf(path: str, strict: bool) -> Imatrix:
         for name in sorted(pairs):
             sums_t, counts_t = pairs[name]
             if sums_t is None or counts_t is None:
-                raise QuantizeError(
-                    f"imatrix {path}: {name} has {'no .counts' if counts_t is None else 'no .in_sum2'} tensor"
-                )
+                missing = "no .counts" if counts_t is None else "no .in_sum2"
+                raise QuantizeError(f"imatrix {path}: {show_name(name)} has {missing} tensor")
             for t in (sums_t, counts_t):
                 if t.ggml_type != GGMLQuantizationType.F32:
                     raise QuantizeError(f"imatrix {path}: {t.name} is {t.ggml_type.name}, must be F32")
@@ -147,27 +147,30 @@ def _check_gguf_entry(path, name, sums_shape, counts_shape, sums, counts) -> Non
     """What llama-imatrix writes: in_sum2 [ne0, n_mat] and counts [1, n_mat] (F32), counts whole numbers
     >= 0, not all zero; sums finite, >= 0, and zero for a matrix (expert) with a zero count."""
     n_mat = counts.size
+    shown = show_name(name)
     if len(counts_shape) > 2 or counts_shape[0] != 1 or len(sums_shape) > 2 or sums.size == 0:
         raise QuantizeError(
-            f"imatrix {path}: {name} has in_sum2 {list(sums_shape)} and counts {list(counts_shape)}, "
+            f"imatrix {path}: {shown} has in_sum2 {list(sums_shape)} and counts {list(counts_shape)}, "
             "expected [ne0, n_mat] and [1, n_mat]"
         )
     if (sums_shape[1] if len(sums_shape) > 1 else 1) != n_mat:
         raise QuantizeError(
-            f"imatrix {path}: {name} has {n_mat} counts for {list(sums_shape)} sums (lengths disagree)"
+            f"imatrix {path}: {shown} has {n_mat} counts for {list(sums_shape)} sums (lengths disagree)"
         )
     bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.floor(counts))
     if bad.any():
         i = int(np.argmax(bad))
-        raise QuantizeError(f"imatrix {path}: {name} has count {counts[i]} at index {i} (corrupt)")
+        raise QuantizeError(f"imatrix {path}: {show_name(name)} has count {counts[i]} at index {i} (corrupt)")
     if not counts.any():
-        raise QuantizeError(f"imatrix {path}: {name} has no data (all {n_mat} counts are zero)")
+        raise QuantizeError(f"imatrix {path}: {show_name(name)} has no data (all {n_mat} counts are zero)")
     _check_sums(path, name, sums)
     per_mat = sums.reshape(n_mat, -1)
     empty = (counts == 0) & per_mat.any(axis=1)
     if empty.any():
         i = int(np.argmax(empty))
-        raise QuantizeError(f"imatrix {path}: {name} has sums for matrix {i} whose count is zero (corrupt)")
+        raise QuantizeError(
+            f"imatrix {path}: {show_name(name)} has sums for matrix {i} whose count is zero (corrupt)"
+        )
 
 
 def _check_sums(path, name, sums: np.ndarray) -> None:
@@ -175,7 +178,9 @@ def _check_sums(path, name, sums: np.ndarray) -> None:
     if bad.any():
         i = int(np.argmax(bad))
         what = "negative" if np.isfinite(sums[i]) else "non-finite"
-        raise QuantizeError(f"imatrix {path}: {name} has a {what} sum of squares {sums[i]} at index {i}")
+        raise QuantizeError(
+            f"imatrix {path}: {show_name(name)} has a {what} sum of squares {sums[i]} at index {i}"
+        )
 
 
 def _int_kv(model, key: str, path: str) -> int:
@@ -227,24 +232,26 @@ def _read_legacy(path: str, strict: bool) -> Imatrix:
     for i in range(n_entries):
         raw = take(i32(f"entry {i + 1} name length"), f"entry {i + 1} name")
         name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        ncall = i32(f"entry {name} call count")
-        nval = i32(f"entry {name} value count")
+        shown = show_name(name)
+        ncall = i32(f"entry {shown} call count")
+        nval = i32(f"entry {shown} value count")
         if nval < 1:
-            raise QuantizeError(f"imatrix {path}: entry {name} has {nval} values")
-        values = np.frombuffer(take(4 * nval, f"entry {name} values"), dtype="<f4").astype(np.float32)
+            raise QuantizeError(f"imatrix {path}: entry {shown} has {nval} values")
+        values = np.frombuffer(take(4 * nval, f"entry {shown} values"), dtype="<f4").astype(np.float32)
         if strict:
             if not name or name in entries:
                 raise QuantizeError(
                     f"imatrix {path}: entry {i + 1} has {'an empty' if not name else 'a repeated'} "
-                    f"name {name!r}"
+                    f"name {shown}"
                 )
             if ncall < 1:
-                raise QuantizeError(f"imatrix {path}: entry {name} has call count {ncall} (corrupt)")
+                raise QuantizeError(f"imatrix {path}: entry {shown} has call count {ncall} (corrupt)")
             _check_sums(path, name, values)
             all_sums[name] = values.reshape(1, -1)
             all_counts[name] = np.array([ncall], np.float32)
         # value / ncall with ncall converted to float (C: float / int64_t)
-        entries[name] = values / np.float32(ncall) if ncall > 0 else values
+        with np.errstate(all="ignore"):  # lenient reading: non-finite values are refused later
+            entries[name] = values / np.float32(ncall) if ncall > 0 else values
     chunk_count, datasets = 0, []
     if pos < len(data):  # the optional tail: chunk count and dataset name
         if pos + 4 <= len(data):
@@ -286,7 +293,9 @@ def _check_finite(entries: Mapping[str, np.ndarray], path: str) -> None:
         bad = ~np.isfinite(v)
         if bad.any():
             i = int(np.argmax(bad))
-            raise QuantizeError(f"imatrix {path}: entry {name} has a non-finite value {v[i]} at index {i}")
+            raise QuantizeError(
+                f"imatrix {path}: entry {show_name(name)} has a non-finite value {v[i]} at index {i}"
+            )
 
 
 def load_for_quantize(
