@@ -136,9 +136,12 @@ def moe_model(smollm2_path) -> Path:
 
 
 def test_moe_counts_per_expert(moe_model, calib_file, tmp_path):
+    """With --process-output (the model's output is untied), so output.weight is compared too."""
     ctx, chunks = 128, 4
-    ref = reference_imatrix(moe_model, calib_file, ctx=ctx, chunks=chunks)
-    ours = compute_imatrix(moe_model, output=tmp_path / "moe.gguf", text=calib_file, ctx=ctx, chunks=chunks)
+    ref = reference_imatrix(moe_model, calib_file, ctx=ctx, chunks=chunks, extra=["--process-output"])
+    ours = compute_imatrix(
+        moe_model, output=tmp_path / "moe.gguf", text=calib_file, ctx=ctx, chunks=chunks, process_output=True
+    )
     assert _header(ours.output) == _header(ref)
     a, b = _tensors(ours.output), _tensors(ref)
     assert list(a) == list(b)
@@ -146,7 +149,7 @@ def test_moe_counts_per_expert(moe_model, calib_file, tmp_path):
     assert sorted(experts) == [
         f"blk.{i}.ffn_{k}_exps.weight" for i in range(2) for k in ("down", "gate", "up")
     ]
-    assert "blk.0.ffn_gate_inp.weight.in_sum2" in b
+    assert "blk.0.ffn_gate_inp.weight.in_sum2" in b and "output.weight.in_sum2" in b
     worst = 0.0
     for name in experts:
         counts = b[name + ".counts"]
@@ -234,3 +237,16 @@ def test_hessian_is_xtx(smollm2_path, calib_file, tmp_path):
         assert np.array_equal(h[0], h[0].T) and info["rows"] == [ctx * chunks]
         np.testing.assert_allclose(np.diag(h[0]), sums[name + ".in_sum2"], rtol=1e-6, err_msg=name)
         assert rel_rms(np.diag(h[0]), ref[name + ".in_sum2"]) <= REL_RMS, name
+
+
+def test_output_weight_skipped_by_default(smollm2_path, calib_file, tmp_path):
+    """An untied output.weight is left out unless asked for, as llama-imatrix leaves it out."""
+    from tests.helpers.synthetic import synthetic_llama
+
+    model = synthetic_llama(
+        smollm2_path, seed=5, dtype="F32", n_layer=2, n_embd=64, n_head=2, n_head_kv=1, n_ff=128
+    )
+    ref = reference_imatrix(model, calib_file, ctx=64, chunks=2)
+    ours = compute_imatrix(model, output=tmp_path / "o.gguf", text=calib_file, ctx=64, chunks=2).output
+    assert _header(ours) == _header(ref)
+    assert not any(n.startswith("output.") for n in _tensors(ref)) and len(_tensors(ref)) == 2 * 2 * 7

@@ -61,6 +61,24 @@ def tiny(smollm2_path) -> Path:
     )
 
 
+def test_command_writes_dat_and_covariances(tiny, tmp_path):
+    """The command's success path: the covariances' size is printed before the run (the number the library
+    computes from the model), then the .dat and the covariance folder are written."""
+    from ggufkit.calibrate.hessian import hessian_bytes, read_index
+    from ggufkit.gguf.reader import open_gguf
+
+    out, cov = tmp_path / "t.dat", tmp_path / "cov"
+    run = cli("imatrix", str(tiny), "-o", str(out), "--ctx", "64", "--chunks", "2", "--hessian", str(cov))
+    assert run.returncode == 0, run.stderr
+    with open_gguf(tiny) as g:
+        need = hessian_bytes(g)
+    assert run.stderr.splitlines()[0].startswith(f"covariances: {need} bytes")
+    imx = read_imatrix(out)
+    assert imx.format == "dat" and imx.chunk_count == 2 and len(imx.entries) == 14
+    assert sorted(read_index(cov)["tensors"]) == sorted(imx.entries)
+    assert f"{out}: dat, 14 entries, 2 chunks of 64 tokens" in run.stdout
+
+
 # -- bad input ---------------------------------------------------------------------------------------------
 
 
