@@ -36,7 +36,7 @@ __all__ = ["FORMATS", "ImatrixInterrupted", "ImatrixResult", "compute_imatrix"]
 log = logging.getLogger(__name__)
 
 FORMATS = ("gguf", "dat")
-MIN_CTX = 16  # llama-imatrix ignores a matmul of fewer than 16 rows
+MIN_CTX = 16  # llama-imatrix ignores a (dense) matmul of fewer than 16 rows: shorter chunks could meet that
 RESIDENT_BYTES = 1 << 29  # residual streams of one pass, as the engine's chunk_logits bounds them
 
 
@@ -124,7 +124,9 @@ def compute_imatrix(
     if output is None:
         output = f"{Path(model).stem}.imatrix.{output_format}"
     if ctx < MIN_CTX:
-        raise CalibrationError(f"--ctx must be at least {MIN_CTX} (llama-imatrix skips smaller matmuls)")
+        raise CalibrationError(
+            f"--ctx must be at least {MIN_CTX}, got {ctx} (llama-imatrix skips matmuls of fewer rows)"
+        )
     if save_every < 0:
         raise CalibrationError(f"--save-every must be >= 0, got {save_every}")
     if hessian is not None and in_files:
