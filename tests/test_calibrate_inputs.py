@@ -31,7 +31,7 @@ from ggufkit.errors import QuantizeError
 from ggufkit.quantize.imatrix import read_imatrix
 from tests.helpers.gguf_build import write_gguf
 from tests.test_gguf_file import _mutate, _scalar_fields
-from tests.test_imatrix import write_gguf_imatrix, write_legacy_imatrix
+from tests.test_imatrix import write_gguf_imatrix
 
 SRC = str(Path(__file__).parents[1] / "src")
 
@@ -151,11 +151,14 @@ CORRUPT_GGUF = {  # name -> (entries for write_gguf_imatrix, what the error says
 
 
 def _dat(entries, tail=(2, b"t.txt")) -> bytes:
-    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dat{os.getpid()}"
-    write_legacy_imatrix(path, entries, tail=tail)
-    data = path.read_bytes()
-    path.unlink()
-    return data
+    """A legacy .dat in memory (the layout of tests.test_imatrix.write_legacy_imatrix)."""
+    out = [struct.pack("<i", len(entries))]
+    for raw, ncall, values in entries:
+        values = np.asarray(values, dtype="<f4")
+        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, values.size), values.tobytes()]
+    if tail is not None:
+        out += [struct.pack("<ii", tail[0], len(tail[1])), tail[1]]
+    return b"".join(out)
 
 
 _ONES = np.ones(32, np.float32)
