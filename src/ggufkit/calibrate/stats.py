@@ -191,7 +191,7 @@ class ImatrixStats:
         parts.append(np.array(len(names), i32).tobytes())
         for name in names:
             counts, sums = self.counts[name], self.sums[name]
-            raw = name.encode()
+            raw = name.encode("utf-8", "surrogateescape")
             ncall = (int(counts.max()) + self.chunk_size - 1) // self.chunk_size
             count = counts.astype(np.float32)[:, None]
             value = sums.astype(np.float32)
@@ -199,7 +199,7 @@ class ImatrixStats:
             values = (mean * np.float32(ncall)).astype("<f4").reshape(-1)
             parts += [np.array([len(raw)], i32).tobytes(), raw, np.array([ncall, values.size], i32).tobytes()]
             parts.append(values.tobytes())
-        ds = dataset.encode()
+        ds = dataset.encode("utf-8", "surrogateescape")
         parts.append(np.array([self.chunk_count, len(ds)], i32).tobytes() + ds)
         with atomic_output(path) as f:
             for p in parts:
