@@ -59,7 +59,7 @@ class ImatrixStats:
     _last: tuple = field(default=(None, None, None), repr=False)  # (x, x^2 column sums, X^T X)
 
     def empty_like(self) -> ImatrixStats:
-        return ImatrixStats(self.chunk_size, self.process_output, self.hessian)
+        return ImatrixStats(self.chunk_size, process_output=self.process_output, hessian=self.hessian)
 
     # -- collecting ------------------------------------------------------------------------------------
     def __call__(self, name: str, x: np.ndarray, *, expert: int = 0, n_expert: int = 1) -> None:
