@@ -17,7 +17,8 @@ with softmax gating and norm_w) replaces the last line of a layer by
 
 An observer (LlamaModel(..., observer=f)) sees the input of every matrix multiplication:
 f(weight_name, x, expert=e, n_expert=E) with x [rows, ne0] float32 as ggml's MUL_MAT / MUL_MAT_ID src1 holds
-it, i.e. before the rounding to the weight's vec_dot type (ggml converts inside the matmul); for an expert
+it, i.e. before the rounding to the weight's vec_dot type (ggml-cpu.c's ggml_compute_forward_mul_mat packs
+src1 into its work buffer; the graph callback llama-imatrix uses sees the F32 node input); for an expert
 tensor, only the rows routed to expert e. Without an observer nothing extra is computed.
 
 Evaluation is LAYER-MAJOR: the residual stream of every chunk goes through layer 0, then layer 1, ...
