@@ -193,17 +193,19 @@ def test_levels_with_our_imatrix_cost_what_llamas_cost(smollm2_f16, smol_pair, t
 # -- covariances -------------------------------------------------------------------------------------------
 
 
-def test_hessian_is_xtx(smollm2_path, calib_file, tmp_path):
-    """Each weight's stored X^T X equals the product computed directly from the inputs (recorded by a plain
-    observer in a separate run), its diagonal is the imatrix's in_sum2, and that diagonal agrees with
-    llama-imatrix."""
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_hessian_is_xtx(smollm2_path, calib_file, tmp_path, moe):
+    """Each weight's stored X^T X (each expert's, for the MoE) equals the product computed directly from the
+    inputs (recorded by a plain observer in a separate run), its diagonal is the imatrix's in_sum2, and that
+    diagonal agrees with llama-imatrix; the size stated before the run is the accumulators' (twice)."""
     from ggufkit.calibrate.hessian import hessian_bytes, read_hessian, read_index
     from ggufkit.engine.llama import LlamaModel
     from ggufkit.engine.tokenizer import load_tokenizer
     from ggufkit.gguf.reader import open_gguf
     from tests.helpers.synthetic import synthetic_llama
 
-    model = synthetic_llama(smollm2_path, seed=4, dtype="F32", n_layer=2, n_embd=128, n_head=4, n_ff=256)
+    shape = {"n_layer": 2, "n_embd": 128, "n_head": 4, "n_ff": 256} | ({"n_expert": 4} if moe else {})
+    model = synthetic_llama(smollm2_path, seed=4, dtype="F32", **shape)
     ctx, chunks = 64, 3
     res = compute_imatrix(
         model,
@@ -215,28 +217,39 @@ def test_hessian_is_xtx(smollm2_path, calib_file, tmp_path):
         threads=2,
     )
     index = read_index(tmp_path / "H")
-    assert res.hessian_bytes > 0
     with open_gguf(model) as g:
-        assert res.hessian_bytes == hessian_bytes(g)
+        assert res.hessian_bytes == hessian_bytes(g) > 0
         tok = load_tokenizer(g)
         ids = tok.encode(calib_file.read_text(encoding="utf-8"))[: ctx * chunks].reshape(chunks, ctx).copy()
         if tok.add_bos:  # as llama-imatrix feeds a chunk
             ids[:, 0] = tok.bos_id
-        seen: dict[str, list] = {}
-        LlamaModel(g, observer=lambda name, x, **kw: seen.setdefault(name, []).append(x.copy())).hidden(ids)
-    assert sorted(index["tensors"]) == sorted(n for n in seen if n.startswith("blk."))
-    assert res.hessian_bytes == 2 * sum(8 * seen[n][0].shape[1] ** 2 for n in index["tensors"])
+        seen: dict[tuple[str, int], list] = {}
+
+        def record(name, x, *, expert=0, n_expert=1):
+            seen.setdefault((name, expert), []).append(x.copy())
+
+        LlamaModel(g, observer=record).hidden(ids)
+    names = sorted({n for n, _ in seen if n.startswith("blk.")})
+    assert sorted(index["tensors"]) == names and (not moe or "blk.1.ffn_down_exps.weight" in names)
+    ne0 = {n: x[0].shape[1] for (n, _), x in seen.items()}
+    assert res.hessian_bytes == 2 * sum(8 * index["tensors"][n]["n_mat"] * ne0[n] ** 2 for n in names)
     sums = _tensors(res.output)
     ref = _tensors(reference_imatrix(model, calib_file, ctx=ctx, chunks=chunks))
-    for name, info in index["tensors"].items():
-        x = np.concatenate(seen[name]).astype(np.float64)
-        direct = np.einsum("ri,rj->ij", x, x)
-        h = read_hessian(tmp_path / "H", name)
-        assert h.shape == (1, x.shape[1], x.shape[1]) and h.dtype == np.float64
-        np.testing.assert_allclose(h[0], direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max(), err_msg=name)
-        assert np.array_equal(h[0], h[0].T) and info["rows"] == [ctx * chunks]
-        np.testing.assert_allclose(np.diag(h[0]), sums[name + ".in_sum2"], rtol=1e-6, err_msg=name)
-        assert rel_rms(np.diag(h[0]), ref[name + ".in_sum2"]) <= REL_RMS, name
+    for name in names:
+        info, h = index["tensors"][name], read_hessian(tmp_path / "H", name)
+        n_mat = info["n_mat"]
+        assert h.shape == (n_mat, ne0[name], ne0[name]) and h.dtype == np.float64
+        assert n_mat == (4 if moe and "_exps" in name else 1)
+        for e in range(n_mat):
+            x = np.concatenate(seen[(name, e)]).astype(np.float64)
+            direct = np.einsum("ri,rj->ij", x, x)
+            np.testing.assert_allclose(
+                h[e], direct, rtol=1e-9, atol=1e-9 * np.abs(direct).max(), err_msg=name
+            )
+            assert np.array_equal(h[e], h[e].T) and info["rows"][e] == x.shape[0]
+        diag = np.diagonal(h, axis1=1, axis2=2).reshape(-1)
+        np.testing.assert_allclose(diag, sums[name + ".in_sum2"], rtol=1e-6, err_msg=name)
+        assert rel_rms(diag, ref[name + ".in_sum2"]) <= REL_RMS, name
 
 
 def test_output_weight_skipped_by_default(smollm2_path, calib_file, tmp_path):
