@@ -6,6 +6,7 @@ The public API, one function per job (each is what a `ggufkit` command calls):
     inspect_gguf(path)                    what a GGUF holds, as a JSON-ready dict
     quantize_file(src, dst, "Q4_K_M")     llama-quantize's job, the same bytes
     evaluate(model, base=...)             perplexity, KL divergence, same-top against a base
+    compute_imatrix(model, output=...)    llama-imatrix's importance matrix (and X^T X on request)
     load_source(path_or_size)             the shapes a memory estimate needs (GGUF, HF folder, "7B")
     estimate(model_info, n_ctx=...)       what llama.cpp needs resident at a level and a context
     pick(model_info, ram_bytes=...)       the level to choose for a machine and a task
@@ -18,8 +19,8 @@ Every error a user can cause is a GgufkitError (one subclass per domain). Import
 loads nothing else, so the CLI and a quantize process pay only for what they use.
 
 The tree is the pipeline: conversion (Hugging Face folders <-> GGUF) -> gguf (file format) -> quants (block
-formats) -> quantize (per-tensor policy and the streaming job) -> engine (forward pass) -> evaluation /
-memory / recommend -> report; cli is a thin layer on top.
+formats) -> quantize (per-tensor policy and the streaming job) -> engine (forward pass) -> calibrate /
+evaluation / memory / recommend -> report; cli is a thin layer on top.
 """
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ _API = {
     "inspect_gguf": ("inspect", "inspect_gguf"),
     "quantize_file": ("quantize.job", "quantize_file"),
     "evaluate": ("evaluation", "evaluate"),
+    "compute_imatrix": ("calibrate", "compute_imatrix"),
     "load_source": ("memory", "load_source"),
     "estimate": ("memory", "estimate"),
     "pick": ("recommend", "pick"),
@@ -41,6 +43,7 @@ _API = {
     "GGUFError": ("errors", "GGUFError"),
     "QuantizeError": ("errors", "QuantizeError"),
     "EvalError": ("errors", "EvalError"),
+    "CalibrationError": ("errors", "CalibrationError"),
     "MemoryEstimateError": ("errors", "MemoryEstimateError"),
     "PickError": ("errors", "PickError"),
     "ConvertError": ("errors", "ConvertError"),

@@ -25,6 +25,10 @@ class EvalError(GgufkitError):
     """An evaluation cannot run (architecture, text too short, vocabularies differ)."""
 
 
+class CalibrationError(GgufkitError):
+    """Calibration statistics cannot be collected as asked (text too short, files that do not fit)."""
+
+
 class MemoryEstimateError(GgufkitError):
     """A memory estimate cannot be made from the given source."""
 

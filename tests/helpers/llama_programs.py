@@ -323,3 +323,42 @@ _FALLBACK_WARNING = re.compile(
 def llama_fallbacks(log: str) -> dict[str, tuple[T, T]]:
     """llama.cpp's own row-length fallbacks in a llama-quantize log: tensor name -> (wanted, used)."""
     return {m[1]: (T[m[2].upper()], T[m[3].upper()]) for m in _FALLBACK_WARNING.finditer(log)}
+
+
+# --- llama-imatrix: cached reference importance matrices --------------------------------------------------
+
+
+def reference_imatrix(
+    model, text=None, *, ctx: int, chunks: int | None = None, fmt: str = "gguf", in_files=(), extra=()
+) -> Path:
+    """What the real llama-imatrix writes for `model` on the text file `text` (-c ctx --chunks chunks -t 2
+    --no-ppl), or for the merge of `in_files` alone, cached in ~/.cache/ggufkit/imatrix by the model, the
+    text's bytes, the input files and every option. The output is written to a temporary name and renamed,
+    so the paths stored in imatrix.datasets are the text paths as given."""
+    import hashlib
+    import json
+
+    args = ["-c", str(ctx), "-t", "2", "--output-format", fmt]
+    if text is not None:
+        args += ["-f", str(text), "--no-ppl"]
+    if chunks is not None:
+        args += ["--chunks", str(chunks)]
+    for f in in_files:
+        args += ["--in-file", str(f)]
+    args += list(extra)
+    ident = {"model": _file_id(model), "args": args, "in": [_file_id(f) for f in in_files]}
+    if text is not None:
+        ident["text"] = hashlib.sha256(Path(text).read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    target = cache_dir("imatrix") / f"{Path(model).stem}-ref-{key}.imatrix.{fmt}"
+    if target.exists():
+        return target
+    tmp = target.with_name(f"tmp{os.getpid()}-{target.name}")
+    cmd = [str(tool("llama-imatrix")), "-m", str(model), *args, "-o", str(tmp)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # no number changes; spares a shared machine
+    run = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=env)
+    if run.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama-imatrix failed ({run.returncode}): {' '.join(cmd)}\n{run.stderr[-2000:]}")
+    os.replace(tmp, target)
+    return target

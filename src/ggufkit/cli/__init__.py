@@ -22,6 +22,7 @@ from ..errors import GgufkitError
 COMMANDS = {
     "report": "report",
     "quantize": "quantize",
+    "imatrix": "imatrix",
     "convert": "convert",
     "eval": "evaluate",
     "ram": "ram",

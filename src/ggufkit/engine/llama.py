@@ -10,6 +10,16 @@ The graph follows llama.cpp's (src/models/llama.cpp, qwen2.cpp, qwen3.cpp):
                 h = rms_norm(x) * ffn_norm
                 x += (silu(h Wgate) * h Wup) Wdown
     logits = (rms_norm(x) * output_norm) Woutput    (Woutput = token_embd when the file has no output.weight)
+A mixture-of-experts layer (Mixtral: ffn_gate_inp + 3-D ffn_{gate,up,down}_exps, llama.cpp's build_moe_ffn
+with softmax gating and norm_w) replaces the last line of a layer by
+                p = softmax(h Wgate_inp);  top-k experts by p;  w = p[top] / sum(p[top])
+                x += sum over the k slots of  w * (silu(h Wgate[e]) * h Wup[e]) Wdown[e]
+
+An observer (LlamaModel(..., observer=f)) sees the input of every matrix multiplication:
+f(weight_name, x, expert=e, n_expert=E) with x [rows, ne0] float32 as ggml's MUL_MAT / MUL_MAT_ID src1 holds
+it, i.e. before the rounding to the weight's vec_dot type (ggml-cpu.c's ggml_compute_forward_mul_mat packs
+src1 into its work buffer; the graph callback llama-imatrix uses sees the F32 node input); for an expert
+tensor, only the rows routed to expert e. Without an observer nothing extra is computed.
 
 Evaluation is LAYER-MAJOR: the residual stream of every chunk goes through layer 0, then layer 1, ...
 so each layer's weights are dequantized once per evaluation (any block type the registry knows, into
@@ -49,6 +59,7 @@ from ..errors import EvalError
 from ..gguf.reader import GGUFModel
 from ..gguf.types import GGMLQuantizationType
 from ..quants import dequantize
+from .moe import MOE_FFN, moe_ffn
 from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for the callers)
     blas_threads,
     causal_softmax,
@@ -84,6 +95,9 @@ class ModelArgs:
     rope_scaling_factor: float = 1.0
     layer_norm_rms_epsilon: float = 1e-5
     vocab_size: int = 0
+    expert_count: int = 0
+    expert_used_count: int = 0
+    expert_weights_scale: float = 0.0
     rope_neox: bool = False
 
     def __post_init__(self):
@@ -141,18 +155,17 @@ class ModelArgs:
 class LlamaModel:
     """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
 
-    def __init__(self, model: GGUFModel, *, llamacpp_numerics: bool = True):
+    def __init__(self, model: GGUFModel, *, llamacpp_numerics: bool = True, observer=None):
         self.gguf = model
         self.llamacpp_numerics = llamacpp_numerics
+        self.observer = observer  # f(weight name, x, expert=, n_expert=) before each matmul (module doc)
         self.args = ModelArgs.from_gguf(model)
         a = self.args
         self._tensors = {t.name: t for t in model.tensors}
         need = ["token_embd.weight", "output_norm.weight"]
         for i in range(a.block_count):
-            need += [
-                f"blk.{i}.{n}.weight"
-                for n in ("attn_norm", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
-            ]
+            ffn = MOE_FFN if a.expert_count else ("ffn_gate", "ffn_up", "ffn_down")
+            need += [f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_output", "ffn_norm", *ffn)]
         missing = [n for n in need if n not in self._tensors]
         if missing:
             raise EvalError(f"{model.path}: missing tensor(s) {', '.join(missing[:4])}")
@@ -179,8 +192,13 @@ class LlamaModel:
         t = self._tensors.get(name)
         return None if t is None else t.ggml_type
 
-    def _matmul(self, x: np.ndarray, w: np.ndarray, wtype, cache: dict | None = None) -> np.ndarray:
-        """x [n, k] @ w.T, x first rounded as llama.cpp rounds it for a weight of type wtype."""
+    def _matmul(
+        self, x: np.ndarray, w: np.ndarray, wtype, cache: dict | None = None, *, name: str | None = None
+    ) -> np.ndarray:
+        """x [n, k] @ w.T, x first rounded as llama.cpp rounds it for a weight of type wtype. `name`: the
+        weight's tensor name, shown to the observer with the unrounded x."""
+        if name is not None and self.observer is not None:
+            self.observer(name, x)
         if self.llamacpp_numerics and wtype is not None:
             key = (id(x), vec_dot(wtype))
             if cache is not None and key in cache:
@@ -217,13 +235,14 @@ class LlamaModel:
                 "ffn_gate",
                 "ffn_up",
                 "ffn_down",
+                *MOE_FFN,
             )
         }
         for n in ("attn_q", "attn_k", "attn_v"):
             w[n + "_b"] = self._maybe(p + n + ".bias")
         types = {
             n: self._type(p + n + ".weight")
-            for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+            for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", *MOE_FFN)
         }
         if w["attn_q"] is None:  # fused QKV (some converters write one attn_qkv tensor)
             a = self.args
@@ -323,14 +342,15 @@ class LlamaModel:
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
         for il in range(a.block_count):
             w, ty = self._layer(il)
+            nm = self._observed_names(il)
             for c0 in range(0, C, group):
                 n = min(group, C - c0)
                 xs = x[c0 * T : (c0 + n) * T]  # a view: updated in place
                 h = rms_norm(xs, w["attn_norm"], eps)
                 rounded: dict = {}  # h rounded per vec_dot type, shared by q, k, v of the same type
-                q = self._matmul(h, w["attn_q"], ty["attn_q"], rounded)
-                k = self._matmul(h, w["attn_k"], ty["attn_k"], rounded)
-                v = self._matmul(h, w["attn_v"], ty["attn_v"], rounded)
+                q = self._matmul(h, w["attn_q"], ty["attn_q"], rounded, name=nm["attn_q"])
+                k = self._matmul(h, w["attn_k"], ty["attn_k"], rounded, name=nm["attn_k"])
+                v = self._matmul(h, w["attn_v"], ty["attn_v"], rounded, name=nm["attn_v"])
                 if w["attn_q_b"] is not None:
                     q += w["attn_q_b"]
                 if w["attn_k_b"] is not None:
@@ -349,14 +369,31 @@ class LlamaModel:
                 if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
                     k = f16_round(k)
                     v = f16_round(v)
-                xs += self._matmul(self._attention(q, k, v), w["attn_output"], ty["attn_output"])
+                xs += self._matmul(
+                    self._attention(q, k, v), w["attn_output"], ty["attn_output"], name=nm["attn_output"]
+                )
                 h = rms_norm(xs, w["ffn_norm"], eps)
+                if w["ffn_gate_inp"] is not None:
+                    xs += moe_ffn(self, h, w, ty, nm)
+                    continue
                 rounded = {}
-                g = silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded))
-                g *= self._matmul(h, w["ffn_up"], ty["ffn_up"], rounded)
-                xs += self._matmul(g, w["ffn_down"], ty["ffn_down"])
+                g = silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded, name=nm["ffn_gate"]))
+                g *= self._matmul(h, w["ffn_up"], ty["ffn_up"], rounded, name=nm["ffn_up"])
+                xs += self._matmul(g, w["ffn_down"], ty["ffn_down"], name=nm["ffn_down"])
             del w
         return rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+
+    def _observed_names(self, il: int) -> dict[str, str | None]:
+        """Short name -> the tensor name the observer is told (None: not observed, or no observer). A fused
+        attn_qkv is one matmul in llama.cpp: it is shown once, with q."""
+        p = f"blk.{il}."
+        short = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", *MOE_FFN)
+        if self.observer is None:
+            return dict.fromkeys(short)
+        names = {n: p + n + ".weight" for n in short}
+        if p + "attn_q.weight" not in self._tensors:
+            names |= {"attn_q": p + "attn_qkv.weight", "attn_k": None, "attn_v": None}
+        return names
 
     def _output_name(self) -> str:
         """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""

@@ -35,7 +35,15 @@ from ..gguf.reader import open_gguf
 from .base_cache import BaseRecords, base_records, cache_path, load_base, save_base
 from .stats import Sums, against_base, kld_stats, ppl_only, ppl_stats
 
-__all__ = ["ENGINES", "EvalResult", "base_records", "default_text", "evaluate", "read_text"]
+__all__ = [
+    "ENGINES",
+    "EvalResult",
+    "base_records",
+    "calibration_text",
+    "default_text",
+    "evaluate",
+    "read_text",
+]
 
 ENGINES = ("builtin", "llama.cpp")
 
@@ -46,6 +54,21 @@ def default_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+# The default text's calibration half: the topics from this key on (sorted order). default_text() is the two
+# halves joined, and evaluation reads it from the start.
+CALIBRATION_FROM = "id-classes"
+CALIBRATION_NAME = f"pydoc_data.topics[{CALIBRATION_FROM}:]"
+
+
+def calibration_text() -> str:
+    """`ggufkit imatrix`'s default text: the second half of the same topics, those whose key sorts at or
+    after CALIBRATION_FROM (~63k SmolLM2 tokens). The first half alone is ~50k tokens, so an evaluation of
+    the default text reading up to 97 chunks of 512 (the report reads 8) never sees a calibration token."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics) if k >= CALIBRATION_FROM)
 
 
 def read_text(path: str | os.PathLike | None) -> tuple[str, str]:

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import GgufkitError, QuantizeError
 from ..gguf.types import GGMLQuantizationType, GGUFValueType
+from ..gguf.values import show_name
 
 __all__ = ["Imatrix", "read_imatrix", "filter_entries", "load_for_quantize", "match_tensor"]
 
@@ -46,6 +47,8 @@ class Imatrix:
 
     entries: tensor name -> float32 vector, the values passed to the quantizer (already divided by the
     counts); datasets: the text files it was computed on; chunk_count: chunks processed (0 if unknown).
+    sums, counts: the statistics as stored, for merging (ggufkit.calibrate): GGUF in_sum2 [n_mat, ne0] and
+    counts [n_mat]; legacy .dat the stored values (mean * ncall) [1, nval] and [ncall].
     """
 
     path: str
@@ -54,6 +57,8 @@ class Imatrix:
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def quantize_metadata(self, entries: Mapping[str, np.ndarray] | None = None) -> dict:
         """What llama-quantize records about this imatrix (values not yet truncated): file (the path as
@@ -68,8 +73,9 @@ class Imatrix:
         }
 
 
-def read_imatrix(path: str | os.PathLike) -> Imatrix:
-    """Read an imatrix file in either format (GGUF if it starts with the GGUF magic, else legacy .dat)."""
+def read_imatrix(path: str | os.PathLike, *, strict: bool = True) -> Imatrix:
+    """Read an imatrix file in either format (GGUF if it starts with the GGUF magic, else legacy .dat).
+    strict: refuse corrupt statistics (module doc); False reads whatever llama-quantize reads."""
     spath = os.fspath(path)
     try:
         with open(spath, "rb") as f:
@@ -77,8 +83,8 @@ def read_imatrix(path: str | os.PathLike) -> Imatrix:
     except OSError as e:
         raise QuantizeError(f"cannot read imatrix {spath}: {e.strerror or e}") from None
     if magic == b"GGUF":
-        return _read_gguf(spath)
-    return _read_legacy(spath)
+        return _read_gguf(spath, strict)
+    return _read_legacy(spath, strict)
 
 
 def _lround_to_float(c: float) -> np.float32:
@@ -91,7 +97,7 @@ def _lround_to_float(c: float) -> np.float32:
     return np.float32(r)
 
 
-def _read_gguf(path: str) -> Imatrix:
+def _read_gguf(path: str, strict: bool) -> Imatrix:
     from ..gguf.reader import open_gguf
 
     try:
@@ -118,20 +124,63 @@ def _read_gguf(path: str) -> Imatrix:
             for suffix, slot in ((".in_sum2", 0), (".counts", 1)):
                 if t.name.endswith(suffix) and len(t.name) > len(suffix):
                     pairs.setdefault(t.name[: -len(suffix)], [None, None])[slot] = t
-        entries = {}
+        entries, all_sums, all_counts = {}, {}, {}
         for name in sorted(pairs):
             sums_t, counts_t = pairs[name]
             if sums_t is None or counts_t is None:
-                raise QuantizeError(
-                    f"imatrix {path}: {name} has {'no .counts' if counts_t is None else 'no .in_sum2'} tensor"
-                )
+                missing = "no .counts" if counts_t is None else "no .in_sum2"
+                raise QuantizeError(f"imatrix {path}: {show_name(name)} has {missing} tensor")
             for t in (sums_t, counts_t):
                 if t.ggml_type != GGMLQuantizationType.F32:
                     raise QuantizeError(f"imatrix {path}: {t.name} is {t.ggml_type.name}, must be F32")
             sums = np.array(sums_t.data().view("<f4"), dtype=np.float32)
             counts = np.array(counts_t.data().view("<f4"), dtype=np.float32)
+            if strict:
+                _check_gguf_entry(path, name, sums_t.shape, counts_t.shape, sums, counts)
+                all_sums[name] = sums.reshape(counts.size, -1)
+                all_counts[name] = counts
             entries[name] = _normalize(sums, counts)
-    return Imatrix(path, "gguf", entries, datasets, chunk_count, chunk_size)
+    return Imatrix(path, "gguf", entries, datasets, chunk_count, chunk_size, all_sums, all_counts)
+
+
+def _check_gguf_entry(path, name, sums_shape, counts_shape, sums, counts) -> None:
+    """What llama-imatrix writes: in_sum2 [ne0, n_mat] and counts [1, n_mat] (F32), counts whole numbers
+    >= 0, not all zero; sums finite, >= 0, and zero for a matrix (expert) with a zero count."""
+    n_mat = counts.size
+    shown = show_name(name)
+    if len(counts_shape) > 2 or counts_shape[0] != 1 or len(sums_shape) > 2 or sums.size == 0:
+        raise QuantizeError(
+            f"imatrix {path}: {shown} has in_sum2 {list(sums_shape)} and counts {list(counts_shape)}, "
+            "expected [ne0, n_mat] and [1, n_mat]"
+        )
+    if (sums_shape[1] if len(sums_shape) > 1 else 1) != n_mat:
+        raise QuantizeError(
+            f"imatrix {path}: {shown} has {n_mat} counts for {list(sums_shape)} sums (lengths disagree)"
+        )
+    bad = ~np.isfinite(counts) | (counts < 0) | (counts != np.floor(counts))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise QuantizeError(f"imatrix {path}: {show_name(name)} has count {counts[i]} at index {i} (corrupt)")
+    if not counts.any():
+        raise QuantizeError(f"imatrix {path}: {show_name(name)} has no data (all {n_mat} counts are zero)")
+    _check_sums(path, name, sums)
+    per_mat = sums.reshape(n_mat, -1)
+    empty = (counts == 0) & per_mat.any(axis=1)
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise QuantizeError(
+            f"imatrix {path}: {show_name(name)} has sums for matrix {i} whose count is zero (corrupt)"
+        )
+
+
+def _check_sums(path, name, sums: np.ndarray) -> None:
+    bad = ~np.isfinite(sums) | (sums < 0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        what = "negative" if np.isfinite(sums[i]) else "non-finite"
+        raise QuantizeError(
+            f"imatrix {path}: {show_name(name)} has a {what} sum of squares {sums[i]} at index {i}"
+        )
 
 
 def _int_kv(model, key: str, path: str) -> int:
@@ -154,7 +203,7 @@ def _normalize(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_legacy(path: str) -> Imatrix:
+def _read_legacy(path: str, strict: bool) -> Imatrix:
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -179,16 +228,30 @@ def _read_legacy(path: str) -> Imatrix:
     if n_entries < 1:
         raise QuantizeError(f"imatrix {path}: no data (not a GGUF imatrix, and no legacy entries)")
     entries: dict[str, np.ndarray] = {}
+    all_sums, all_counts = {}, {}
     for i in range(n_entries):
         raw = take(i32(f"entry {i + 1} name length"), f"entry {i + 1} name")
         name = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        ncall = i32(f"entry {name} call count")
-        nval = i32(f"entry {name} value count")
+        shown = show_name(name)
+        ncall = i32(f"entry {shown} call count")
+        nval = i32(f"entry {shown} value count")
         if nval < 1:
-            raise QuantizeError(f"imatrix {path}: entry {name} has {nval} values")
-        values = np.frombuffer(take(4 * nval, f"entry {name} values"), dtype="<f4").astype(np.float32)
+            raise QuantizeError(f"imatrix {path}: entry {shown} has {nval} values")
+        values = np.frombuffer(take(4 * nval, f"entry {shown} values"), dtype="<f4").astype(np.float32)
+        if strict:
+            if not name or name in entries:
+                raise QuantizeError(
+                    f"imatrix {path}: entry {i + 1} has {'an empty' if not name else 'a repeated'} "
+                    f"name {shown}"
+                )
+            if ncall < 1:
+                raise QuantizeError(f"imatrix {path}: entry {shown} has call count {ncall} (corrupt)")
+            _check_sums(path, name, values)
+            all_sums[name] = values.reshape(1, -1)
+            all_counts[name] = np.array([ncall], np.float32)
         # value / ncall with ncall converted to float (C: float / int64_t)
-        entries[name] = values / np.float32(ncall) if ncall > 0 else values
+        with np.errstate(all="ignore"):  # lenient reading: non-finite values are refused later
+            entries[name] = values / np.float32(ncall) if ncall > 0 else values
     chunk_count, datasets = 0, []
     if pos < len(data):  # the optional tail: chunk count and dataset name
         if pos + 4 <= len(data):
@@ -199,7 +262,16 @@ def _read_legacy(path: str) -> Imatrix:
                     datasets.append(
                         take(n, "the dataset name").split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                     )
-    return Imatrix(path, "dat", entries, datasets, chunk_count, 0)
+                elif strict and n != 0:
+                    raise QuantizeError(
+                        f"imatrix {path}: dataset name length {n} at byte {pos - 4}, "
+                        f"{len(data) - pos} bytes left (corrupt)"
+                    )
+        if strict and chunk_count < 0:
+            raise QuantizeError(f"imatrix {path}: chunk count {chunk_count} (corrupt)")
+        if strict and pos != len(data):
+            raise QuantizeError(f"imatrix {path}: {len(data) - pos} unexpected bytes at byte {pos} (corrupt)")
+    return Imatrix(path, "dat", entries, datasets, chunk_count, 0, all_sums, all_counts)
 
 
 def filter_entries(
@@ -221,16 +293,22 @@ def _check_finite(entries: Mapping[str, np.ndarray], path: str) -> None:
         bad = ~np.isfinite(v)
         if bad.any():
             i = int(np.argmax(bad))
-            raise QuantizeError(f"imatrix {path}: entry {name} has a non-finite value {v[i]} at index {i}")
+            raise QuantizeError(
+                f"imatrix {path}: entry {show_name(name)} has a non-finite value {v[i]} at index {i}"
+            )
 
 
 def load_for_quantize(
-    path: str | os.PathLike, *, include: Iterable[str] = (), exclude: Iterable[str] = ()
+    path: str | os.PathLike,
+    *,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    strict: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """(vectors by tensor name, metadata) as llama-quantize prepares them for quantizing: read, filtered,
     checked finite. metadata: file, dataset, entries_count, chunks_count (see Imatrix.quantize_metadata).
     If filtering leaves nothing, llama-quantize runs as if no imatrix were given: check `vectors` first."""
-    imx = read_imatrix(path)
+    imx = read_imatrix(path, strict=strict)
     imx.path = os.fspath(path)
     vectors = filter_entries(imx.entries, include=tuple(include), exclude=tuple(exclude))
     _check_finite(vectors, imx.path)
