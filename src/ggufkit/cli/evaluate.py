@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import sys
 
+from . import add_chunk_options
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -21,9 +23,7 @@ def add_parser(sub):
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--base", metavar="BASE.gguf", help="full-precision reference (same vocabulary)")
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: pydoc_data.topics)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="at most N chunks (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    add_chunk_options(p)
     p.add_argument(
         "--engine",
         choices=("builtin", "llama.cpp"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import sys
 
+from . import add_chunk_options
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -29,9 +31,7 @@ def add_parser(sub):
         default=None,
         help="gguf (default) or the legacy dat (default dat when OUT ends in .dat)",
     )
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="at most N chunks (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
+    add_chunk_options(p)
     p.add_argument("--process-output", action="store_true", help="collect output.weight too")
     p.add_argument(
         "--save-every",

@@ -26,7 +26,17 @@ from ggufkit.errors import ConvertError
 from ggufkit.gguf.types import GGUFValueType as V
 from ggufkit.quantize.levels import LEVELS
 
-from .hf_defaults import READ_KEYS, transformers_hparams
+from .hf_defaults import (
+    CONTEXT_KEYS,
+    EMBEDDING_KEYS,
+    FEED_FORWARD_KEYS,
+    HEAD_KEYS,
+    KV_HEAD_KEYS,
+    LAYER_KEYS,
+    MOE_KEYS,
+    READ_KEYS,
+    transformers_hparams,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -224,33 +234,13 @@ def arch_kvs(cfg: HFConfig, file_type: int) -> list[KV]:
     """The `<arch>.*` KVs and general.file_type, in convert_hf_to_gguf.py's order and types."""
     h, a = cfg.hparams, cfg.arch
     kv = _KVs()
-    layers = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
-    kv.add(f"{a}.block_count", V.UINT32, _find(h, layers), _lookup(h, layers)[0])
+    kv.add(f"{a}.block_count", V.UINT32, _find(h, LAYER_KEYS), _lookup(h, LAYER_KEYS)[0])
     for key, names in (
-        (
-            "context_length",
-            (
-                "max_position_embeddings",
-                "n_ctx",
-                "n_positions",
-                "max_length",
-                "max_sequence_length",
-                "model_max_length",
-            ),
-        ),
-        ("embedding_length", ("hidden_size", "n_embd", "dim")),
-        (
-            "feed_forward_length",
-            (
-                "prefix_dense_intermediate_size",
-                "dense_intermediate_size",
-                "intermediate_size",
-                "n_inner",
-                "hidden_dim",
-            ),
-        ),
-        ("attention.head_count", ("num_attention_heads", "n_head", "n_heads")),
-        ("attention.head_count_kv", ("num_key_value_heads", "n_kv_heads")),
+        ("context_length", CONTEXT_KEYS),
+        ("embedding_length", EMBEDDING_KEYS),
+        ("feed_forward_length", FEED_FORWARD_KEYS),
+        ("attention.head_count", HEAD_KEYS),
+        ("attention.head_count_kv", KV_HEAD_KEYS),
     ):
         found, value = _lookup(h, names)
         if value is not None:
@@ -304,20 +294,7 @@ def arch_kvs(cfg: HFConfig, file_type: int) -> list[KV]:
     found, eps = _lookup(h, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))
     if eps is not None:
         kv.add(f"{a}.attention.layer_norm_epsilon", V.FLOAT32, eps, found)
-    for names in (
-        ("num_local_experts", "num_experts", "n_routed_experts"),
-        ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"),
-        ("n_group",),
-        ("topk_group",),
-        (
-            "score_function",
-            "scoring_func",
-            "score_func",
-            "moe_router_activation",
-            "moe_router_activation_func",
-            "expert_selection_fn",
-        ),
-    ):
+    for names in MOE_KEYS:
         if _find(h, names, optional=True) is not None:
             raise ConvertError(f"config.json: {names[0]} (a mixture-of-experts model) is not supported")
     if (head_dim := h.get("head_dim")) is not None:

@@ -101,31 +101,51 @@ _DEFAULTS: dict[str, dict] = {
     ),
 }
 
-# Every hparams key convert_hf_to_gguf.py reads for these architectures (find_hparam lists, .get()s).
-READ_KEYS = (
-    "n_layers",
-    "num_hidden_layers",
-    "n_layer",
-    "num_layers",
+# convert_hf_to_gguf.py's find_hparam lists for the block counts and sizes: the first key present wins.
+LAYER_KEYS = ("n_layers", "num_hidden_layers", "n_layer", "num_layers")
+CONTEXT_KEYS = (
     "max_position_embeddings",
     "n_ctx",
     "n_positions",
     "max_length",
     "max_sequence_length",
     "model_max_length",
-    "hidden_size",
-    "n_embd",
-    "dim",
+)
+EMBEDDING_KEYS = ("hidden_size", "n_embd", "dim")
+FEED_FORWARD_KEYS = (
     "prefix_dense_intermediate_size",
     "dense_intermediate_size",
     "intermediate_size",
     "n_inner",
     "hidden_dim",
-    "num_attention_heads",
-    "n_head",
-    "n_heads",
-    "num_key_value_heads",
-    "n_kv_heads",
+)
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads")
+KV_HEAD_KEYS = ("num_key_value_heads", "n_kv_heads")
+
+# The mixture-of-experts find_hparam lists: a checkpoint with any of them is refused (no MoE architecture).
+MOE_KEYS = (
+    ("num_local_experts", "num_experts", "n_routed_experts"),
+    ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"),
+    ("n_group",),
+    ("topk_group",),
+    (
+        "score_function",
+        "scoring_func",
+        "score_func",
+        "moe_router_activation",
+        "moe_router_activation_func",
+        "expert_selection_fn",
+    ),
+)
+
+# Every hparams key convert_hf_to_gguf.py reads for these architectures (find_hparam lists, .get()s).
+READ_KEYS = (
+    *LAYER_KEYS,
+    *CONTEXT_KEYS,
+    *EMBEDDING_KEYS,
+    *FEED_FORWARD_KEYS,
+    *HEAD_KEYS,
+    *KV_HEAD_KEYS,
     "is_causal",
     "rope_parameters",
     "rope_scaling",
@@ -148,20 +168,7 @@ READ_KEYS = (
     "layer_norm_eps",
     "layer_norm_epsilon",
     "norm_epsilon",
-    "num_local_experts",
-    "num_experts",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "num_experts_per_token",
-    "top_k_experts",
-    "n_group",
-    "topk_group",
-    "score_function",
-    "scoring_func",
-    "score_func",
-    "moe_router_activation",
-    "moe_router_activation_func",
-    "expert_selection_fn",
+    *(key for names in MOE_KEYS for key in names),
     "head_dim",
     "vocab_size",
     "vocab_size_per_layer_input",

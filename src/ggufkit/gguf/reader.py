@@ -70,13 +70,8 @@ class TensorInfo:
         n_elements: int,
         _model: GGUFModel | None = None,
     ):
-        self.name = name
-        self.shape = shape
-        self.ggml_type = ggml_type
-        self.offset = offset
-        self.nbytes = nbytes
-        self.n_elements = n_elements
-        self._model = _model
+        self.name, self.shape, self.ggml_type = name, shape, ggml_type
+        self.offset, self.nbytes, self.n_elements, self._model = offset, nbytes, n_elements, _model
 
     def __repr__(self) -> str:
         return (
