@@ -207,12 +207,6 @@ def _run(source, vmodel, plan, vectors, writer, threads, progress, total) -> Non
     stream.run(source, todo, writer, threads=threads, progress=report)
 
 
-def _set_threads(threads):
-    from ..quantize.job import _set_threads as set_threads
-
-    return set_threads(threads)
-
-
 def convert(
     src_dir: str | os.PathLike,
     dst: str | os.PathLike | None = None,
@@ -305,10 +299,10 @@ def convert(
             offset += nbytes
         run_plan = _StepPlan([_Step(n, dst_types[n]) for n in order]) if direct else qplan
         source = _CheckpointSource(ckpt, by_name, src_types, cfg.hparams)
-        from ..quantize.job import _passive_omp_waits
+        from ..quantize.job import passive_omp_waits, set_threads
 
-        with _passive_omp_waits():
-            n_threads, restore = _set_threads(threads)
+        with passive_omp_waits():
+            n_threads, restore = set_threads(threads)
             summary.threads = n_threads
             try:
                 quants.backend()  # loads (or, the first time, builds) the kernels before any output
@@ -330,7 +324,7 @@ def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
     end, then the quantize.imatrix.* entries (quantize/job.py's output_kvs, on the virtual input)."""
     from ..errors import QuantizeError
     from ..quantize.job import GGML_QNT_VERSION as QV
-    from ..quantize.job import _load_imatrix, imatrix_kvs
+    from ..quantize.job import imatrix_kvs, load_imatrix
     from ..quantize.plan import Hparams, TensorSpec, plan_quantization
 
     hp = cfg.hparams
@@ -345,7 +339,7 @@ def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
     )
     vectors, meta = {}, None
     if imatrix is not None:
-        vectors, meta = _load_imatrix(imatrix, (), ())
+        vectors, meta = load_imatrix(imatrix, (), ())
         names = {t.name for t in plan}
         if vectors and not any(n in names for n in vectors):
             some = ", ".join(sorted(vectors)[:3])

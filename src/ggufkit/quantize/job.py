@@ -201,7 +201,7 @@ def _check_paths(src: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
-def _passive_omp_waits():
+def passive_omp_waits():
     """OMP_WAIT_POLICY=PASSIVE while the kernels run, unless the user set it; the environment is restored.
 
     The numba JIT kernels (the fallback when the native library is unavailable: quants/native) run on
@@ -221,14 +221,14 @@ def _passive_omp_waits():
         os.environ.pop("OMP_WAIT_POLICY", None)
 
 
-def _set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
+def set_threads(threads: int | None) -> tuple[int, Callable[[], None]]:
     want = threads if threads and threads > 0 else quants.max_threads()
     use = max(1, min(int(want), quants.max_threads()))
     old = quants.set_threads(use)
     return use, lambda: quants.set_threads(old)
 
 
-def _load_imatrix(path, include_weights, exclude_weights):
+def load_imatrix(path, include_weights, exclude_weights):
     """(vectors by tensor name, metadata for quantize.imatrix.*), through ggufkit.quantize.imatrix."""
     from . import imatrix as imx
 
@@ -292,7 +292,7 @@ def quantize_file(
     with open_gguf(src) as model:
         vectors, imeta = {}, None
         if imatrix is not None:
-            vectors, imeta = _load_imatrix(imatrix, include_weights, exclude_weights)
+            vectors, imeta = load_imatrix(imatrix, include_weights, exclude_weights)
             _check_imatrix(vectors, model, imatrix)
         plan = plan_for_gguf(
             model,
@@ -360,8 +360,8 @@ def quantize_file(
             def report(c, done):
                 progress(QuantizeProgress(c.index, n, c.name, done, size_before))
 
-        with _passive_omp_waits():
-            n_threads, restore = _set_threads(threads)
+        with passive_omp_waits():
+            n_threads, restore = set_threads(threads)
             # quants.backend() loads (or, the first time, builds) the kernels before any output
             summary = summary._replace(threads=n_threads, kernels=quants.backend())
             try:

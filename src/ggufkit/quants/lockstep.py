@@ -16,6 +16,21 @@ from .rounding import _RINT_LIMIT, F32, _fix_wide, nearest_int
 from .search import GROUP_MAX_EPS
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _take_level(f, fn, i, j, xt, wt, lev, sl, sl2, sxl):
+    """Level (i, j) of a candidate: f (already exact, or within np.rint's range) rounded and clamped to
+    [0, fn], stored, and added to its lane's weighted sums (the summation order of make_qkx2_quants)."""
+    zero = F32(0.0)
+    l = np.rint(f)
+    l = l if l >= zero else zero
+    l = l if l <= fn else fn
+    lev[i, j] = l
+    wl = wt[i, j] * l
+    sl[j] += wl
+    sl2[j] += wl * l
+    sxl[j] += wl * xt[i, j]
+
+
 @njit(cache=True, error_model="numpy")
 def _qkx_levels_exact(xt, wt, isc, mn, fn, lev, sl, sl2, sxl):
     """make_qkx_lockstep's levels and sums for one candidate with C's nearest_int for every argument
@@ -33,14 +48,7 @@ def _qkx_levels_exact(xt, wt, isc, mn, fn, lev, sl, sl2, sxl):
         sxl[j] = zero
     for i in range(n):
         for j in range(K):
-            l = np.rint(lev[i, j])
-            l = l if l >= zero else zero
-            l = l if l <= fn else fn
-            lev[i, j] = l
-            wl = wt[i, j] * l
-            sl[j] += wl
-            sl2[j] += wl * l
-            sxl[j] += wl * xt[i, j]
+            _take_level(lev[i, j], fn, i, j, xt, wt, lev, sl, sl2, sxl)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -126,14 +134,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
                 for j in range(K):
                     f = isc[j] * (xt[i, j] - mn[j])
                     n_wide += not abs(f) <= _RINT_LIMIT
-                    l = np.rint(f)
-                    l = l if l >= zero else zero
-                    l = l if l <= fn else fn
-                    lev[i, j] = l
-                    wl = wt[i, j] * l
-                    sl[j] += wl
-                    sl2[j] += wl * l
-                    sxl[j] += wl * xt[i, j]
+                    _take_level(f, fn, i, j, xt, wt, lev, sl, sl2, sxl)
             if n_wide:
                 _qkx_levels_exact(xt, wt, isc, mn, fn, lev, sl, sl2, sxl)
             for j in range(K):
