@@ -159,12 +159,14 @@ class _CheckpointSource:
     """quantize.stream's source: each chunk's rows of the converted tensor, in the chunk's src_type.
 
     A tensor is made (read, transformed, cast) when its first chunk is asked for and kept until all its
-    rows have been served; chunks may be asked for from several threads."""
+    rows have been copied out; chunks may be asked for from several threads. Then its pages of the
+    checkpoint's map are released (Checkpoint.release): the process holds the tensors in flight, not every
+    page of the checkpoint it has read."""
 
     def __init__(self, ckpt, by_name: dict[str, tn.ConvertTensor], types: dict[str, T], hparams: dict):
         self.ckpt, self.by_name, self.types, self.hparams = ckpt, by_name, types, hparams
         self._lock = threading.Lock()
-        self._ready: dict[str, list] = {}  # name -> [bytes as uint8 [n_rows, row_bytes], rows left]
+        self._ready: dict[str, list] = {}  # name -> [bytes as uint8 [n_rows, row_bytes], rows not copied]
 
     def _get(self, c):
         with self._lock:
@@ -175,15 +177,24 @@ class _CheckpointSource:
                 n_rows = t.n_elements // t.shape[-1]
                 entry = [data.reshape(n_rows, -1).view("uint8"), n_rows]
                 self._ready[c.name] = entry
-            entry[1] -= c.n_rows
-            if entry[1] <= 0:
-                del self._ready[c.name]
             return entry[0]
+
+    def _copied(self, c) -> None:
+        with self._lock:
+            entry = self._ready[c.name]
+            entry[1] -= c.n_rows
+            if entry[1] > 0:
+                return
+            del self._ready[c.name]
+        src = self.by_name[c.name].src
+        if src is not None:
+            self.ckpt.release(src)
 
     def readinto(self, c, view: memoryview) -> None:
         rows = self._get(c)
         block = rows[c.first_row : c.first_row + c.n_rows]
         view[: c.nbytes] = block.reshape(-1).data
+        self._copied(c)
 
 
 def _run(source, vmodel, plan, vectors, writer, threads, progress, total) -> None:

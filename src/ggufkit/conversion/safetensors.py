@@ -40,8 +40,9 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),
 }
-# Valid safetensors dtypes this converter does not take (named in the error instead of "unknown").
 _WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+# Valid safetensors dtypes this converter does not take (named in the error instead of "unknown").
 _OTHER_DTYPES = {"F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 
 
@@ -210,6 +211,18 @@ class Checkpoint:
             mm.madvise(_WILLNEED, start, ref.offset + ref.nbytes - start)
         dtype = DTYPES[ref.dtype][0]
         return np.frombuffer(mm, dtype, ref.nbytes // dtype.itemsize, ref.offset).reshape(ref.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's map (MADV_DONTNEED): the page cache keeps them and a
+        later read maps them again, so nothing changes but the resident size, which then grows with the
+        tensors in use instead of with every page read so far. The first and last page may be shared with
+        a neighbour: dropping them costs that neighbour a page fault, not a byte."""
+        ref = self.tensors[name]
+        mm = self._maps.get(ref.path)
+        if mm is None or _DONTNEED is None or ref.nbytes == 0:
+            return
+        start = ref.offset - ref.offset % mmap.PAGESIZE
+        mm.madvise(_DONTNEED, start, ref.offset + ref.nbytes - start)
 
     def close(self) -> None:
         # Arrays handed out hold a buffer export of their map, which keeps it alive; the OS unmaps it when the
