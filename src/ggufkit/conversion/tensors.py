@@ -373,20 +373,30 @@ def work_array(ckpt, t: ConvertTensor, hparams: dict):
     return data
 
 
+_CHECK_SPAN = 1 << 20  # elements per step of the BF16 check: its temporaries stay a few MB
+
+
 def _check_finite(t: ConvertTensor, data) -> None:
     import numpy as np
 
+    flat = data.reshape(-1)
     if data.dtype == np.uint16:  # BF16 bits: exponent all ones is an infinity or a NaN
-        bad = (data & 0x7F80) == 0x7F80
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.add.reduce(data.reshape(-1), dtype=np.float32)):
-                return
-        bad = ~np.isfinite(data)
+        for start in range(0, flat.size, _CHECK_SPAN):
+            bad = (flat[start : start + _CHECK_SPAN] & 0x7F80) == 0x7F80
+            if bad.any():
+                _refuse_nonfinite(t, data, start + int(np.argmax(bad)))
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(flat, dtype=np.float32)):
+            return
+    bad = ~np.isfinite(flat)
     if bad.any():
-        flat = int(np.argmax(bad.reshape(-1)))
-        row = flat // data.shape[-1] if data.ndim > 1 else 0
-        raise ConvertError(
-            f"tensor {t.src!r} ({t.name}) has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses "
-            f"such weights"
-        )
+        _refuse_nonfinite(t, data, int(np.argmax(bad)))
+
+
+def _refuse_nonfinite(t: ConvertTensor, data, flat: int) -> None:
+    row = flat // data.shape[-1] if data.ndim > 1 else 0
+    raise ConvertError(
+        f"tensor {t.src!r} ({t.name}) has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses "
+        f"such weights"
+    )
