@@ -159,9 +159,10 @@ class _CheckpointSource:
     """quantize.stream's source: each chunk's rows of the converted tensor, in the chunk's src_type.
 
     A tensor is made (read, transformed, cast) when its first chunk is asked for and kept until all its
-    rows have been copied out; chunks may be asked for from several threads. Then its pages of the
-    checkpoint's map are released (Checkpoint.release): the process holds the tensors in flight, not every
-    page of the checkpoint it has read."""
+    rows have been copied out; chunks may be asked for from several threads. The checkpoint's pages are
+    released as they are used (Checkpoint.release): a chunk's rows once copied (when the tensor is a view
+    of the map, they are the only copy in use), the whole tensor's at the end; so the process holds the
+    chunks and transformed tensors in flight, not every page of the checkpoint it has read."""
 
     def __init__(self, ckpt, by_name: dict[str, tn.ConvertTensor], types: dict[str, T], hparams: dict):
         self.ckpt, self.by_name, self.types, self.hparams = ckpt, by_name, types, hparams
@@ -180,15 +181,20 @@ class _CheckpointSource:
             return entry[0]
 
     def _copied(self, c) -> None:
+        t = self.by_name[c.name]
         with self._lock:
             entry = self._ready[c.name]
             entry[1] -= c.n_rows
-            if entry[1] > 0:
-                return
-            del self._ready[c.name]
-        src = self.by_name[c.name].src
-        if src is not None:
-            self.ckpt.release(src)
+            done = entry[1] <= 0
+            if done:
+                del self._ready[c.name]
+        if t.src is None:
+            return
+        if done:
+            self.ckpt.release(t.src)
+        else:  # the chunk's rows as stored (a row-major prefix of the checkpoint tensor, kept rows first)
+            row = t.shape[-1] * self.ckpt.tensors[t.src].itemsize
+            self.ckpt.release(t.src, c.first_row * row, (c.first_row + c.n_rows) * row)
 
     def readinto(self, c, view: memoryview) -> None:
         rows = self._get(c)

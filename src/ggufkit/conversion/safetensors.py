@@ -57,6 +57,10 @@ class TensorRef:
     offset: int  # absolute byte offset in `path`
     nbytes: int
 
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
 
 def _fail(path: Path, reason: str) -> ConvertError:
     return ConvertError(f"{path}: {reason}")
@@ -212,17 +216,25 @@ class Checkpoint:
         dtype = DTYPES[ref.dtype][0]
         return np.frombuffer(mm, dtype, ref.nbytes // dtype.itemsize, ref.offset).reshape(ref.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's pages from this process's map (MADV_DONTNEED): the page cache keeps them and a
-        later read maps them again, so nothing changes but the resident size, which then grows with the
-        tensors in use instead of with every page read so far. The first and last page may be shared with
-        a neighbour: dropping them costs that neighbour a page fault, not a byte."""
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop the tensor's pages (or those of its bytes [begin, end)) from this process's map
+        (MADV_DONTNEED): the page cache keeps them and a later read maps them again, so nothing changes but
+        the resident size, which then grows with the rows in use instead of with every page read so far.
+        A part releases only the pages wholly inside it (its neighbours may be in use); the whole tensor
+        also its first and last page, which a neighbouring tensor may share: that costs it a page fault,
+        not a byte."""
         ref = self.tensors[name]
         mm = self._maps.get(ref.path)
         if mm is None or _DONTNEED is None or ref.nbytes == 0:
             return
-        start = ref.offset - ref.offset % mmap.PAGESIZE
-        mm.madvise(_DONTNEED, start, ref.offset + ref.nbytes - start)
+        page = mmap.PAGESIZE
+        if begin <= 0 and (end is None or end >= ref.nbytes):
+            start, stop = ref.offset - ref.offset % page, ref.offset + ref.nbytes
+        else:
+            start = -(-(ref.offset + max(begin, 0)) // page) * page
+            stop = (ref.offset + min(ref.nbytes if end is None else end, ref.nbytes)) // page * page
+        if stop > start:
+            mm.madvise(_DONTNEED, start, stop - start)
 
     def close(self) -> None:
         # Arrays handed out hold a buffer export of their map, which keeps it alive; the OS unmaps it when the

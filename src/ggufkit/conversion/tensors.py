@@ -349,12 +349,16 @@ def _bf16_bits_to_f32(bits):
 
 def work_array(ckpt, t: ConvertTensor, hparams: dict):
     """The tensor after the transforms, in t.work_type: float32, float16, or uint16 BF16 bit patterns;
-    C-contiguous, numpy shape t.shape. Refuses NaN and infinities by tensor name (ConvertError)."""
+    C-contiguous, numpy shape t.shape. Refuses NaN and infinities by tensor name (ConvertError).
+
+    Untransformed, it is a view of the checkpoint's map, whose pages the check releases span by span
+    behind it (Checkpoint.release), so checking a large tensor does not make it all resident at once;
+    transformed, it is a copy, and the checkpoint's pages are released when it is made."""
     import numpy as np
 
     if t.src is None:
         return rope_freqs(hparams)
-    data = ckpt.read(t.src)
+    data = raw = ckpt.read(t.src)
     if t.keep_rows is not None:
         data = data[: t.keep_rows]
     if t.src_dtype == "BF16" and t.work_type == T.F32:
@@ -369,29 +373,38 @@ def work_array(ckpt, t: ConvertTensor, hparams: dict):
         else:
             data = data.astype(np.float32) + np.float32(1.0)
     data = np.ascontiguousarray(data)
-    _check_finite(t, data)
+    if np.may_share_memory(data, raw):  # a prefix of the stored tensor: element i is at byte i * itemsize
+        size = data.itemsize
+        _check_finite(t, data, done=lambda a, b: ckpt.release(t.src, a * size, b * size))
+    else:
+        ckpt.release(t.src)
+        _check_finite(t, data)
     return data
 
 
-_CHECK_SPAN = 1 << 20  # elements per step of the BF16 check: its temporaries stay a few MB
+_CHECK_SPAN = 1 << 20  # elements per step of the check: its temporaries stay a few MB
 
 
-def _check_finite(t: ConvertTensor, data) -> None:
+def _check_finite(t: ConvertTensor, data, done=None) -> None:
+    """ConvertError naming the first non-finite element's row, if any; done(begin, end) after each span of
+    elements is checked."""
     import numpy as np
 
     flat = data.reshape(-1)
-    if data.dtype == np.uint16:  # BF16 bits: exponent all ones is an infinity or a NaN
-        for start in range(0, flat.size, _CHECK_SPAN):
-            bad = (flat[start : start + _CHECK_SPAN] & 0x7F80) == 0x7F80
-            if bad.any():
-                _refuse_nonfinite(t, data, start + int(np.argmax(bad)))
-        return
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(np.add.reduce(flat, dtype=np.float32)):
-            return
-    bad = ~np.isfinite(flat)
-    if bad.any():
-        _refuse_nonfinite(t, data, int(np.argmax(bad)))
+    for start in range(0, flat.size, _CHECK_SPAN):
+        span = flat[start : start + _CHECK_SPAN]
+        if data.dtype == np.uint16:  # BF16 bits: exponent all ones is an infinity or a NaN
+            bad = (span & 0x7F80) == 0x7F80
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.add.reduce(span, dtype=np.float32)):
+                    bad = None
+                else:
+                    bad = ~np.isfinite(span)
+        if bad is not None and bad.any():
+            _refuse_nonfinite(t, data, start + int(np.argmax(bad)))
+        if done is not None:
+            done(start, start + span.size)
 
 
 def _refuse_nonfinite(t: ConvertTensor, data, flat: int) -> None:
