@@ -165,12 +165,15 @@ class _CheckpointSource:
     """quantize.stream's source: each chunk's rows of the converted tensor, in the chunk's src_type.
 
     A tensor is made (read, transformed, cast) when its first chunk is asked for and kept until all its
-    rows have been served; chunks may be asked for from several threads."""
+    rows have been copied out; chunks may be asked for from several threads. The checkpoint's pages are
+    released as they are used (Checkpoint.release): a chunk's rows once copied (when the tensor is a view
+    of the map, they are the only copy in use), the whole tensor's at the end; so the process holds the
+    chunks and transformed tensors in flight, not every page of the checkpoint it has read."""
 
     def __init__(self, ckpt, by_name: dict[str, tn.ConvertTensor], types: dict[str, T], hparams: dict):
         self.ckpt, self.by_name, self.types, self.hparams = ckpt, by_name, types, hparams
         self._lock = threading.Lock()
-        self._ready: dict[str, list] = {}  # name -> [bytes as uint8 [n_rows, row_bytes], rows left]
+        self._ready: dict[str, list] = {}  # name -> [bytes as uint8 [n_rows, row_bytes], rows not copied]
 
     def _get(self, c):
         with self._lock:
@@ -181,15 +184,29 @@ class _CheckpointSource:
                 n_rows = t.n_elements // t.shape[-1]
                 entry = [data.reshape(n_rows, -1).view("uint8"), n_rows]
                 self._ready[c.name] = entry
-            entry[1] -= c.n_rows
-            if entry[1] <= 0:
-                del self._ready[c.name]
             return entry[0]
+
+    def _copied(self, c) -> None:
+        t = self.by_name[c.name]
+        with self._lock:
+            entry = self._ready[c.name]
+            entry[1] -= c.n_rows
+            done = entry[1] <= 0
+            if done:
+                del self._ready[c.name]
+        if t.src is None:
+            return
+        if done:
+            self.ckpt.release(t.src)
+        else:  # the chunk's rows as stored (a row-major prefix of the checkpoint tensor, kept rows first)
+            row = t.shape[-1] * self.ckpt.tensors[t.src].itemsize
+            self.ckpt.release(t.src, c.first_row * row, (c.first_row + c.n_rows) * row)
 
     def readinto(self, c, view: memoryview) -> None:
         rows = self._get(c)
         block = rows[c.first_row : c.first_row + c.n_rows]
         view[: c.nbytes] = block.reshape(-1).data
+        self._copied(c)
 
 
 def _run(source, vmodel, plan, vectors, writer, threads, progress, total) -> None:

@@ -40,8 +40,9 @@ DTYPES: dict[str, tuple[np.dtype, int]] = {
     "F16": (np.dtype("<f2"), 2),
     "BF16": (np.dtype("<u2"), 2),
 }
-# Valid safetensors dtypes this converter does not take (named in the error instead of "unknown").
 _WILLNEED = getattr(mmap, "MADV_WILLNEED", None)
+_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+# Valid safetensors dtypes this converter does not take (named in the error instead of "unknown").
 _OTHER_DTYPES = {"F64", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
 
 
@@ -55,6 +56,10 @@ class TensorRef:
     path: Path
     offset: int  # absolute byte offset in `path`
     nbytes: int
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
 
 
 def _fail(path: Path, reason: str) -> ConvertError:
@@ -210,6 +215,26 @@ class Checkpoint:
             mm.madvise(_WILLNEED, start, ref.offset + ref.nbytes - start)
         dtype = DTYPES[ref.dtype][0]
         return np.frombuffer(mm, dtype, ref.nbytes // dtype.itemsize, ref.offset).reshape(ref.shape)
+
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop the tensor's pages (or those of its bytes [begin, end)) from this process's map
+        (MADV_DONTNEED): the page cache keeps them and a later read maps them again, so nothing changes but
+        the resident size, which then grows with the rows in use instead of with every page read so far.
+        A part releases only the pages wholly inside it (its neighbours may be in use); the whole tensor
+        also its first and last page, which a neighbouring tensor may share: that costs it a page fault,
+        not a byte."""
+        ref = self.tensors[name]
+        mm = self._maps.get(ref.path)
+        if mm is None or _DONTNEED is None or ref.nbytes == 0:
+            return
+        page = mmap.PAGESIZE
+        if begin <= 0 and (end is None or end >= ref.nbytes):
+            start, stop = ref.offset - ref.offset % page, ref.offset + ref.nbytes
+        else:
+            start = -(-(ref.offset + max(begin, 0)) // page) * page
+            stop = (ref.offset + min(ref.nbytes if end is None else end, ref.nbytes)) // page * page
+        if stop > start:
+            mm.madvise(_DONTNEED, start, stop - start)
 
     def close(self) -> None:
         # Arrays handed out hold a buffer export of their map, which keeps it alive; the OS unmaps it when the

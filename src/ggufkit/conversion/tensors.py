@@ -392,12 +392,16 @@ def _bf16_bits_to_f32(bits):
 
 def work_array(ckpt, t: ConvertTensor, hparams: dict):
     """The tensor after the transforms, in t.work_type: float32, float16, or uint16 BF16 bit patterns;
-    C-contiguous, numpy shape t.shape. Refuses NaN and infinities by tensor name (ConvertError)."""
+    C-contiguous, numpy shape t.shape. Refuses NaN and infinities by tensor name (ConvertError).
+
+    Untransformed, it is a view of the checkpoint's map, whose pages the check releases span by span
+    behind it (Checkpoint.release), so checking a large tensor does not make it all resident at once;
+    transformed, it is a copy, and the checkpoint's pages are released when it is made."""
     import numpy as np
 
     if t.src is None:
         return rope_freqs(hparams)
-    data = ckpt.read(t.src)
+    data = raw = ckpt.read(t.src)
     if t.keep_rows is not None:
         data = data[: t.keep_rows]
     if t.src_dtype == "BF16" and t.work_type == T.F32:
@@ -412,24 +416,43 @@ def work_array(ckpt, t: ConvertTensor, hparams: dict):
         else:
             data = data.astype(np.float32) + np.float32(1.0)
     data = np.ascontiguousarray(data)
-    _check_finite(t, data)
+    if np.may_share_memory(data, raw):  # a prefix of the stored tensor: element i is at byte i * itemsize
+        size = data.itemsize
+        _check_finite(t, data, done=lambda a, b: ckpt.release(t.src, a * size, b * size))
+    else:
+        ckpt.release(t.src)
+        _check_finite(t, data)
     return data
 
 
-def _check_finite(t: ConvertTensor, data) -> None:
+_CHECK_SPAN = 1 << 20  # elements per step of the check: its temporaries stay a few MB
+
+
+def _check_finite(t: ConvertTensor, data, done=None) -> None:
+    """ConvertError naming the first non-finite element's row, if any; done(begin, end) after each span of
+    elements is checked."""
     import numpy as np
 
-    if data.dtype == np.uint16:  # BF16 bits: exponent all ones is an infinity or a NaN
-        bad = (data & 0x7F80) == 0x7F80
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.add.reduce(data.reshape(-1), dtype=np.float32)):
-                return
-        bad = ~np.isfinite(data)
-    if bad.any():
-        flat = int(np.argmax(bad.reshape(-1)))
-        row = flat // data.shape[-1] if data.ndim > 1 else 0
-        raise ConvertError(
-            f"tensor {t.src!r} ({t.name}) has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses "
-            f"such weights"
-        )
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, _CHECK_SPAN):
+        span = flat[start : start + _CHECK_SPAN]
+        if data.dtype == np.uint16:  # BF16 bits: exponent all ones is an infinity or a NaN
+            bad = (span & 0x7F80) == 0x7F80
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):
+                if np.isfinite(np.add.reduce(span, dtype=np.float32)):
+                    bad = None
+                else:
+                    bad = ~np.isfinite(span)
+        if bad is not None and bad.any():
+            _refuse_nonfinite(t, data, start + int(np.argmax(bad)))
+        if done is not None:
+            done(start, start + span.size)
+
+
+def _refuse_nonfinite(t: ConvertTensor, data, flat: int) -> None:
+    row = flat // data.shape[-1] if data.ndim > 1 else 0
+    raise ConvertError(
+        f"tensor {t.src!r} ({t.name}) has non-finite values (NaN or Inf) in row {row}; llama.cpp refuses "
+        f"such weights"
+    )

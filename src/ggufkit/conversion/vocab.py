@@ -318,9 +318,9 @@ def n_vocab_real(folder, cfg) -> int:
     """Rows of gemma3's token embedding the reference keeps: the SentencePiece table's length (config
     vocab_size), else tokenizer.json's vocab plus its added tokens (counted even when they overlap)."""
     folder = Path(folder)
-    if (folder / "tokenizer.model").is_file():
-        pieces = read_sentencepiece(folder / "tokenizer.model")
-        return hparam_vocab_size(cfg.hparams, "vocab_size_per_layer_input", "vocab_size") or len(pieces)
+    if (folder / "tokenizer.model").is_file():  # read (1 s for Gemma 3's) only when config.json has no size
+        n = hparam_vocab_size(cfg.hparams, "vocab_size_per_layer_input", "vocab_size")
+        return n or len(read_sentencepiece(folder / "tokenizer.model"))
     path = folder / "tokenizer.json"
     tj = dict_json(path)
     if tj is None:
