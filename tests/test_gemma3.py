@@ -18,15 +18,19 @@ import ctypes
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as T
+from gguf import GGUFValueType as V
 
 from ggufkit.engine import Gemma3Model, load_model, model_args
 from ggufkit.engine.gemma3 import Gemma3Args
 from ggufkit.engine.numerics import f16_round, geglu, gelu_table
 from ggufkit.engine.numerics import rms_norm as _rms_norm
 from ggufkit.gguf.reader import open_gguf
+from tests.helpers.gguf_build import write_gguf
 from tests.test_engine import (
     _agree,
     _llama_cpp_logits,
@@ -210,3 +214,97 @@ def test_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(gemma3_path, tmp_
     )
     assert _agree(ours, ref) >= self_agree - 0.01
     assert _rel(ours, ref) <= 1.25 * self_rms
+
+
+# -- a synthetic gemma3: sliding window shorter than the text, softcapping, rope.freq_base_swa, GQA 2 --------
+WINDOW, SOFTCAP = 40, 3.0
+
+
+@pytest.fixture(scope="module")
+def synthetic_gemma3(smollm2_path, tmp_path_factory) -> Path:
+    """4 layers (pattern 3: layers 0, 1, 3 local, 2 global), 128 wide, 4 heads of 64, 2 KV heads, F32,
+    tied output, SmolLM2's vocabulary; seeded."""
+    rng = np.random.default_rng(3)
+    n_embd, n_layer, n_head, n_head_kv, hd, n_ff = 128, 4, 4, 2, 64, 256
+    with open_gguf(smollm2_path) as g:
+        vocab = [kv for key, kv in g.kv.items() if key.startswith("tokenizer.")]
+    n_vocab = len(next(kv.value for kv in vocab if kv.key == "tokenizer.ggml.tokens"))
+
+    def mat(rows, cols, scale=0.7):
+        return (rng.standard_normal((rows, cols)) * (scale / np.sqrt(cols))).astype(np.float32)
+
+    def vec(n, scale=0.2, base=1.0):
+        return (base + scale * rng.standard_normal(n)).astype(np.float32)
+
+    kvs = {
+        "context_length": 4096,
+        "embedding_length": n_embd,
+        "block_count": n_layer,
+        "feed_forward_length": n_ff,
+        "head_count": n_head,
+        "head_count_kv": n_head_kv,
+        "key_length": hd,
+        "value_length": hd,
+        "rope_freq_base": 1000000.0,
+        "layer_norm_rms_eps": 1e-6,
+        "sliding_window": WINDOW,
+        "final_logit_softcapping": SOFTCAP,
+        "gemma3.attention.sliding_window_pattern": (V.UINT32, 3),
+        "gemma3.rope.freq_base_swa": (V.FLOAT32, 20000.0),
+        "file_type": 0,
+    }
+    for kv in vocab:
+        value = kv.value.tolist() if isinstance(kv.value, np.ndarray) else kv.value
+        kvs[kv.key] = (kv.type, value, kv.sub_type)
+    t = {"token_embd.weight": mat(n_vocab, n_embd, 1.0), "output_norm.weight": vec(n_embd)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        t[p + "attn_norm.weight"] = vec(n_embd)
+        t[p + "attn_q.weight"] = mat(n_head * hd, n_embd)
+        t[p + "attn_k.weight"] = mat(n_head_kv * hd, n_embd)
+        t[p + "attn_v.weight"] = mat(n_head_kv * hd, n_embd)
+        t[p + "attn_q_norm.weight"] = vec(hd, 0.3)
+        t[p + "attn_k_norm.weight"] = vec(hd, 0.3)
+        t[p + "attn_output.weight"] = mat(n_embd, n_head * hd)
+        t[p + "post_attention_norm.weight"] = vec(n_embd)
+        t[p + "ffn_norm.weight"] = vec(n_embd)
+        t[p + "ffn_gate.weight"] = mat(n_ff, n_embd, 2.0)
+        t[p + "ffn_up.weight"] = mat(n_ff, n_embd)
+        t[p + "ffn_down.weight"] = mat(n_embd, n_ff)
+        t[p + "post_ffw_norm.weight"] = vec(n_embd)
+    return write_gguf(tmp_path_factory.mktemp("gemma3") / "synthetic.gguf", "gemma3", kvs, t)
+
+
+def test_synthetic_gemma3_matches_llama_cpp(synthetic_gemma3, monkeypatch):
+    tokens = _text_tokens(synthetic_gemma3, 200)
+    with open_gguf(synthetic_gemma3) as g:
+        a = model_args(g)
+    assert a.swa_layers == (True, True, False, True) and a.rope_freq_base_swa == 20000.0
+    assert (a.sliding_window, a.final_logit_softcapping) == (WINDOW, SOFTCAP)
+    ref = _llama_cpp_logits(synthetic_gemma3, tokens)
+    ours = _ours(synthetic_gemma3, tokens)
+    rms, agree = _rel(ours, ref), _agree(ours, ref)
+    print(f"synthetic gemma3: relative RMS logit difference {rms:.2e}, argmax agreement {agree:.4f}")
+    assert np.abs(ref).max() > 0.9 * SOFTCAP  # the softcapping is at work
+    assert rms < 2e-3
+    assert agree >= 0.99
+
+    def without(**changes):
+        orig = Gemma3Args.from_gguf.__func__
+
+        def patched(cls, model):
+            args = orig(cls, model)
+            for k, v in changes.items():
+                setattr(args, k, v)
+            return args
+
+        with monkeypatch.context() as m:
+            m.setattr(Gemma3Args, "from_gguf", classmethod(patched))
+            return _ours(synthetic_gemma3, tokens)
+
+    # each feature changes the logits by far more than the agreement above: the test can tell
+    no_window = without(sliding_window=0)
+    np.testing.assert_array_equal(no_window[:WINDOW], ours[:WINDOW])  # the window only acts past its length
+    assert _rel(no_window[WINDOW:], ref[WINDOW:]) > 10 * rms
+    assert _rel(without(final_logit_softcapping=0.0), ref) > 10 * rms
+    assert _rel(without(rope_freq_base_swa=10000.0), ref) > 10 * rms
