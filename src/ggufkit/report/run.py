@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import __version__
 from ..cache import cache_dir, sha256_file
 from ..gguf.reader import open_gguf
-from ..models import default_model_path
+from ..models import MODELS, default_model_path, model_path
 from .measure import (
     FLOAT_TYPES,
     ReportError,
@@ -76,7 +76,8 @@ def run_report(
     work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
-    """Quantize `model` (default: SmolLM2-135M-Instruct) to each level, measure every level against the base
+    """Quantize `model` (a GGUF path, or the name of a known model in models.MODELS such as "gemma3-270m";
+    default: SmolLM2-135M-Instruct) to each level, measure every level against the base
     and write report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the
     Report; raises ReportError / GgufkitError for anything that cannot be done as asked. `work` is where the
     base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>)."""
@@ -87,7 +88,11 @@ def run_report(
 
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
-    model = Path(default_model_path() if model is None else model)
+    if model is None:
+        model = default_model_path()
+    elif isinstance(model, str) and model in MODELS and not Path(model).exists():
+        model = model_path(model)  # a known model by name, fetched and cached
+    model = Path(model)
     if model.is_dir():
         raise ReportError(f"{model}: Hugging Face folders are not supported yet; convert to GGUF first")
     if not model.is_file():
