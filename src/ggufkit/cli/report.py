@@ -17,8 +17,9 @@ def add_parser(sub):
         description=(
             "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; or a known "
             f"model by --model NAME; default: {DEFAULT_MODEL}) to each level, measure perplexity, KL "
-            "divergence, same-top-token agreement, tokens/s and RAM against the full-precision base, and write report.md, report.json, "
-            "report.html and report.png. Work is cached: a re-run reuses what is done."
+            "divergence, same-top-token agreement, tokens/s and RAM against the full-precision base, and "
+            "write report.md, report.json, report.html and report.png. Work is cached: a re-run reuses what "
+            "is done."
         ),
     )
     p.add_argument("model", nargs="?", help=f"GGUF file (default: --model {DEFAULT_MODEL})")
