@@ -199,7 +199,10 @@ def test_each_operation_is_llama_cpps(gemma3_path):
 def test_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(gemma3_path, tmp_path):
     """The whole forward pass, 512 tokens: as in test_engine's SmolLM2 Q4_K_M test, the 8-bit activation
     rounding turns float32 summation-order differences into independent draws of the rounding noise, so the
-    bar is llama.cpp against itself on copies whose norm weights moved by 1 ulp."""
+    bar is llama.cpp against itself on copies whose norm weights moved by 1 ulp. The argmax agreement over
+    512 positions is itself a draw with a binomial SD of sqrt(p (1 - p) / 512), about 1 point at p = 0.95;
+    measured 2026-12-03 on 8 such copies, llama.cpp against itself spans 94.3-95.7 % (ours 94.5 %, relative
+    RMS 2.9e-2 against its 3.1e-2; docs/benchmarks.md). So: within two of those SDs of llama.cpp's mean."""
     tokens = _text_tokens(gemma3_path, 512)
     ref = _llama_cpp_logits(gemma3_path, tokens)
     ours = _ours(gemma3_path, tokens)
@@ -212,7 +215,8 @@ def test_agrees_with_llama_cpp_as_llama_cpp_agrees_with_itself(gemma3_path, tmp_
         f"ours vs llama.cpp: argmax {_agree(ours, ref):.4f}, relative RMS {_rel(ours, ref):.2e}; "
         f"llama.cpp vs itself (1-ulp norms): argmax {self_agree:.4f}, relative RMS {self_rms:.2e}"
     )
-    assert _agree(ours, ref) >= self_agree - 0.01
+    sd = np.sqrt(self_agree * (1 - self_agree) / len(tokens))
+    assert _agree(ours, ref) >= self_agree - 2 * sd
     assert _rel(ours, ref) <= 1.25 * self_rms
 
 
