@@ -239,17 +239,23 @@ def test_builtin_engine_measures_the_same_damage(
 
 
 @pytest.fixture(scope="module")
-def gemma3_llama_perplexity(gemma3_f16, gemma3_q4_k_m, text_file) -> dict:
-    """llama-perplexity on Gemma 3 270M F16 (base) and its Q4_K_M, ctx 512, 8 chunks (cached)."""
-    return _llama_perplexity_cached(gemma3_f16, gemma3_q4_k_m, text_file, CTX, CHUNKS)
+def gemma3_llama_perplexity(gemma3_f16, gemma3_q3_k_m, text_file) -> dict:
+    """llama-perplexity on Gemma 3 270M F16 (base) and its Q3_K_M, ctx 512, 8 chunks (cached)."""
+    return _llama_perplexity_cached(gemma3_f16, gemma3_q3_k_m, text_file, CTX, CHUNKS)
 
 
 def test_builtin_engine_measures_the_same_damage_on_gemma3(
-    gemma3_llama_perplexity, gemma3_f16, gemma3_q4_k_m, text_file, cache_root
+    gemma3_llama_perplexity, gemma3_f16, gemma3_q3_k_m, text_file, cache_root
 ):
-    """The SmolLM2 bars above, on Gemma 3 270M (262144-token vocabulary, sliding-window layers, GELU)."""
+    """The SmolLM2 bars above, on Gemma 3 270M (262144-token vocabulary, sliding-window layers, GELU).
+
+    The level is Q3_K_M, not Q4_K_M: the base is the shipped Q4_K_M file dequantized, so Q4_K_M re-encodes
+    it nearly as it was (mean KLD 0.007, the activation-rounding noise floor), and there one position of
+    2040, whose prediction flips between two runs of the same engine that sum in another order (our engine
+    on 1 chunk or on 8; llama.cpp), holds a quarter of the mean (KLD 3.3 there): the mean is then a coin
+    toss, measured 2026-12-03 at -23 % (docs/benchmarks.md). Q3_K_M does real damage (KLD 0.23)."""
     ours = evaluate(
-        gemma3_q4_k_m,
+        gemma3_q3_k_m,
         base=gemma3_f16,
         text=text_file,
         ctx=CTX,
