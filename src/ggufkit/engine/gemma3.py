@@ -76,10 +76,10 @@ class Gemma3Args(ModelArgs):
         return a
 
     @property
-    def attention_scale(self) -> float:
-        if self.block_count == _N_LAYER_27B:
-            return 1.0 / float(np.sqrt(np.float32(self.embedding_length // self.head_count)))
-        return 1.0 / float(np.sqrt(np.float32(self.key_length)))
+    def attention_scale(self) -> np.float32:
+        """1 / sqrtf(d) in float32, d as llama.cpp picks it (see the module doc)."""
+        d = self.embedding_length // self.head_count if self.block_count == _N_LAYER_27B else self.key_length
+        return np.float32(1.0) / np.sqrt(np.float32(d))
 
 
 class Gemma3Model(LlamaModel):
@@ -153,7 +153,7 @@ class Gemma3Model(LlamaModel):
         x = self._embed(tokens.reshape(-1)).reshape(C * T, D)
         x *= np.sqrt(np.float32(D))  # ggml_scale(inp, sqrtf(n_embd))
         ropes = self._layer_ropes(T)
-        scale = np.float32(a.attention_scale)
+        scale = a.attention_scale
         eps = a.layer_norm_rms_epsilon
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
         for il in range(a.block_count):
