@@ -340,7 +340,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     path = _tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2", tokens=["a", "b", "c"])
     assert main(["eval", str(path)]) == 2
     line = _one_error_line(capsys)
-    assert "'gpt2'" in line and "llama" in line and "qwen2" in line
+    assert "'gpt2'" in line and "llama" in line and "qwen2" in line and "gemma3" in line
 
 
 def test_different_vocabularies(q4_k_m, tmp_path, capsys):
