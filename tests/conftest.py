@@ -60,3 +60,20 @@ def gemma3_path() -> Path:
     from ggufkit.models import model_path
 
     return model_path("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_f16(gemma3_path) -> Path:
+    """Gemma 3 270M dequantized to F16 by llama.cpp itself."""
+    from tests.helpers.llama_programs import base_model
+
+    return base_model(gemma3_path, "F16")
+
+
+@pytest.fixture(scope="session")
+def gemma3_q3_k_m(gemma3_f16) -> Path:
+    """Gemma 3 270M quantized to Q3_K_M by the real llama-quantize from llama.cpp's own F16. (Not Q4_K_M: the
+    F16 base is the shipped Q4_K_M dequantized, so Q4_K_M mostly re-encodes it: see test_evaluate.)"""
+    from tests.helpers.llama_programs import reference_quantized
+
+    return reference_quantized(gemma3_f16, "Q3_K_M")

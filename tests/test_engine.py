@@ -230,7 +230,8 @@ def test_q4_k_m_each_operation_is_llama_cpps(q4_k_m):
 
 def _nudged_copy(path: Path, dst: Path, seed: int) -> Path:
     """A copy of `path` whose F32 norm weights moved by -1, 0 or +1 ulp at random: the same model to every
-    practical purpose, a different float-order history for llama.cpp."""
+    practical purpose, a different float-order history for llama.cpp. A zero weight (Gemma has some) moves
+    to the smallest subnormal of either sign, not to the NaN that -1 on its bits would make."""
     import shutil
 
     shutil.copyfile(path, dst)
@@ -240,7 +241,11 @@ def _nudged_copy(path: Path, dst: Path, seed: int) -> Path:
     with open(dst, "r+b") as f:
         for offset, n in spots:
             f.seek(offset)
-            bits = np.frombuffer(f.read(4 * n), "<i4") + rng.integers(-1, 2, n).astype("<i4")
+            old = np.frombuffer(f.read(4 * n), "<i4")
+            step = rng.integers(-1, 2, n).astype("<i4")
+            bits = old + step
+            zero = (old & 0x7FFFFFFF) == 0
+            bits[zero] = np.where(step[zero] < 0, np.int32(-0x7FFFFFFF), step[zero])  # 0x80000001: -2^-149
             f.seek(offset)
             f.write(bits.tobytes())
     return dst

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,35 @@ def _llama_perplexity(base, model, text_file, folder: Path, ctx: int, chunks: in
         m = re.search(pattern, log)
         assert m, f"llama-perplexity printed no {key}:\n{log[-3000:]}"
         stats[key] = float(m.group(1))
+    return stats
+
+
+def _llama_perplexity_cached(base, model, text_file, ctx: int, chunks: int) -> dict:
+    """_llama_perplexity's statistics (without its base file), cached in llama.cpp's outputs folder by the
+    two files (path, size, mtime), the text's sha256, ctx, chunks, threads and the llama.cpp version."""
+    import hashlib
+
+    from tests.helpers.llama_programs import VERSION, _file_id, outputs_dir
+
+    ident = {
+        "base": _file_id(base),
+        "model": _file_id(model),
+        "text": hashlib.sha256(Path(text_file).read_bytes()).hexdigest(),
+        "ctx": ctx,
+        "chunks": chunks,
+        "threads": THREADS,
+        "llama.cpp": VERSION,
+    }
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    path = outputs_dir("llama-perplexity") / f"{Path(model).stem}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = _llama_perplexity(base, model, text_file, Path(tmp), ctx, chunks)
+    stats.pop("base_file")
+    tmp_path = path.with_suffix(f".tmp{os.getpid()}")
+    tmp_path.write_text(json.dumps(stats))
+    os.replace(tmp_path, path)
     return stats
 
 
@@ -208,6 +238,41 @@ def test_builtin_engine_measures_the_same_damage(
     assert abs(ours.same_top - ref["same_top"]) <= 0.5
 
 
+@pytest.fixture(scope="module")
+def gemma3_llama_perplexity(gemma3_f16, gemma3_q3_k_m, text_file) -> dict:
+    """llama-perplexity on Gemma 3 270M F16 (base) and its Q3_K_M, ctx 512, 8 chunks (cached)."""
+    return _llama_perplexity_cached(gemma3_f16, gemma3_q3_k_m, text_file, CTX, CHUNKS)
+
+
+def test_builtin_engine_measures_the_same_damage_on_gemma3(
+    gemma3_llama_perplexity, gemma3_f16, gemma3_q3_k_m, text_file, cache_root
+):
+    """The SmolLM2 bars above, on Gemma 3 270M (262144-token vocabulary, sliding-window layers, GELU).
+
+    The level is Q3_K_M, not Q4_K_M: the base is the shipped Q4_K_M file dequantized, so Q4_K_M re-encodes
+    it nearly as it was (mean KLD 0.007, the activation-rounding noise floor), and there one position of
+    2040, whose prediction flips between two runs of the same engine that sum in another order (our engine
+    on 1 chunk or on 8; llama.cpp), holds a quarter of the mean (KLD 3.3 there): the mean is then a coin
+    toss, measured 2026-12-03 at -23 % (docs/benchmarks.md). Q3_K_M does real damage (KLD 0.23)."""
+    ours = evaluate(
+        gemma3_q3_k_m,
+        base=gemma3_f16,
+        text=text_file,
+        ctx=CTX,
+        chunks=CHUNKS,
+        threads=THREADS,
+        engine="builtin",
+        use_cache=False,
+    )
+    ref = gemma3_llama_perplexity
+    print(json.dumps({k: (getattr(ours, k), ref[k]) for k in _FIELDS}, indent=1))
+    assert ours.tokens == CHUNKS * (CTX - 1 - CTX // 2)
+    assert ours.base_ppl == pytest.approx(ref["base_ppl"], rel=0.005)
+    assert ours.kld_mean == pytest.approx(ref["kld_mean"], rel=0.05)
+    assert ours.ppl == pytest.approx(ref["ppl"], rel=0.005)
+    assert abs(ours.same_top - ref["same_top"]) <= 0.5
+
+
 def test_base_is_cached_and_reused(smollm2_f16, q4_k_m, cache_root):
     first = evaluate(q4_k_m, base=smollm2_f16, ctx=128, chunks=2, threads=THREADS)
     second = evaluate(q4_k_m, base=smollm2_f16, ctx=128, chunks=2, threads=THREADS)
@@ -275,7 +340,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     path = _tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2", tokens=["a", "b", "c"])
     assert main(["eval", str(path)]) == 2
     line = _one_error_line(capsys)
-    assert "'gpt2'" in line and "llama" in line and "qwen2" in line
+    assert "'gpt2'" in line and "llama" in line and "qwen2" in line and "gemma3" in line
 
 
 def test_different_vocabularies(q4_k_m, tmp_path, capsys):

@@ -124,3 +124,38 @@ def test_spm_default_text(spm_gguf):
 def test_spm_tricky(spm_gguf, text):
     ours = load_tokenizer(open_gguf(spm_gguf))
     assert list(ours.encode(text)) == _ref(_llama(spm_gguf), text)
+
+
+# -- Gemma 3: SentencePiece with 262144 pieces, no space prefix, user-defined whitespace runs -----------
+GEMMA_TRICKY = [
+    "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",  # control tokens: text, not parsed
+    "a  b   c    d\n\n\nx" + "\n" * 35 + "y" + " " * 40 + "z",  # user-defined runs, longer than any
+    "\t\t\t\tindent\t \t \n \n  \n",
+    "[multimodal] <mask> <unk> <pad> <bos> <eos>",
+    "\u00a0nbsp \u3000ideographic space ▁ literal ▁▁ pieces",
+    "x" * 64 + " " + "ab" * 40,
+    "emoji 🧑‍🤝‍🧑 🏳️‍🌈 and rare CJK 𠀀𪚥 bytes",
+    "line\r\nendings\rcarriage",
+]
+
+
+@pytest.fixture(scope="module")
+def gemma3_tokenizers(gemma3_path):
+    with open_gguf(gemma3_path) as g:
+        ours = load_tokenizer(g)
+    return ours, _llama(gemma3_path)
+
+
+def test_gemma3_default_text(gemma3_tokenizers):
+    ours, llm = gemma3_tokenizers
+    assert ours.kind == "llama" and ours.add_bos and ours.n_vocab == 262144
+    text = default_text()
+    ids = ours.encode(text)
+    assert len(ids) > 100_000
+    np.testing.assert_array_equal(ids, np.asarray(_ref(llm, text), dtype=np.int32))
+
+
+@pytest.mark.parametrize("text", TRICKY + GEMMA_TRICKY)
+def test_gemma3_tricky(gemma3_tokenizers, text):
+    ours, llm = gemma3_tokenizers
+    assert list(ours.encode(text)) == _ref(llm, text)

@@ -40,6 +40,14 @@ def _root() -> Path:
     return cache_dir(f"llama.cpp-{VERSION}")
 
 
+def outputs_dir(kind: str) -> Path:
+    """Where llama.cpp's cached outputs of one kind live (next to its build, so every test sees the same
+    folder even while GGUFKIT_CACHE points at a test's own cache linking to this one)."""
+    path = _root() / "outputs" / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def source_tree() -> Path:
     """vendor/llama.cpp of the llama-cpp-python sdist, downloaded and extracted once."""
     root = _root()

@@ -111,7 +111,8 @@ def compute_imatrix(
     and no text, only the merge is written. hessian: a folder for every weight's input covariance X^T X
     (calibrate.hessian; its size is logged before the run). progress(chunks done, chunks) after each pass.
     """
-    from ..engine.llama import LlamaModel, ModelArgs, blas_threads
+    from ..engine import load_model, model_args
+    from ..engine.llama import blas_threads
     from ..engine.tokenizer import load_tokenizer
     from .hessian import hessian_bytes, write_hessians
 
@@ -156,7 +157,7 @@ def compute_imatrix(
         return result
 
     with open_gguf(model) as g:
-        args = ModelArgs.from_gguf(g)  # an architecture the engine does not run stops here
+        args = model_args(g)  # an architecture the engine does not run stops here
         tok = load_tokenizer(g)
         if hessian is not None:
             result.hessian, result.hessian_bytes = (
@@ -189,7 +190,7 @@ def compute_imatrix(
     done = 0
     try:
         with blas_threads(threads), open_gguf(model) as g:
-            engine = LlamaModel(g)
+            engine = load_model(g)
             while done < n_chunk:
                 k = min(per_pass, n_chunk - done)
                 part = engine.observer = stats.empty_like()

@@ -6,6 +6,7 @@ import re
 import sys
 
 from .. import report as rep
+from ..models import DEFAULT_MODEL, MODELS
 from ..recommend import TASKS
 
 
@@ -14,17 +15,25 @@ def add_parser(sub):
         "report",
         help="quantize a model to every level, measure each, print the table and a recommendation",
         description=(
-            "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; a Hugging "
-            "Face checkpoint folder is first converted, once, to a GGUF of its own dtype; default: "
-            "SmolLM2-135M-Instruct) to each level, measure perplexity, KL divergence, same-top-token "
-            "agreement, tokens/s and RAM against the full-precision base, and write report.md, report.json, "
-            "report.html and report.png. Work is cached: a re-run reuses what is done."
+            "Quantize MODEL (a F32/F16/BF16 GGUF; a quantized GGUF is first dequantized to F32; a "
+            "Hugging Face checkpoint folder is first converted, once, to a GGUF of its own dtype; or a known "
+            f"model by --model NAME; default: {DEFAULT_MODEL}) to each level, measure perplexity, KL "
+            "divergence, same-top-token agreement, tokens/s and RAM against the full-precision base, and "
+            "write report.md, report.json, report.html and report.png. Work is cached: a re-run reuses what "
+            "is done."
         ),
     )
     p.add_argument(
         "model",
         nargs="?",
-        help="GGUF file or Hugging Face checkpoint folder (default: SmolLM2-135M-Instruct, fetched, cached)",
+        help=f"GGUF file or Hugging Face checkpoint folder (default: --model {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--model",
+        dest="known_model",
+        choices=tuple(MODELS),
+        metavar="NAME",
+        help=f"a known model instead of a file, fetched and cached: {', '.join(MODELS)}",
     )
     p.add_argument(
         "--levels",
@@ -95,10 +104,12 @@ class _Progress:
 
 def run(args) -> int:
     levels = [s.strip() for s in args.levels.split(",") if s.strip()] if args.levels else None
+    if args.model and args.known_model:
+        raise rep.ReportError(f"give a GGUF file or --model {args.known_model}, not both")
     progress = _Progress()
     try:
         result = rep.run_report(
-            args.model,
+            args.model or args.known_model,
             levels=levels,
             text=args.text,
             out=args.out,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -100,6 +101,9 @@ class ModelArgs:
     expert_weights_scale: float = 0.0
     rope_neox: bool = False
 
+    # the architectures these arguments describe -> NeoX rope (a subclass names its own)
+    ARCHITECTURES: ClassVar[dict[str, bool]] = ARCHITECTURES
+
     def __post_init__(self):
         if not self.head_count_kv:
             self.head_count_kv = self.head_count
@@ -113,14 +117,14 @@ class ModelArgs:
     @classmethod
     def from_gguf(cls, model: GGUFModel) -> ModelArgs:
         arch = model.architecture
-        if arch not in ARCHITECTURES:
+        if arch not in cls.ARCHITECTURES:
             raise EvalError(
                 f"{model.path}: architecture {arch!r} is not supported by the built-in engine "
-                f"(supported: {', '.join(SUPPORTED)})"
+                f"(supported: {', '.join(cls.ARCHITECTURES)})"
             )
         prefix = f"{arch}."
         fields = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, object] = {"architecture": arch, "rope_neox": ARCHITECTURES[arch]}
+        values: dict[str, object] = {"architecture": arch, "rope_neox": cls.ARCHITECTURES[arch]}
         for key, kv in model.kv.items():
             if not key.startswith(prefix):
                 continue
@@ -155,11 +159,13 @@ class ModelArgs:
 class LlamaModel:
     """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
 
+    args_type: ClassVar[type[ModelArgs]] = ModelArgs  # an architecture's subclass names its own
+
     def __init__(self, model: GGUFModel, *, llamacpp_numerics: bool = True, observer=None):
         self.gguf = model
         self.llamacpp_numerics = llamacpp_numerics
         self.observer = observer  # f(weight name, x, expert=, n_expert=) before each matmul (module doc)
-        self.args = ModelArgs.from_gguf(model)
+        self.args = self.args_type.from_gguf(model)
         a = self.args
         self._tensors = {t.name: t for t in model.tensors}
         need = ["token_embd.weight", "output_norm.weight"]
@@ -255,16 +261,19 @@ class LlamaModel:
         return w, types
 
     # -- rope ---------------------------------------------------------------------------------------
-    def _rope_tables(self, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    def _rope_tables(
+        self, n_pos: int, *, base: float | None = None, freq_scale: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """cos, sin [n_pos, rope_dim/2], with ggml's rounding: per position the angle starts at pos and is
         multiplied by s = base^(-2/n_dims) in float32 once per pair (so each angle carries the rounding of
         that chain), divided by the rope frequency factor, scaled by freq_scale; cos and sin are taken of
-        that float32 angle and rounded to float32."""
+        that float32 angle and rounded to float32. base and freq_scale default to the model's (an
+        architecture with per-layer rope passes the layer's)."""
         a = self.args
         half = a.rope_dimension_count // 2
         s = np.float32(
             np.power(
-                np.float64(a.rope_freq_base),
+                np.float64(a.rope_freq_base if base is None else base),
                 np.float64(np.float32(-2.0) / np.float32(a.rope_dimension_count)),
             )
         )
@@ -275,7 +284,7 @@ class LlamaModel:
             acc = acc * s
         if self._rope_freqs is not None:
             theta = theta / self._rope_freqs.reshape(-1)[:half]
-        theta = theta * np.float32(a.freq_scale)
+        theta = theta * np.float32(a.freq_scale if freq_scale is None else freq_scale)
         theta = theta.astype(np.float64)
         return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
 

@@ -1,6 +1,6 @@
-"""The engine's numerics, each rounded as llama.cpp's CPU backend rounds it: rms_norm, silu, the causal
-softmax, the activations' rounding to the weight's vec_dot type (round_activations), the F16 kernels, and
-the BLAS/numba thread control.
+"""The engine's numerics, each rounded as llama.cpp's CPU backend rounds it: rms_norm, silu, geglu (GELU
+through ggml's F16 table), the causal and sliding-window softmax, the activations' rounding to the weight's
+vec_dot type (round_activations), the F16 kernels, and the BLAS/numba thread control.
 
 F16 kernels: bit for bit numpy's `astype`. The engine rounds activations to F16 before F16 matmuls and
 keeps its KV cache in F16 (both as llama.cpp does), and reads F16 weights as float32. numpy's
@@ -21,6 +21,7 @@ NaN branch numpy's way: the engine's output is then bit-identical to what the as
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from contextlib import contextmanager
@@ -145,30 +146,46 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
 
 
 @njit(cache=True)
-def causal_softmax(s, first_pos, group):
-    """In place over s [B, R, K]: row r is query position first_pos + r // group (`group` query heads share
-    a kv head and sit side by side); it becomes softmax over keys 0..pos followed by zeros (causal mask).
-    One pass per row over the causal part only. Serial on purpose: it runs between BLAS calls, and a
-    second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
+def window_softmax(s, first_pos, group, first_key, window):
+    """In place over s [B, R, K]: row r is query position pos = first_pos + r // group (`group` query heads
+    share a kv head and sit side by side), column j is key position first_key + j; the row becomes softmax
+    over the keys it sees followed by zeros elsewhere. A query sees the keys at positions pos - window + 1 ..
+    pos (window 0: 0 .. pos, the causal mask), llama.cpp's LLAMA_SWA_TYPE_STANDARD (masked when
+    pos - key >= window). One pass per row over the visible part only. Serial on purpose: it runs between
+    BLAS calls, and a second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
     B, R, K = s.shape
     for x in range(B * R):
         b, r = x // R, x % R
         row = s[b, r]
-        last = min(first_pos + r // group, K - 1)
-        m = row[0]
-        for j in range(1, last + 1):
+        pos = first_pos + r // group
+        last = min(pos - first_key, K - 1)
+        lo = 0 if window <= 0 else max(0, pos - window + 1 - first_key)
+        for j in range(lo):
+            row[j] = 0.0
+        if lo > last:  # no visible key in this slice (callers slice keys so that this does not happen)
+            for j in range(lo, K):
+                row[j] = 0.0
+            continue
+        m = row[lo]
+        for j in range(lo + 1, last + 1):
             if row[j] > m:
                 m = row[j]
         tot = 0.0
-        for j in range(last + 1):
+        for j in range(lo, last + 1):
             e = np.exp(row[j] - m)
             row[j] = e
             tot += e
         inv = np.float32(1.0 / tot)
-        for j in range(last + 1):
+        for j in range(lo, last + 1):
             row[j] *= inv
         for j in range(last + 1, K):
             row[j] = 0.0
+
+
+@njit(cache=True)
+def causal_softmax(s, first_pos, group):
+    """window_softmax with the causal mask only (keys from position 0)."""
+    window_softmax(s, first_pos, group, 0, 0)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -182,6 +199,42 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1.0) + np.exp(-x))
+
+
+# ggml's GELU (tanh form) constants, float32 as in ggml-cpu/vec.h
+_GELU_COEF_A = np.float32(0.044715)
+_SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+@functools.cache
+def gelu_table() -> np.ndarray:
+    """ggml's ggml_table_gelu_f16 as float32 [65536]: for every F16 bit pattern h, F16(gelu(h)) with
+    gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x x))) in float32 (ggml_gelu_f32) as the compiler
+    builds it: 1 + (0.044715 x) x contracted into one fused multiply-add (emulated here in double, where the
+    product of two floats is exact), tanhf correctly rounded (tanh in double, rounded to float32). Checked
+    against libggml's own table, every finite entry (tests/test_gemma3.py); numpy's float32 tanh instead
+    would differ in 234 entries, mostly where 1 + tanh cancels."""
+    x = f16_to_f32(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16))
+    with np.errstate(over="ignore", invalid="ignore"):
+        ax = (_GELU_COEF_A * x).astype(np.float64)
+        poly = (ax * x + 1.0).astype(np.float32)  # fmaf(0.044715 x, x, 1)
+        inner = (_SQRT_2_OVER_PI * x) * poly
+        t = np.tanh(inner.astype(np.float64)).astype(np.float32)
+        y = (np.float32(0.5) * x) * (np.float32(1.0) + t)
+    return f16_round(y)
+
+
+def geglu(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """gelu(x) * g as ggml's CPU geglu computes it (GGML_GELU_FP16): x <= -10 gives 0, x >= 10 gives x * g,
+    anything between reads gelu from the F16 table at x rounded to F16, then multiplies by g in float32."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bits = x.astype(np.float16).view(np.uint16)
+    y = gelu_table()[bits]
+    y *= g
+    hi = x >= np.float32(10.0)
+    y[hi] = x[hi] * g[hi]
+    y[x <= np.float32(-10.0)] = 0.0
+    return y
 
 
 # -- threads ------------------------------------------------------------------------------------------

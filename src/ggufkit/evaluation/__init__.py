@@ -108,10 +108,11 @@ def chunk_inputs(chunks: np.ndarray, bos_id: int | None) -> np.ndarray:
 
 # -- engines ---------------------------------------------------------------------------------------
 def _builtin_logits(path, inputs: np.ndarray, first: int, threads: int | None) -> Iterator[np.ndarray]:
-    from ..engine.llama import LlamaModel, blas_threads
+    from ..engine import load_model
+    from ..engine.numerics import blas_threads
 
     with blas_threads(threads), open_gguf(path) as g:
-        yield from LlamaModel(g).chunk_logits(inputs, first=first)
+        yield from load_model(g).chunk_logits(inputs, first=first)
 
 
 def _llamacpp_logits(path, inputs, first, threads, timing: dict) -> Iterator[np.ndarray]:
@@ -222,16 +223,16 @@ def evaluate(
     t_start = time.perf_counter()
     body, text_name = read_text(text)
     with open_gguf(model) as g:
-        from ..engine.llama import ModelArgs
+        from ..engine import model_args
 
         if engine == "builtin":
-            ModelArgs.from_gguf(g)  # unsupported architecture -> EvalError before anything runs
+            model_args(g)  # unsupported architecture -> EvalError before anything runs
         tok = load_tokenizer(g)
     if base is not None:
         _check_vocab(model, base)
         if engine == "builtin":
             with open_gguf(base) as g:
-                ModelArgs.from_gguf(g)
+                model_args(g)
     ids = tok.encode(body)
     chunk_ids = make_chunks(ids, ctx=ctx, chunks=chunks)
     inputs = chunk_inputs(chunk_ids, tok.bos_id if tok.add_bos else None)

@@ -292,10 +292,11 @@ def _speed(path, tokens, *, engine: str, threads: int | None) -> dict:
             "tok_s_engine": "llama.cpp",
             "tok_s_kind": f"generation ({SPEED_GEN} tokens, llama.cpp)",
         }
-    from ..engine.llama import LlamaModel, blas_threads
+    from ..engine import load_model
+    from ..engine.numerics import blas_threads
 
     with blas_threads(threads), open_gguf(path) as g:
-        m = LlamaModel(g)
+        m = load_model(g)
         t0 = time.perf_counter()
         for _ in m.chunk_logits(prompt[None, :], first=len(prompt) - 1):
             pass

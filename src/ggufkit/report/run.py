@@ -14,7 +14,8 @@ from pathlib import Path
 from .. import __version__
 from ..cache import cache_dir, sha256_file
 from ..gguf.reader import open_gguf
-from ..models import default_model_path
+from ..models import MODELS, default_model_path
+from ..models import model_path as known_model_path
 from .measure import (
     FLOAT_TYPES,
     ReportError,
@@ -77,12 +78,13 @@ def run_report(
     work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
 ) -> Report:
-    """Quantize `model` (a GGUF or a Hugging Face checkpoint folder, converted first; default:
-    SmolLM2-135M-Instruct) to each level, measure every level against the base and write
-    report.md/json/html/png into `out` (default DEFAULT_OUT, ./ggufkit-report). Returns the Report; raises
-    ReportError / GgufkitError (ConvertError for a folder the converter refuses) for anything that cannot be
-    done as asked. `work` is where the converted folder, the base, the level files and the cached
-    measurements live (default cache_dir("report-cache")/<sha[:16]>, for a folder hf-<content sha[:16]>)."""
+    """Quantize `model` (a GGUF, a Hugging Face checkpoint folder, converted first, or the name of a known
+    model in models.MODELS such as "gemma3-270m"; default: SmolLM2-135M-Instruct) to each level, measure
+    every level against the base and write report.md/json/html/png into `out` (default DEFAULT_OUT,
+    ./ggufkit-report). Returns the Report; raises ReportError / GgufkitError (ConvertError for a folder the
+    converter refuses) for anything that cannot be done as asked. `work` is where the converted folder, the
+    base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>,
+    for a folder hf-<content sha[:16]>)."""
     from .. import memory
     from .. import recommend as picker
     from ..evaluation import read_text
@@ -90,7 +92,11 @@ def run_report(
 
     t_start = time.perf_counter()
     machine = machine_facts()  # before the run: the load it competes with
-    model = Path(default_model_path() if model is None else model)
+    if model is None:
+        model = default_model_path()
+    elif isinstance(model, str) and model in MODELS and not Path(model).exists():
+        model = known_model_path(model)  # a known model by name, fetched and cached
+    model = Path(model)
     if not model.is_file() and not model.is_dir():
         raise ReportError(f"{model}: no such file or folder")
     names = []
