@@ -213,3 +213,79 @@ def test_the_rest_of_ggufkit_runs_without_torch():
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == []
+
+
+# ---------------------------------------------------------------- prepare: the level's plan, through convert
+
+
+def _permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (q_proj / k_proj rows into ggml's rope layout)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, tied, level",
+    [("llama", "F32", False, "Q4_K_M"), ("qwen2", "BF16", True, "IQ4_XS")],
+)
+def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, level):
+    """prepare -> one SGD step -> finish -> save_pretrained -> ggufkit convert at the level: every quantized
+    tensor of the file is one prepare fake-quantized, with the type prepare used, and libggml's dequantize
+    of its bytes equals (bit for bit, rows permuted for llama q/k) the weight the last forward saw; for a
+    BF16 model the forward saw them rounded to bfloat16 (the Linear runs in the model's dtype)."""
+    import shutil
+
+    import transformers
+
+    from ggufkit.conversion.job import convert
+    from ggufkit.gguf.reader import open_gguf
+    from ggufkit.qat import finish, prepare
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint(arch, dtype, tied=tied)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    prepared = prepare(model, level)
+    assert len({p.qtype for p in prepared}) >= 2  # the level's mixture, not one type
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 10.0 * p.grad
+    seen, latent = {}, {}
+    for p in prepared:
+        module = model.get_submodule(p.hf_name.rpartition(".")[0])
+        seen[p.hf_name] = module.weight.detach().to(torch.float32).numpy().copy()
+        latent[p.hf_name] = module.parametrizations.weight.original.detach().to(torch.float32).numpy().copy()
+    finish(model)
+    out = tmp_path / "trained"
+    model.save_pretrained(out)
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, out / f.name)
+    dst = tmp_path / f"trained-{level}.gguf"
+    convert(out, dst, type=level)
+
+    n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    with open_gguf(dst) as gg:
+        quantized = {t.name for t in gg.tensors if t.ggml_type.name != "F32"}
+        assert quantized == {p.gguf_name for p in prepared}
+        changed = 0
+        for p in prepared:
+            t = gg.tensor(p.gguf_name)
+            assert t.ggml_type.name == p.qtype, p
+            got = ggml_dequantize(np.asarray(t.data()), t.ggml_type, tuple(reversed(t.shape)))
+            if arch == "llama" and p.hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = n_head if "q_proj" in p.hf_name else n_kv
+                seen[p.hf_name] = _permute_like_llama_cpp(seen[p.hf_name], heads)
+                latent[p.hf_name] = _permute_like_llama_cpp(latent[p.hf_name], heads)
+            # the file holds llama.cpp's quantization of the latent weight the training kept
+            ref = _ggml_round_trip(np.ascontiguousarray(latent[p.hf_name]), p.qtype)
+            assert_same_floats(got, ref, f"{p.gguf_name} {p.qtype} latent")
+            # the forward ran in the model's dtype: it saw the file's values rounded to it (exact in F32)
+            rounded = torch.from_numpy(got).to(model.dtype).to(torch.float32).numpy()
+            assert_same_floats(rounded, np.ascontiguousarray(seen[p.hf_name]), f"{p.gguf_name} {p.qtype}")
+            if model.dtype == torch.float32:
+                assert np.array_equal(got.view(np.uint32), rounded.view(np.uint32))
+            changed += not np.array_equal(seen[p.hf_name], latent[p.hf_name])
+        assert changed == len(prepared)  # the forward saw quantized weights, not the latent ones
