@@ -289,3 +289,36 @@ def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, le
                 assert np.array_equal(got.view(np.uint32), rounded.view(np.uint32))
             changed += not np.array_equal(seen[p.hf_name], latent[p.hf_name])
         assert changed == len(prepared)  # the forward saw quantized weights, not the latent ones
+
+
+def test_prepare_follows_convert_plan_with_fallbacks(tmp_path):
+    """A model whose ffn width (96) is no multiple of 256: prepare's types are convert's dry-run types of the
+    saved model, ffn_down's row-length fallback included; a second prepare and an unknown level refused."""
+    import shutil
+
+    import transformers
+
+    from ggufkit.conversion.job import convert
+    from ggufkit.qat import finish, prepare
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint("qwen3", "F32", tied=False)
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cfg.intermediate_size = 96
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    prepared = prepare(model, "Q4_K_M")
+    with pytest.raises(QuantizeError, match="already prepared"):
+        prepare(model, "Q4_K_M")
+    finish(model)
+    with pytest.raises(QuantizeError):
+        prepare(model, "Q4_K_Z")
+    model.save_pretrained(tmp_path / "m")
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / "m" / f.name)
+    summary = convert(tmp_path / "m", type="Q4_K_M", dry_run=True)
+    assert {p.gguf_name: p.qtype for p in prepared} == {
+        n: t for n, t in summary.tensor_types.items() if t != "F32"
+    }
+    assert summary.fallbacks and set(summary.fallbacks) <= {p.gguf_name for p in prepared}
