@@ -224,10 +224,14 @@ def _permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "arch, dtype, tied, level",
-    [("llama", "F32", False, "Q4_K_M"), ("qwen2", "BF16", True, "IQ4_XS")],
+    "arch, dtype, tied, level, with_imatrix",
+    [
+        ("llama", "F32", False, "Q4_K_M", False),
+        ("qwen2", "BF16", True, "IQ4_XS", False),
+        ("qwen3", "F32", False, "IQ4_XS", True),
+    ],
 )
-def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, level):
+def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, level, with_imatrix):
     """prepare -> one SGD step -> finish -> save_pretrained -> ggufkit convert at the level: every quantized
     tensor of the file is one prepare fake-quantized, with the type prepare used, and libggml's dequantize
     of its bytes equals (bit for bit, rows permuted for llama q/k) the weight the last forward saw; for a
@@ -242,9 +246,22 @@ def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, le
     from tests.helpers.checkpoints import synthetic_checkpoint
 
     folder = synthetic_checkpoint(arch, dtype, tied=tied)
+    imatrix = None
+    if with_imatrix:  # llama-imatrix's file for the checkpoint (converted to F32 for it)
+        from tests.test_quantize import make_imatrix
+
+        convert(folder, tmp_path / f"{folder.name}-F32.gguf", type="F32")
+        imatrix = make_imatrix(tmp_path / f"{folder.name}-F32.gguf")
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    prepared = prepare(model, level)
+    prepared = prepare(model, level, imatrix=imatrix)
     assert len({p.qtype for p in prepared}) >= 2  # the level's mixture, not one type
+    weighted = [p for p in prepared if p.importance is not None]
+    assert bool(weighted) == with_imatrix
+    for p in weighted:  # the vectors change these weights (so the comparison below sees which were used)
+        w = model.get_submodule(p.hf_name.rpartition(".")[0]).parametrizations.weight.original
+        assert not torch.equal(
+            fake_quantize(w.detach(), p.qtype), fake_quantize(w.detach(), p.qtype, p.importance)
+        )
     torch.manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     model(ids, labels=ids).loss.backward()
@@ -264,7 +281,7 @@ def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, le
         if f.name.startswith("tokenizer"):
             shutil.copy(f, out / f.name)
     dst = tmp_path / f"trained-{level}.gguf"
-    convert(out, dst, type=level)
+    convert(out, dst, type=level, imatrix=imatrix)
 
     n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
     with open_gguf(dst) as gg:
@@ -280,7 +297,7 @@ def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, le
                 seen[p.hf_name] = _permute_like_llama_cpp(seen[p.hf_name], heads)
                 latent[p.hf_name] = _permute_like_llama_cpp(latent[p.hf_name], heads)
             # the file holds llama.cpp's quantization of the latent weight the training kept
-            ref = _ggml_round_trip(np.ascontiguousarray(latent[p.hf_name]), p.qtype)
+            ref = _ggml_round_trip(np.ascontiguousarray(latent[p.hf_name]), p.qtype, p.importance)
             assert_same_floats(got, ref, f"{p.gguf_name} {p.qtype} latent")
             # the forward ran in the model's dtype: it saw the file's values rounded to it (exact in F32)
             rounded = torch.from_numpy(got).to(model.dtype).to(torch.float32).numpy()

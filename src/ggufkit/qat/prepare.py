@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.nn.utils import parametrize
 
@@ -33,20 +34,22 @@ from .fake import fake_quantize
 
 
 class Prepared(NamedTuple):
-    """One fake-quantized parameter: its HF name, its GGUF name and the type the level gives it."""
+    """One fake-quantized parameter: its HF name, its GGUF name, the type the level gives it, and the
+    imatrix vector convert will quantize it with (None: without)."""
 
     hf_name: str
     gguf_name: str
     qtype: str
+    importance: np.ndarray | None = None
 
 
 class _FakeQuant(torch.nn.Module):
-    def __init__(self, fmt: registry.BlockFormat):
+    def __init__(self, fmt: registry.BlockFormat, importance: np.ndarray | None):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.importance = fmt, importance
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(weight, self.fmt)
+        return fake_quantize(weight, self.fmt, importance=self.importance)
 
     def extra_repr(self) -> str:
         return self.fmt.name
@@ -69,10 +72,13 @@ def _config(model):
         return load_model_config(d)
 
 
-def plan_model(model, level: str) -> list[Prepared]:
-    """The parameters a convert of `model` (saved as it is) at `level` quantizes, and their types."""
+def plan_model(model, level: str, *, imatrix=None) -> list[Prepared]:
+    """The parameters a convert of `model` (saved as it is) at `level` (with `imatrix`, a llama-imatrix
+    file, as convert --imatrix) quantizes, their types and importance vectors."""
     from ..conversion import tensors as tn
     from ..conversion.job import level_plan
+    from ..quantize.imatrix import match_tensor
+    from ..quantize.job import load_imatrix
     from ..quantize.levels import level as level_of
 
     lv = level_of(str(level).strip().upper())
@@ -82,10 +88,16 @@ def plan_model(model, level: str) -> list[Prepared]:
     plan = tn.header_tensors(cfg, header)
     conv_type = tn.source_ftype(_Header(header))
     types = {t.name: tn.output_type(t, conv_type) for t in plan}
-    qplan = level_plan(cfg, plan, types, lv.name)
+    vectors = load_imatrix(imatrix, (), ())[0] if imatrix is not None else {}
+    qplan = level_plan(cfg, plan, types, lv.name, imatrix=vectors or None)
     src = {t.name: t.src for t in plan}
     return [
-        Prepared(src[tp.name], tp.name, tp.dst_type.name)
+        Prepared(
+            src[tp.name],
+            tp.name,
+            tp.dst_type.name,
+            match_tensor(vectors, tp.name, tp.shape) if tp.use_importance else None,
+        )
         for tp in qplan.tensors
         if tp.quantize and src[tp.name] is not None
     ]
@@ -102,23 +114,25 @@ class _Header:
         self.tensors = {n: self._Ref(d, s) for n, (d, s) in header.items()}
 
 
-def prepare(model, level: str) -> list[Prepared]:
+def prepare(model, level: str, *, imatrix=None) -> list[Prepared]:
     """Fake-quantize `model`'s weights in its forward as a convert at `level` (a llama-quantize level:
     Q4_K_M, Q6_K, IQ4_XS, ...) will store them; returns what was prepared. The model (a transformers
     LlamaForCausalLM, Qwen2/Qwen3ForCausalLM or Gemma3ForCausalLM) keeps training its latent weights;
-    `finish` removes the fake quantization before saving. Raises ConvertError for a model convert does not
+    `finish` removes the fake quantization before saving. imatrix: a llama-imatrix file (GGUF or .dat), as
+    `convert --imatrix` takes it: its presence changes some types and the searched types use its vectors.
+    Raises ConvertError for a model convert does not
     take, QuantizeError for an unknown level or a model already prepared."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise QuantizeError("prepare: the model is already prepared (call ggufkit.qat.finish first)")
-    done = plan_model(model, level)
+    done = plan_model(model, level, imatrix=imatrix)
     embed, output = model.get_input_embeddings(), model.get_output_embeddings()
     tied = output is not None and embed is not None and output.weight is embed.weight
     for p in done:
         module = model.get_submodule(p.hf_name.rpartition(".")[0])
         fmt = registry.get_format(p.qtype)
-        parametrize.register_parametrization(module, "weight", _FakeQuant(fmt))
+        parametrize.register_parametrization(module, "weight", _FakeQuant(fmt, p.importance))
         if tied and module is embed:  # llama.cpp multiplies the output with token_embd
-            parametrize.register_parametrization(output, "weight", _FakeQuant(fmt))
+            parametrize.register_parametrization(output, "weight", _FakeQuant(fmt, p.importance))
     return done
 
 
