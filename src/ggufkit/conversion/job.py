@@ -335,13 +335,10 @@ def convert(
     return summary
 
 
-def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
-    """The quantize plan of the converted model, its importance vectors, and llama-quantize's KVs for it:
-    the converted file's KVs in order, general.quantization_version and general.file_type moved to the
-    end, then the quantize.imatrix.* entries (quantize/job.py's output_kvs, on the virtual input)."""
-    from ..errors import QuantizeError
-    from ..quantize.job import GGML_QNT_VERSION as QV
-    from ..quantize.job import imatrix_kvs, load_imatrix
+def level_plan(cfg, plan, types, level_name: str, *, imatrix=None):
+    """The quantize plan convert follows at a llama-quantize level: plan_quantization over the converted
+    file's tensors (`plan` from tensors.plan_tensors, stored as `types`: the --outtype of the checkpoint's
+    dtype), with the hparams of config.json. ggufkit.qat.prepare uses the same plan."""
     from ..quantize.plan import Hparams, TensorSpec, plan_quantization
 
     hp = cfg.hparams
@@ -354,6 +351,21 @@ def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
         n_expert=0,
         n_embd=int(hp["hidden_size"]),
     )
+    specs = [
+        TensorSpec(t.name, t.ggml_shape, types[t.name], tensor_nbytes(t.ggml_shape, types[t.name]))
+        for t in plan
+    ]
+    return plan_quantization(specs, hparams, level_name, imatrix=imatrix)
+
+
+def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
+    """The quantize plan of the converted model, its importance vectors, and llama-quantize's KVs for it:
+    the converted file's KVs in order, general.quantization_version and general.file_type moved to the
+    end, then the quantize.imatrix.* entries (quantize/job.py's output_kvs, on the virtual input)."""
+    from ..errors import QuantizeError
+    from ..quantize.job import GGML_QNT_VERSION as QV
+    from ..quantize.job import imatrix_kvs, load_imatrix
+
     vectors, meta = {}, None
     if imatrix is not None:
         vectors, meta = load_imatrix(imatrix, (), ())
@@ -362,11 +374,7 @@ def _quantize_plan(src, plan, types, kvs, cfg, level, imatrix, dry_run):
             some = ", ".join(sorted(vectors)[:3])
             raise QuantizeError(f"imatrix {imatrix} was made for another model: none of its entries ({some}, "
                                 f"...) is a tensor of {src}")  # fmt: skip
-    specs = [
-        TensorSpec(t.name, t.ggml_shape, types[t.name], tensor_nbytes(t.ggml_shape, types[t.name]))
-        for t in plan
-    ]
-    qplan = plan_quantization(specs, hparams, level.name, imatrix=vectors if vectors else None)
+    qplan = level_plan(cfg, plan, types, level.name, imatrix=vectors if vectors else None)
     if not dry_run:
         qplan.check_imatrix_requirement()
     entries: dict[str, bytes] = {}

@@ -359,6 +359,13 @@ class _Config:
     hparams: dict
 
 
+def header_tensors(cfg, tensors: dict[str, tuple[str, tuple[int, ...]]]) -> list[ConvertTensor]:
+    """plan_tensors over a checkpoint known only by its header, name -> (dtype, shape) (a model in memory,
+    as save_pretrained would write it): the tensors convert would write, with their transforms."""
+    ckpt = _ImpliedCheckpoint({n: _HeaderRef(d, tuple(int(x) for x in s)) for n, (d, s) in tensors.items()})
+    return plan_tensors(ckpt, cfg)
+
+
 def config_tensors(arch: str, hparams: dict, *, tied: bool, dtype: str = "F16") -> list[ConvertTensor]:
     """The tensors a complete checkpoint of this configuration converts to, when there is no checkpoint to
     read (an estimate from config.json alone): every tensor the architecture requires, lm_head unless the

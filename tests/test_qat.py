@@ -1,0 +1,341 @@
+"""ggufkit.qat.fake_quantize: the forward is llama.cpp's dequantize(quantize(x)) bit for bit (libggml run
+in the test is the oracle), the backward is the straight-through identity, bad input is one clear error."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ggufkit.errors import QuantizeError  # noqa: E402
+from ggufkit.qat import fake_quantize  # noqa: E402
+from ggufkit.quants import dequantize, formats, get_format, quantize  # noqa: E402
+from tests.helpers.libggml import ggml_dequantize, ggml_quantize  # noqa: E402
+from tests.helpers.quant_data import assert_same_floats, hostile_cases, importance_rows  # noqa: E402
+
+FORMATS = list(formats())  # every registered type; none is skipped below
+IMPORTANCE_FORMATS = [n for n in FORMATS if get_format(n).uses_importance]
+CASES = {
+    k: v
+    for k, v in hostile_cases(n_rows=4, n_per_row=512).items()
+    if k
+    in {
+        "gaussian",
+        "student_t_df1",
+        "outlier_columns",
+        "zero_blocks",
+        "block_magnitudes",
+        "ties",
+        "huge_spikes",
+    }
+}
+SRC = Path(__file__).resolve().parent.parent / "src" / "ggufkit"
+
+
+def _fq(x: np.ndarray, qtype, importance=None) -> np.ndarray:
+    out = fake_quantize(torch.from_numpy(x), qtype, importance=importance)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == x.shape
+    return out.numpy()
+
+
+def _ggml_round_trip(x: np.ndarray, qtype, importance=None) -> np.ndarray:
+    return ggml_dequantize(ggml_quantize(x, qtype, importance), qtype, x.shape)
+
+
+# ---------------------------------------------------------------- forward: llama.cpp's values
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_forward_is_libggml_dequantize_of_quantize(qtype):
+    for name, x in CASES.items():
+        assert_same_floats(_fq(x, qtype), _ggml_round_trip(x, qtype), f"{qtype} {name}")
+
+
+@pytest.mark.parametrize("qtype", IMPORTANCE_FORMATS)
+def test_forward_with_importance_is_libggml(qtype):
+    x = CASES["outlier_columns"]
+    for name, imp in importance_rows(512).items():
+        ref = _ggml_round_trip(x, qtype, imp)
+        assert_same_floats(_fq(x, qtype, imp), ref, f"{qtype} importance {name}")
+        assert_same_floats(_fq(x, qtype, torch.from_numpy(imp)), ref, f"{qtype} torch importance {name}")
+    # importance changes the result of these types (else the checks above could not tell it was used)
+    imp = importance_rows(512)["spiky"]
+    assert not np.array_equal(_fq(x, qtype, imp), _fq(x, qtype))
+
+
+@pytest.mark.parametrize("qtype", [n for n in FORMATS if n not in IMPORTANCE_FORMATS])
+def test_importance_is_ignored_where_llama_cpp_ignores_it(qtype):
+    x = CASES["gaussian"]
+    imp = importance_rows(512)["spiky"]
+    assert_same_floats(_fq(x, qtype, imp), _ggml_round_trip(x, qtype, imp), qtype)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "IQ4_XS", "F16"])
+def test_rows_are_the_last_dimension_whatever_the_layout(qtype):
+    rng = np.random.default_rng(3)
+    x3 = rng.standard_normal((2, 3, 512)).astype(np.float32)
+    ref = dequantize(quantize(x3.reshape(6, 512), qtype), qtype, (6, 512)).reshape(2, 3, 512)
+    assert_same_floats(_fq(x3, qtype), ref, f"{qtype} 3-D")
+    base = torch.from_numpy(np.ascontiguousarray(x3.reshape(6, 512).T))  # [512, 6]: its .T is not contiguous
+    out = fake_quantize(base.T, qtype)
+    assert not base.T.is_contiguous()
+    assert_same_floats(out.numpy(), ref.reshape(6, 512), f"{qtype} transposed view")
+    one = _fq(x3[0, 0], qtype)  # a single row, 1-D
+    assert_same_floats(one, ref[0, 0], f"{qtype} 1-D")
+
+
+def test_other_dtypes_round_the_float32_result():
+    x = CASES["gaussian"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        xt = torch.from_numpy(x).to(dtype)
+        out = fake_quantize(xt, "Q4_K")
+        assert out.dtype == dtype and out.device == xt.device
+        want = _ggml_round_trip(xt.to(torch.float32).numpy(), "Q4_K")
+        assert torch.equal(out, torch.from_numpy(want).to(dtype)), dtype
+
+
+# ---------------------------------------------------------------- backward: straight-through
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_gradient_is_straight_through_everywhere(qtype):
+    """d/dx sum(fake_quantize(x) * w) == w for every element, also where Q4_0/Q5_0 or a searched scale
+    clips (the module docstring says why there is no clipping mask); the importance gets no gradient."""
+    rng = np.random.default_rng(4)
+    x = torch.tensor(CASES["outlier_columns"], requires_grad=True)
+    w = torch.from_numpy(rng.standard_normal(x.shape).astype(np.float32))
+    imp = torch.from_numpy(importance_rows(512)["imatrix_like"]).requires_grad_()
+    y = fake_quantize(x, qtype, importance=imp)
+    assert y.requires_grad
+    (y * w).sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert torch.equal(x.grad, w)
+    assert imp.grad is None
+
+
+def test_clipped_values_exist_and_still_get_the_gradient():
+    """Q4_0 has one level less on the side opposite a block's signed max: a value there beyond 7·d is
+    clipped to 7·d (ggml's quantize_row_q4_0_ref). Such a value is present here and its gradient is 1."""
+    x = np.zeros((1, 32), np.float32)
+    x[0, 0], x[0, 1] = -1.0, 0.99  # d = -1/-8 = 0.125: the largest positive value is 7·0.125 = 0.875
+    ref = _ggml_round_trip(x, "Q4_0")
+    assert ref[0, 1] == np.float32(0.875)  # clipped by llama.cpp, not rounded to a neighbour
+    xt = torch.tensor(x, requires_grad=True)
+    y = fake_quantize(xt, "Q4_0")
+    assert_same_floats(y.detach().numpy(), ref, "Q4_0 clipped")
+    y.sum().backward()
+    assert torch.equal(xt.grad, torch.ones_like(xt))
+
+
+def test_a_linear_layer_trains_through_it():
+    """The matmul sees the quantized weight; the weight's gradient is the matmul's gradient at that weight."""
+    rng = np.random.default_rng(5)
+    W = torch.tensor(rng.standard_normal((16, 256)).astype(np.float32), requires_grad=True)
+    X = torch.from_numpy(rng.standard_normal((5, 256)).astype(np.float32))
+    G = torch.from_numpy(rng.standard_normal((5, 16)).astype(np.float32))
+    Wq = torch.from_numpy(_ggml_round_trip(W.detach().numpy(), "Q4_K"))
+    y = X @ fake_quantize(W, "Q4_K").T
+    assert torch.equal(y, X @ Wq.T)
+    (y * G).sum().backward()
+    torch.testing.assert_close(W.grad, G.T @ X, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: fake_quantize(torch.zeros(4, 512), "Q9_9"), ["unknown", "Q9_9"]),
+        (lambda: fake_quantize(torch.zeros(4, 512), "Q8_K"), ["Q8_K", "not supported"]),
+        (lambda: fake_quantize(torch.zeros(4, 100), "Q4_K"), ["Q4_K", "256", "(4, 100)"]),
+        (lambda: fake_quantize(torch.zeros(3, 48), "Q8_0"), ["Q8_0", "32", "(3, 48)"]),
+        (lambda: fake_quantize(torch.zeros(4, 0), "Q8_0"), ["Q8_0", "(4, 0)"]),
+        (lambda: fake_quantize(torch.tensor(1.0), "F16"), ["F16", "()"]),
+        (lambda: fake_quantize(torch.zeros(4, 32, dtype=torch.int32), "Q8_0"), ["Q8_0", "torch.int32"]),
+        (lambda: fake_quantize(np.zeros((4, 32), np.float32), "Q8_0"), ["Q8_0", "ndarray"]),
+        (
+            lambda: fake_quantize(torch.zeros(4, 64), "Q4_0", importance=np.ones(32)),
+            ["Q4_0", "(64,)", "(32,)"],
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_error(call, words):
+    with pytest.raises(QuantizeError) as e:
+        call()
+    message = str(e.value)
+    assert "\n" not in message
+    for w in words:
+        assert w in message, (w, message)
+
+
+# ---------------------------------------------------------------- torch stays inside ggufkit.qat
+
+
+def test_no_module_outside_qat_imports_torch():
+    importers = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            if any(n.split(".")[0] == "torch" for n in names) and not rel.startswith("qat/"):
+                importers.append((rel, node.lineno))
+    assert not importers, importers
+
+
+def test_the_rest_of_ggufkit_runs_without_torch():
+    """The quantize, convert and CLI modules load in a process without torch in sys.modules."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json, ggufkit, ggufkit.quants, ggufkit.quantize.job, ggufkit.cli\n"
+            "import ggufkit.conversion.job\n"
+            "ggufkit.quantize_file, ggufkit.convert\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []
+
+
+# ---------------------------------------------------------------- prepare: the level's plan, through convert
+
+
+def _permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (q_proj / k_proj rows into ggml's rope layout)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize(
+    "arch, dtype, tied, level, with_imatrix",
+    [
+        ("llama", "F32", False, "Q4_K_M", False),
+        ("qwen2", "BF16", True, "IQ4_XS", False),
+        ("qwen3", "F32", False, "IQ4_XS", True),
+    ],
+)
+def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, level, with_imatrix):
+    """prepare -> one SGD step -> finish -> save_pretrained -> ggufkit convert at the level: every quantized
+    tensor of the file is one prepare fake-quantized, with the type prepare used, and libggml's dequantize
+    of its bytes equals (bit for bit, rows permuted for llama q/k) the weight the last forward saw; for a
+    BF16 model the forward saw them rounded to bfloat16 (the Linear runs in the model's dtype)."""
+    import shutil
+
+    import transformers
+
+    from ggufkit.conversion.job import convert
+    from ggufkit.gguf.reader import open_gguf
+    from ggufkit.qat import finish, prepare
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint(arch, dtype, tied=tied)
+    imatrix = None
+    if with_imatrix:  # llama-imatrix's file for the checkpoint (converted to F32 for it)
+        from tests.test_quantize import make_imatrix
+
+        convert(folder, tmp_path / f"{folder.name}-F32.gguf", type="F32")
+        imatrix = make_imatrix(tmp_path / f"{folder.name}-F32.gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+    prepared = prepare(model, level, imatrix=imatrix)
+    assert len({p.qtype for p in prepared}) >= 2  # the level's mixture, not one type
+    weighted = [p for p in prepared if p.importance is not None]
+    assert bool(weighted) == with_imatrix
+    for p in weighted:  # the vectors change these weights (so the comparison below sees which were used)
+        w = model.get_submodule(p.hf_name.rpartition(".")[0]).parametrizations.weight.original
+        assert not torch.equal(
+            fake_quantize(w.detach(), p.qtype), fake_quantize(w.detach(), p.qtype, p.importance)
+        )
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 10.0 * p.grad
+    seen, latent = {}, {}
+    for p in prepared:
+        module = model.get_submodule(p.hf_name.rpartition(".")[0])
+        seen[p.hf_name] = module.weight.detach().to(torch.float32).numpy().copy()
+        latent[p.hf_name] = module.parametrizations.weight.original.detach().to(torch.float32).numpy().copy()
+    finish(model)
+    out = tmp_path / "trained"
+    model.save_pretrained(out)
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, out / f.name)
+    dst = tmp_path / f"trained-{level}.gguf"
+    convert(out, dst, type=level, imatrix=imatrix)
+
+    n_head, n_kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    with open_gguf(dst) as gg:
+        quantized = {t.name for t in gg.tensors if t.ggml_type.name != "F32"}
+        assert quantized == {p.gguf_name for p in prepared}
+        changed = 0
+        for p in prepared:
+            t = gg.tensor(p.gguf_name)
+            assert t.ggml_type.name == p.qtype, p
+            got = ggml_dequantize(np.asarray(t.data()), t.ggml_type, tuple(reversed(t.shape)))
+            if arch == "llama" and p.hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = n_head if "q_proj" in p.hf_name else n_kv
+                seen[p.hf_name] = _permute_like_llama_cpp(seen[p.hf_name], heads)
+                latent[p.hf_name] = _permute_like_llama_cpp(latent[p.hf_name], heads)
+            # the file holds llama.cpp's quantization of the latent weight the training kept
+            ref = _ggml_round_trip(np.ascontiguousarray(latent[p.hf_name]), p.qtype, p.importance)
+            assert_same_floats(got, ref, f"{p.gguf_name} {p.qtype} latent")
+            # the forward ran in the model's dtype: it saw the file's values rounded to it (exact in F32)
+            rounded = torch.from_numpy(got).to(model.dtype).to(torch.float32).numpy()
+            assert_same_floats(rounded, np.ascontiguousarray(seen[p.hf_name]), f"{p.gguf_name} {p.qtype}")
+            if model.dtype == torch.float32:
+                assert np.array_equal(got.view(np.uint32), rounded.view(np.uint32))
+            changed += not np.array_equal(seen[p.hf_name], latent[p.hf_name])
+        assert changed == len(prepared)  # the forward saw quantized weights, not the latent ones
+
+
+def test_prepare_follows_convert_plan_with_fallbacks(tmp_path):
+    """A model whose ffn width (96) is no multiple of 256: prepare's types are convert's dry-run types of the
+    saved model, ffn_down's row-length fallback included; a second prepare and an unknown level refused."""
+    import shutil
+
+    import transformers
+
+    from ggufkit.conversion.job import convert
+    from ggufkit.qat import finish, prepare
+    from tests.helpers.checkpoints import synthetic_checkpoint
+
+    folder = synthetic_checkpoint("qwen3", "F32", tied=False)
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    cfg.intermediate_size = 96
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    prepared = prepare(model, "Q4_K_M")
+    with pytest.raises(QuantizeError, match="already prepared"):
+        prepare(model, "Q4_K_M")
+    finish(model)
+    with pytest.raises(QuantizeError):
+        prepare(model, "Q4_K_Z")
+    model.save_pretrained(tmp_path / "m")
+    for f in folder.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, tmp_path / "m" / f.name)
+    summary = convert(tmp_path / "m", type="Q4_K_M", dry_run=True)
+    assert {p.gguf_name: p.qtype for p in prepared} == {
+        n: t for n, t in summary.tensor_types.items() if t != "F32"
+    }
+    assert summary.fallbacks and set(summary.fallbacks) <= {p.gguf_name for p in prepared}
