@@ -176,7 +176,7 @@ def test_each_operation_is_llama_cpps(gemma3_path):
             k = f16_round(r("Kcur", 2)).reshape(1, T_, a.head_count_kv, -1)
             v = f16_round(r("Vcur", 1)).reshape(1, T_, a.head_count_kv, -1)
             window = a.sliding_window if a.swa_layers[il] else 0
-            assert _rel(m._attention(q, k, v, window=window), r("kqv_out")) < 2e-6
+            assert _rel(m._attention(q, k, v, scale=1, window=window), r("kqv_out")) < 2e-6
             # the output projection (Q4_K) and the post-attention norm
             o = m._matmul(r("kqv_out"), w["attn_output"], ty["attn_output"])
             seen_types.add(ty["attn_output"].name)

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import EvalError
 from .llama import LlamaModel, ModelArgs
-from .numerics import f16_round, geglu, rms_norm, window_softmax
+from .numerics import f16_round, geglu, rms_norm
 
 # the 27B model's layer count: llama.cpp scales its queries by 1/sqrt(n_embd / n_head) (LLM_TYPE_27B)
 _N_LAYER_27B = 62
@@ -104,34 +104,6 @@ class Gemma3Model(LlamaModel):
             w[n] = self._weight(f"blk.{i}.{n}.weight")
         return w, types
 
-    def _attention(
-        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, window: int = 0, block: int = 128
-    ) -> np.ndarray:
-        """Attention of one group of chunks, q already scaled: q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv].
-
-        As LlamaModel._attention (query head h uses kv head h // g, queries in blocks of `block` positions
-        against the keys up to the block's last one), and with a sliding window (window > 0) each block
-        also starts its keys at the first one its first query sees."""
-        a = self.args
-        C, T, H, d = q.shape
-        hkv = a.head_count_kv
-        g = H // hkv
-        qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
-        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
-        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
-        dv = vh.shape[-1]
-        out = np.empty((C, hkv, T, g, dv), np.float32)
-        for c in range(C):
-            for h in range(hkv):
-                kc, vc = kh[c, h], vh[c, h]
-                for b0 in range(0, T, block):
-                    b1 = min(b0 + block, T)
-                    k0 = max(0, b0 - window + 1) if window > 0 else 0
-                    s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[k0:b1].T  # [nb*g, b1-k0]
-                    window_softmax(s[None], b0, g, k0, window)
-                    out[c, h, b0:b1] = (s @ vc[k0:b1]).reshape(b1 - b0, g, dv)
-        return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
-
     def _layer_ropes(self, n_pos: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """cos, sin per layer: local layers at rope_freq_base_swa unscaled, global ones at the model's."""
         a = self.args
@@ -183,7 +155,7 @@ class Gemma3Model(LlamaModel):
                 if self.llamacpp_numerics:  # llama.cpp's KV cache is F16
                     k = f16_round(k)
                     v = f16_round(v)
-                att = self._attention(q, k, v, window=window)
+                att = self._attention(q, k, v, scale=1, window=window)
                 att = self._matmul(att, w["attn_output"], ty["attn_output"], name=nm["attn_output"])
                 xs += rms_norm(att, w["post_attention_norm"], eps)
                 h = rms_norm(xs, w["ffn_norm"], eps)

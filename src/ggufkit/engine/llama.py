@@ -63,7 +63,6 @@ from ..quants import dequantize
 from .moe import MOE_FFN, moe_ffn
 from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for the callers)
     blas_threads,
-    causal_softmax,
     cpu_count,
     f16_round,
     f16_to_f32,
@@ -71,6 +70,7 @@ from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for
     round_activations,
     silu,
     vec_dot,
+    window_softmax,
 )
 
 # Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
@@ -304,19 +304,31 @@ class LlamaModel:
         return x
 
     # -- forward ------------------------------------------------------------------------------------
-    def _attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, *, block: int = 128) -> np.ndarray:
+    def _attention(
+        self,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        *,
+        scale: float | None = None,
+        window: int = 0,
+        block: int = 128,
+    ) -> np.ndarray:
         """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv].
 
-        Query head h attends with kv head h // g (ggml's broadcast in mul_mat). Queries go in blocks of
-        `block` positions, each against the keys up to its last position only, which skips most of the
-        masked half of the score matrix."""
+        scale: the kq scale, applied to q (T*d values instead of T*T): 1/sqrt(d) by default, 1 for a q the
+        graph has already scaled (Gemma 3). window > 0: a sliding window, each position seeing itself and
+        the window - 1 before it. Query head h attends with kv head h // g (ggml's broadcast in mul_mat).
+        Queries go in blocks of `block` positions, each against the keys from the first one its first
+        query sees up to its last position only, which skips most of the masked part of the scores."""
         a = self.args
         C, T, H, d = q.shape
         hkv = a.head_count_kv
         g = H // hkv
         # [C, Hkv, T, g, d]: a block of positions is one contiguous [nb*g, d] matrix per kv head.
         qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
-        qh *= np.float32(1.0 / np.sqrt(d))  # the kq scale, applied to q (T*d values instead of T*T)
+        if scale != 1:
+            qh *= np.float32(1.0 / np.sqrt(d)) if scale is None else np.float32(scale)
         kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
         vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
         dv = vh.shape[-1]
@@ -327,9 +339,10 @@ class LlamaModel:
                 kc, vc = kh[c, h], vh[c, h]
                 for b0 in range(0, T, block):
                     b1 = min(b0 + block, T)
-                    s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[:b1].T  # [nb*g, b1]
-                    causal_softmax(s[None], b0, g)
-                    out[c, h, b0:b1] = (s @ vc[:b1]).reshape(b1 - b0, g, dv)
+                    k0 = max(0, b0 - window + 1) if window > 0 else 0
+                    s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[k0:b1].T  # [nb*g, b1-k0]
+                    window_softmax(s[None], b0, g, k0, window)
+                    out[c, h, b0:b1] = (s @ vc[k0:b1]).reshape(b1 - b0, g, dv)
         return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
 
     def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:

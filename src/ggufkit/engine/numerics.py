@@ -8,7 +8,7 @@ keeps its KV cache in F16 (both as llama.cpp does), and reads F16 weights as flo
 round-trip kernel makes one pass, and the F16 -> F32 kernel one read and one write (both faster than
 astype: docs/benchmarks.md).
 
-Serial on purpose, like causal_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
+Serial on purpose, like window_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
 against OpenBLAS's threads on 2 cores made the whole engine slower (a parallel round trip was slower alone
 and slowed the BLAS products around it).
 
@@ -180,12 +180,6 @@ def window_softmax(s, first_pos, group, first_key, window):
             row[j] *= inv
         for j in range(last + 1, K):
             row[j] = 0.0
-
-
-@njit(cache=True)
-def causal_softmax(s, first_pos, group):
-    """window_softmax with the causal mask only (keys from position 0)."""
-    window_softmax(s, first_pos, group, 0, 0)
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
