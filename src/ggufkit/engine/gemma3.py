@@ -115,11 +115,7 @@ class Gemma3Model(LlamaModel):
         """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence),
         layer-major as LlamaModel.hidden."""
         a = self.args
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [chunks, ctx], got shape {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.n_vocab):
-            raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
+        tokens = self._checked_tokens(tokens)
         C, T = tokens.shape
         D = a.embedding_length
         x = self._embed(tokens.reshape(-1)).reshape(C * T, D)

@@ -345,17 +345,22 @@ class LlamaModel:
                     out[c, h, b0:b1] = (s @ vc[k0:b1]).reshape(b1 - b0, g, dv)
         return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
 
+    def _checked_tokens(self, tokens) -> np.ndarray:
+        """tokens as a [chunks, ctx] array of ids the vocabulary has (EvalError otherwise)."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [chunks, ctx], got shape {tokens.shape}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.n_vocab):
+            raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
+        return tokens
+
     def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
         """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence).
 
         Layer-major: every chunk goes through layer i before any goes through layer i+1; the work inside a
         layer runs `group` chunks at a time to bound the temporary memory."""
         a = self.args
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [chunks, ctx], got shape {tokens.shape}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.n_vocab):
-            raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
+        tokens = self._checked_tokens(tokens)
         C, T = tokens.shape
         D = a.embedding_length
         x = self._embed(tokens.reshape(-1)).reshape(C * T, D)  # the residual stream of every chunk
