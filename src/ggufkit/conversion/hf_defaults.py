@@ -14,91 +14,22 @@ raises instead (`rope_config_validation`, `layer_type_validation`), we raise Con
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 from ggufkit.errors import ConvertError
 
 __all__ = ["READ_KEYS", "transformers_hparams"]
 
-# transformers 4.57.6: each config class's constructor defaults for the keys the reference reads.
+# transformers 4.57.6: each config class's constructor defaults for the keys the reference reads, in the
+# constructors' order (transformers_defaults.json; Qwen3's is derived below).
 _COMMON = {"max_length": 20}  # PretrainedConfig's generation default, present in every to_dict()
 _DEFAULTS: dict[str, dict] = {
-    "llama": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=None,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        head_dim=None,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    ),
-    "mistral": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=None,
-        max_position_embeddings=4096 * 32,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
-    ),
-    "qwen2": dict(
-        vocab_size=151936,
-        hidden_size=4096,
-        intermediate_size=22016,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_theta=10000.0,
-        rope_scaling=None,
-        use_sliding_window=False,
-        sliding_window=4096,
-        max_window_layers=28,
-        layer_types=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    ),
-    "gemma3_text": dict(
-        vocab_size=262_208,
-        hidden_size=2304,
-        intermediate_size=9216,
-        num_hidden_layers=26,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=256,
-        max_position_embeddings=131_072,
-        rms_norm_eps=1e-6,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
-        tie_word_embeddings=True,
-        rope_theta=1_000_000.0,
-        sliding_window=4096,
-        layer_types=None,
-        final_logit_softcapping=None,
-        attn_logit_softcapping=None,
-        rope_scaling=None,
-        rope_local_base_freq=10_000.0,
-        use_bidirectional_attention=False,
-    ),
+    model_type: defaults
+    for model_type, defaults in json.loads(
+        Path(__file__).with_name("transformers_defaults.json").read_text(encoding="utf-8")
+    ).items()
+    if not model_type.startswith("_")
 }
 
 # convert_hf_to_gguf.py's find_hparam lists for the block counts and sizes: the first key present wins.

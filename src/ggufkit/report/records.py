@@ -28,7 +28,7 @@ def record_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SOURCE_SUFFIXES = (".py", ".c")  # the package's sources: Python, and C compiled into the native kernels
+SOURCE_SUFFIXES = (".py", ".c", ".json")  # Python, C compiled into the native kernels, and data tables
 
 
 @functools.cache
