@@ -106,7 +106,7 @@ def _text(text) -> tuple[str, str]:
 
 
 def _windows(tokenizer, body: str, ctx: int) -> tuple[torch.Tensor, int]:
-    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(body, add_special_tokens=False, verbose=False)["input_ids"]
     n = len(ids) // ctx
     if n < 1:
         raise QatError(f"the text has {len(ids)} tokens; training with --ctx {ctx} needs at least {ctx}")
