@@ -25,7 +25,7 @@ def add_parser(sub):
         "--text", default=None, help="UTF-8 text to train on (default: the calibration half of pydoc topics)"
     )
     p.add_argument("--steps", type=int, default=200, help="optimizer steps, one window each (default 200)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(20, steps/10))")
     p.add_argument("--save-every", type=int, default=25, help="checkpoint every N steps (0: at the end)")

@@ -141,7 +141,7 @@ def train(
     level: str,
     text: str | os.PathLike | None = None,
     steps: int = 200,
-    lr: float = 2e-5,
+    lr: float = 1e-4,
     ctx: int = 256,
     warmup: int | None = None,
     save_every: int = 25,
