@@ -43,3 +43,7 @@ class ModelFetchError(GgufkitError):
 
 class ConvertError(GgufkitError):
     """A Hugging Face checkpoint cannot be converted as asked (architecture, tensors, shapes, values)."""
+
+
+class QatError(GgufkitError):
+    """Quantization-aware training cannot run as asked (folder, text too short, checkpoint of another run)."""

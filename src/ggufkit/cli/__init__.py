@@ -29,6 +29,7 @@ COMMANDS = {
     "pick": "pick",
     "inspect": "inspect",
     "export": "export",
+    "qat": "qat",
 }
 
 

@@ -3,6 +3,8 @@
     fake_quantize(w, "Q4_K", importance=None)   dequantize(quantize(w)) bit for bit, straight-through grads
     prepare(model, "Q4_K_M")                    a transformers model's weights fake-quantized as convert
                                                 at that level will store them; finish(model) before saving
+    train(hf_dir, out_dir, level="Q4_0")        the recipe: self-distillation on calibration text through
+                                                the level's types, checkpointed, resumable (`ggufkit qat`)
 
 The only package of ggufkit that imports torch (the optional extra: pip install 'ggufkit[qat]'); nothing
 outside it imports this package, so `import ggufkit` and every other command stay torch-free.
@@ -17,5 +19,15 @@ except ImportError:  # pragma: no cover - the test extra installs torch
 
 from .fake import FakeQuantize, fake_quantize
 from .prepare import Prepared, finish, plan_model, prepare
+from .train import TrainResult, train
 
-__all__ = ["FakeQuantize", "Prepared", "fake_quantize", "finish", "plan_model", "prepare"]
+__all__ = [
+    "FakeQuantize",
+    "Prepared",
+    "TrainResult",
+    "fake_quantize",
+    "finish",
+    "plan_model",
+    "prepare",
+    "train",
+]
