@@ -40,8 +40,7 @@ GROUP = 32  # columns rounded with per-column updates before a group update
 BATCH = 128  # at least this many columns per batch update
 
 
-@njit(parallel=True, cache=True)
-def _round_group(wg, d, m, table, sorted_t, order, linear, u, codes, err):
+def _round_group_py(wg, d, m, table, sorted_t, order, linear, u, codes, err):
     """Round the columns of wg [R, g] in order under x = d*t[c] + m, pushing each column's scaled error
     err = (w - q)/u_ii onto the later columns of the group: wg[:, j] -= err * u[i, j]."""
     rows, g = wg.shape
@@ -70,6 +69,11 @@ def _round_group(wg, d, m, table, sorted_t, order, linear, u, codes, err):
             err[r, i] = e
             for j in range(i + 1, g):
                 wg[r, j] -= e * u[i, j]
+
+
+_round_group = njit(parallel=True, cache=True)(_round_group_py)  # row-parallel, for tall tensors
+_round_group_1 = njit(cache=True)(_round_group_py)  # one thread: a parallel launch costs more than small work
+PARALLEL_ROWS = 1024
 
 
 def _check(w, qtype, hessian, importance) -> tuple[np.ndarray, Layout, np.ndarray | None, np.ndarray | None]:
@@ -215,7 +219,9 @@ def _feedback(
                 cols = slice(g0 - f0, g0 - f0 + g)
                 ug = np.ascontiguousarray(u[g0 : g0 + g, g0 : g0 + g])
                 dg, mg = np.ascontiguousarray(dd[:, cols]), np.ascontiguousarray(mm[:, cols])
-                _round_group(wg, dg, mg, lay.table, sorted_t, lay.order, lay.linear, ug, cg, eg)
+                (_round_group if rows >= PARALLEL_ROWS else _round_group_1)(
+                    wg, dg, mg, lay.table, sorted_t, lay.order, lay.linear, ug, cg, eg
+                )
                 codes[:, perm[g0 : g0 + g]] = cg
                 eb[:, s] = eg
                 if g0 + g < b1:
