@@ -12,6 +12,8 @@ type, the ratio of tr((W-Q) H (W-Q)^T) for
 
 to the standard kernel's (registry.quantize with importance = diag H, i.e. llama.cpp's imatrix path;
 the imatrix is diag H divided by the token count, which no kernel sees). Geometric mean over the layers.
+H is fitted on the first half of the calibration text (--chunks chunks of 512) and the error is scored
+with the H of --chunks chunks of its second half (held out); in parentheses the in-sample ratio.
 SmolLM2's weights are dequantized Q4_1 (every block on a 16-level grid), so it does it twice: on those
 weights and "off-grid", with seeded uniform noise of +-0.5 * (the element's Q4_1 block step d) added.
 It also times quantize_tensor against the standard kernel on the three shapes of SmolLM2's matrices.
@@ -32,21 +34,25 @@ KINDS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn
 LEVELS = ("Q4_0", "IQ4_NL", "Q5_0", "Q4_K", "Q3_K", "Q2_K", "Q6_K")
 
 
-def _hessians(work: Path, chunks: int) -> Path:
+def _hessians(work: Path, chunks: int) -> tuple[Path, Path]:
+    """H of the first half of calibration_text() (fit) and of its second half (held out)."""
     import ggufkit
     from ggufkit.evaluation import calibration_text
     from ggufkit.models import default_model_path
 
-    folder = work / "hess"
-    if not (folder / "index.json").exists():
-        work.mkdir(parents=True, exist_ok=True)
-        text = work / "calib.txt"
-        text.write_text(calibration_text())
-        ggufkit.compute_imatrix(
-            default_model_path(), output=work / "smol.imatrix.gguf", text=text, chunks=chunks, threads=2,
-            hessian=folder,
-        )  # fmt: skip
-    return folder
+    text = calibration_text()
+    halves = {"train": text[: len(text) // 2], "test": text[len(text) // 2 :]}
+    for name, body in halves.items():
+        folder = work / f"hess_{name}"
+        if not (folder / "index.json").exists():
+            work.mkdir(parents=True, exist_ok=True)
+            path = work / f"{name}.txt"
+            path.write_text(body)
+            ggufkit.compute_imatrix(
+                default_model_path(), output=work / f"{name}.imatrix.gguf", text=path, chunks=chunks,
+                threads=2, hessian=folder,
+            )  # fmt: skip
+    return work / "hess_train", work / "hess_test"
 
 
 def _weights(model, name: str, noise: bool) -> np.ndarray:
@@ -77,7 +83,7 @@ def compare(layers, *, work: Path, chunks: int) -> dict:
     from ggufkit.optimize.feedback import quantize_tensor
     from ggufkit.quants import registry
 
-    folder = _hessians(work, chunks)
+    train, test = _hessians(work, chunks)
     model = open_gguf(default_model_path())
     variants = {
         "b": lambda w, q, h: quantize_tensor(w, q, importance=np.diag(h)),
@@ -88,31 +94,31 @@ def compare(layers, *, work: Path, chunks: int) -> dict:
     out = {}
     for noise in (False, True):
         for kind in KINDS:
-            logs = {(lv, v): [] for lv in LEVELS for v in variants}
+            logs = {(lv, v, s): [] for lv in LEVELS for v in variants for s in ("in", "out")}
             for layer in layers:
                 name = f"blk.{layer}.{kind}.weight"
-                h = read_hessian(folder, name)[0]
+                h = read_hessian(train, name)[0]
+                ht = read_hessian(test, name)[0]
                 w = _weights(model, name, noise)
                 for lv in LEVELS:
                     if w.shape[1] % registry.get_format(lv).block_size:
                         continue  # K-quants need rows of 256 (llama.cpp falls back for 576)
                     std = registry.quantize(w, lv, importance=np.diag(h).astype(np.float32))
-                    base = _herr(w, registry.dequantize(std, lv, w.shape), h)
+                    qs = registry.dequantize(std, lv, w.shape)
+                    base = {"in": _herr(w, qs, h), "out": _herr(w, qs, ht)}
                     for v, fn in variants.items():
                         q = registry.dequantize(fn(w, lv, h), lv, w.shape)
-                        logs[lv, v].append(np.log(_herr(w, q, h) / base))
+                        logs[lv, v, "in"].append(np.log(_herr(w, q, h) / base["in"]))
+                        logs[lv, v, "out"].append(np.log(_herr(w, q, ht) / base["out"]))
             for lv in LEVELS:
-                if not logs[lv, "b"]:
+                if not logs[lv, "b", "in"]:
                     continue
-                row = {v: float(np.exp(np.mean(logs[lv, v]))) for v in variants}
+                row = {
+                    (v, s): float(np.exp(np.mean(logs[lv, v, s]))) for v in variants for s in ("out", "in")
+                }
                 out["off-grid" if noise else "grid", kind, lv] = row
-                print(
-                    "off-grid" if noise else "grid",
-                    kind,
-                    lv,
-                    " ".join(f"{v}={r:.3f}" for v, r in row.items()),
-                    flush=True,
-                )
+                cells = " ".join(f"{v}={row[v, 'out']:.3f} ({row[v, 'in']:.3f})" for v in variants)
+                print("off-grid" if noise else "grid", kind, lv, cells, flush=True)
     return out
 
 
@@ -123,7 +129,7 @@ def timings(*, work: Path) -> None:
     from ggufkit.optimize.feedback import quantize_tensor
     from ggufkit.quants import registry
 
-    folder = work / "hess"
+    folder = work / "hess_train"
     model = open_gguf(default_model_path())
     h576 = read_hessian(folder, "blk.0.ffn_up.weight")[0]
     cases = {
@@ -153,7 +159,7 @@ def timings(*, work: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 15, 29])
-    ap.add_argument("--chunks", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--work", type=Path, default=Path("/tmp/optfb"))
     ap.add_argument("--skip-compare", action="store_true")
     args = ap.parse_args()
