@@ -7,8 +7,8 @@ type, the ratio of tr((W-Q) H (W-Q)^T) for
 
     b      quantize_tensor(importance=diag H)            (refined scales only, no feedback)
     a      quantize_tensor(hessian=H, act_order=False, refine_scales=False)
-    a+ao   the same with act_order
-    a+ao+b quantize_tensor(hessian=H)                    (the default)
+    a+ao   quantize_tensor(hessian=H)                    (the default: act_order, no refinement)
+    a+ao+b the same with refine_scales=True
 
 to the standard kernel's (registry.quantize with importance = diag H, i.e. llama.cpp's imatrix path;
 the imatrix is diag H divided by the token count, which no kernel sees). Geometric mean over the layers.
@@ -88,8 +88,8 @@ def compare(layers, *, work: Path, chunks: int) -> dict:
     variants = {
         "b": lambda w, q, h: quantize_tensor(w, q, importance=np.diag(h)),
         "a": lambda w, q, h: quantize_tensor(w, q, hessian=h, act_order=False, refine_scales=False),
-        "a+ao": lambda w, q, h: quantize_tensor(w, q, hessian=h, refine_scales=False),
-        "a+ao+b": lambda w, q, h: quantize_tensor(w, q, hessian=h),
+        "a+ao": lambda w, q, h: quantize_tensor(w, q, hessian=h),
+        "a+ao+b": lambda w, q, h: quantize_tensor(w, q, hessian=h, refine_scales=True),
     }
     out = {}
     for noise in (False, True):

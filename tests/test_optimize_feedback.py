@@ -118,7 +118,7 @@ def test_importance_path_is_never_worse(qtype, data):
 def test_deterministic_and_options(data, feedback):
     w, h = data
     assert np.array_equal(quantize_tensor(w, "Q4_K", hessian=h), feedback["Q4_K"])
-    for kw in ({"act_order": False}, {"refine_scales": False}, {"damp": 0.1}):
+    for kw in ({"act_order": False}, {"refine_scales": True}, {"damp": 0.1}):
         out = quantize_tensor(w, "IQ4_NL", hessian=h, **kw)
         assert np.all(np.isfinite(ggml_dequantize(out, "IQ4_NL", w.shape)))
     # a column no input reached (diag 0) and the [1, k, k] array read_hessian returns

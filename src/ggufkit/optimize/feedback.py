@@ -8,9 +8,9 @@ GPTQ way (Frantar et al. 2022), within one ggml block format:
   256-column superblock for the K-quants and IQ4_XS). When a block starts, its scales are fitted on the
   CURRENT weights (the originals plus every error pushed onto them so far) by ggufkit's standard kernel,
   the format's own importance-weighted search with importance diag(H) (byte-identical to libggml's
-  imatrix path), then refined (refine.py, diag(H)-weighted). For the K-quants the whole superblock's d,
-  dmin and integer sub-scales are fitted when the superblock starts, so they are fixed before any of its
-  columns is rounded.
+  imatrix path), optionally refined (refine_scales=True: refine.py, diag(H)-weighted). For the K-quants
+  the whole superblock's d, dmin and integer sub-scales are fitted when the superblock starts, so they
+  are fixed before any of its columns is rounded.
 - Then each column of the block is rounded to its nearest code under those fixed scales, and its error
   is pushed onto the not-yet-quantized columns through the upper Cholesky factor U of H^-1 (H dampened
   by damp * mean(diag H)): err = (w_i - q_i) / U_ii, W[:, j] -= err * U_ij for j > i. The updates are lazy:
@@ -131,23 +131,26 @@ def quantize_tensor(
     importance: np.ndarray | None = None,
     damp: float = 0.01,
     act_order: bool = True,
-    refine_scales: bool = True,
+    refine_scales: bool | None = None,
 ) -> np.ndarray:
     """The ggml block bytes uint8 [rows, row_bytes(qtype, k)] of w (float [rows, k]) in `qtype`.
 
     hessian: float64 [k, k] = X^T X of the layer's inputs (full symmetric, as calibrate.hessian's
     read_hessian gives it) -> error feedback; importance: [k] (an imatrix row) when there is no hessian;
     neither: the standard kernel without importance, refined with uniform weights. Deterministic.
+    refine_scales: refine.py after the standard kernel's search (default: on the importance path only;
+    with a hessian it lowered the held-out error on synthetic data but raised it slightly on SmolLM2's,
+    docs/benchmarks.md "Optimize: error feedback").
     Raises QuantizeError on a type without blocks of codes and scales, a row length that is not a
     multiple of the block size, non-finite values, or a hessian / importance of the wrong shape.
     """
     w, lay, h, imp = _check(w, qtype, hessian, importance)
     if h is None:
         data = registry.quantize(w, lay.name, importance=imp)
-        if refine_scales:
+        if refine_scales is None or refine_scales:
             data = refine(w, np.ones(w.shape[1], np.float32) if imp is None else imp, data, lay)
         return data
-    return _feedback(w, lay, h, damp=damp, act_order=act_order, refine_scales=refine_scales)
+    return _feedback(w, lay, h, damp=damp, act_order=act_order, refine_scales=bool(refine_scales))
 
 
 def _order(diag: np.ndarray, bs: int, act_order: bool) -> np.ndarray:
