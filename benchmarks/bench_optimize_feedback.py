@@ -141,9 +141,11 @@ def timings(*, work: Path) -> None:
         # token_embd has no covariance (a row lookup); timed with blk.0.ffn_up's H (576 inputs)
         "token_embd 49152x576": (_weights(model, "token_embd.weight", False), h576),
     }
-    quantize_tensor(cases["ffn_up 1536x576"][0][:64], "Q4_K", hessian=h576)  # numba compile
+    quantize_tensor(cases["ffn_up 1536x576"][0][:64], "Q4_0", hessian=h576)  # numba compile
     for label, (w, h) in cases.items():
-        for lv in ("Q4_0", "Q4_K", "Q6_K"):
+        for lv in ("Q4_0", "IQ4_NL", "Q4_K", "Q6_K"):
+            if w.shape[1] % registry.get_format(lv).block_size:
+                continue
             t0 = time.perf_counter()
             registry.quantize(w, lv, importance=np.diag(h).astype(np.float32))
             t1 = time.perf_counter()
