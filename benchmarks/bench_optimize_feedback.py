@@ -141,7 +141,8 @@ def timings(*, work: Path) -> None:
         # token_embd has no covariance (a row lookup); timed with blk.0.ffn_up's H (576 inputs)
         "token_embd 49152x576": (_weights(model, "token_embd.weight", False), h576),
     }
-    quantize_tensor(cases["ffn_up 1536x576"][0][:64], "Q4_0", hessian=h576)  # numba compile
+    for n in (64, 1100):  # numba compile (or cache load) of both group kernels
+        quantize_tensor(cases["token_embd 49152x576"][0][:n], "Q4_0", hessian=h576)
     for label, (w, h) in cases.items():
         for lv in ("Q4_0", "IQ4_NL", "Q4_K", "Q6_K"):
             if w.shape[1] % registry.get_format(lv).block_size:
