@@ -28,6 +28,8 @@ never worse than the standard kernel in the importance-weighted squared error, b
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 from numba import njit, prange
 
@@ -164,21 +166,51 @@ def _order(diag: np.ndarray, bs: int, act_order: bool) -> np.ndarray:
 
 
 def _inverse_cholesky(h: np.ndarray, damp: float) -> np.ndarray:
-    """Upper U with U^T U = (H + damp*mean(diag H)*I)^-1; dead columns (diag 0) get diag 1 first."""
+    """Upper U with U^T U = (H + damp*mean(diag H)*I)^-1; dead columns (diag 0) get diag 1 first.
+
+    With J the reversal permutation and J H J = L L^T (lower L): H^-1 = (J L^-T J)(J L^-1 J), and
+    J L^-1 J is upper with a positive diagonal, so it is U: one Cholesky factorization and one inverse.
+    """
     h = h.copy()
-    diag = np.diag(h).copy()
-    dead = diag <= 0
+    dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     mean = float(np.mean(np.diag(h)))
+    rev = h[::-1, ::-1]
     for attempt in range(6):
-        hd = h + np.eye(h.shape[0]) * (damp * mean * 10.0**attempt)
         try:
-            low = np.linalg.cholesky(hd)
-            inv_low = np.linalg.inv(low)
-            return np.linalg.cholesky(inv_low.T @ inv_low).T
+            low = np.linalg.cholesky(rev + np.eye(h.shape[0]) * (damp * mean * 10.0**attempt))
         except np.linalg.LinAlgError:
             continue
+        return np.ascontiguousarray(_lower_inverse(low)[::-1, ::-1])
     raise QuantizeError("the hessian stays singular after dampening")
+
+
+def _lower_inverse(low: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [C, B]]^-1 = [[A^-1, 0],
+    [-B^-1 C A^-1, B^-1]] (matmuls; a general inverse costs six times the flops)."""
+    n = low.shape[0]
+    if n <= 128:
+        return np.tril(np.linalg.inv(low))
+    m = n // 2
+    a, b = _lower_inverse(low[:m, :m]), _lower_inverse(low[m:, m:])
+    out = np.zeros_like(low)
+    out[:m, :m], out[m:, m:] = a, b
+    out[m:, :m] = -b @ (low[m:, :m] @ a)
+    return out
+
+
+def _factor(h: np.ndarray, damp: float, perm: np.ndarray) -> np.ndarray:
+    """_inverse_cholesky of H permuted, float32; the last few are kept, keyed by H's bytes, damp and the
+    order, as one tensor is often quantized to several types in a row (optimize/allocate.py)."""
+    key = (hashlib.blake2b(h.tobytes(), digest_size=16).digest(), float(damp), perm.tobytes())
+    if key not in _FACTORS:
+        if len(_FACTORS) >= 4:
+            _FACTORS.pop(next(iter(_FACTORS)))
+        _FACTORS[key] = _inverse_cholesky(h[np.ix_(perm, perm)], damp).astype(np.float32)
+    return _FACTORS[key]
+
+
+_FACTORS: dict = {}
 
 
 def _fit(cur: np.ndarray, lay: Layout, imp: np.ndarray, refine_scales: bool) -> np.ndarray:
@@ -194,7 +226,7 @@ def _feedback(
     diag = np.diag(h).copy()
     imp = diag.astype(np.float32)
     perm = _order(diag, bs, act_order)
-    u = _inverse_cholesky(h[np.ix_(perm, perm)], damp).astype(np.float32)
+    u = _factor(h, damp, perm)
     wp = np.ascontiguousarray(w[:, perm])
     codes = np.empty((rows, k), np.int64)
     out = np.empty((rows, k // bs * ts), np.uint8)
