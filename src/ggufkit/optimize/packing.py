@@ -180,10 +180,10 @@ def affine(data: np.ndarray, lay: Layout) -> tuple[np.ndarray, np.ndarray]:
     """Every element's x = D*t[c] + M under the scales of data (uint8 [n, nblocks*ts]): float64 D, M
     [n, nblocks*bs], decoded from the same scales with all-zero and all-one codes."""
     n = data.shape[0]
-    k = data.shape[1] // lay.ts * lay.bs
-    both = np.concatenate([data, data])
-    pack_codes(both[:n], np.zeros((n, k), np.int64), lay)
-    pack_codes(both[n:], np.full((n, k), len(lay.table) - 1, np.int64), lay)
+    both = np.concatenate([data, data]).reshape(2, n, -1, lay.ts)
+    both[0, :, :, lay.code_bytes] = 0  # every code 0
+    both[1, :, :, lay.code_bytes] = 0xFF  # every code bit set: the top code
+    both = both.reshape(2 * n, -1)
     with np.errstate(invalid="ignore", over="ignore"):
         y = _deq(lay.name, both, lay.bs).astype(np.float64)
     m = y[:n]
