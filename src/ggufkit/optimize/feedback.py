@@ -228,7 +228,7 @@ def _feedback(
     perm = _order(diag, bs, act_order)
     u = _factor(h, damp, perm)
     wp = np.ascontiguousarray(w[:, perm])
-    codes = np.empty((rows, k), np.int64)
+    codes = np.empty((rows, k), np.uint8)  # codes < 256 (Q8_0 has the most levels)
     out = np.empty((rows, k // bs * ts), np.uint8)
     sorted_t = lay.table[lay.order]
     batch = max(bs, BATCH // bs * bs)
@@ -249,7 +249,7 @@ def _feedback(
             for g0 in range(f0, f0 + bs, g):
                 s = slice(g0 - b0, g0 - b0 + g)
                 wg = np.ascontiguousarray(wb[:, s])
-                cg = np.empty((rows, g), np.int64)
+                cg = np.empty((rows, g), np.uint8)
                 eg = np.empty((rows, g), np.float32)
                 cols = slice(g0 - f0, g0 - f0 + g)
                 ug = np.ascontiguousarray(u[g0 : g0 + g, g0 : g0 + g])
