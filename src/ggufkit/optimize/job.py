@@ -87,6 +87,29 @@ def _tensor_f32(t) -> np.ndarray:
     return registry.dequantize(np.asarray(t.data()), int(t.ggml_type), (rows, t.shape[0]))
 
 
+def _quantized_tensor(t, qtype: str, imps, hs) -> list[np.ndarray]:
+    """The whole tensor's block bytes at qtype, one array per expert (one for a 2-D tensor)."""
+    w = _tensor_f32(t)
+    per = w.shape[0] // len(imps)
+    return [
+        _quantize(np.ascontiguousarray(w[e * per : (e + 1) * per]), qtype, hs[e], imps[e])
+        for e in range(len(imps))
+    ]
+
+
+def _requantized(t, qtype: str, imps, hs) -> np.ndarray:
+    """The tensor quantized at qtype and dequantized: float32 [rows, ne0]."""
+    parts = _quantized_tensor(t, qtype, imps, hs)
+    return np.concatenate([registry.dequantize(q, qtype, (q.shape[0], t.shape[0])) for q in parts])
+
+
+def calibration_body(calib) -> str:
+    """The calibration text itself (the file's, or evaluation.calibration_text)."""
+    from ..evaluation import calibration_text, read_text
+
+    return calibration_text() if calib is None else read_text(calib)[0]
+
+
 def _budget(model, level_name, vectors, target_bpw, target_size, quantizable) -> tuple[int, int | None]:
     from ..quantize.plan import plan_for_gguf
 
@@ -153,7 +176,7 @@ def optimize_file(
     target_bpw: float | None = None,
     target_size: int | None = None,
     exclude_types: Iterable[str] = (),
-    weighting: str = "none",
+    weighting: str = "perturb",
     ctx: int = 512,
     chunks: int | None = None,
     threads: int | None = None,
@@ -197,8 +220,8 @@ def optimize_file(
         if e not in registry.FORMATS:
             raise QuantizeError(f"unknown type {e!r} to exclude (known: {', '.join(registry.FORMATS)})")
 
-    from ..quantize.plan import TensorSpec
     from ..quantize.plan import T as _T
+    from ..quantize.plan import TensorSpec
 
     with open_gguf(src) as model, tempfile.TemporaryDirectory(prefix="ggufkit-optimize-") as tmp:
         plan = plan_for_gguf(model, lv.name if lv is not None else "F16")  # llama.cpp's tensor order
@@ -239,7 +262,7 @@ def optimize_file(
                     for e in range(n_mat)]  # fmt: skip
             hs = [None] * n_mat
             if hess is not None:
-                from ..calibrate.hessian import read_index, read_hessian
+                from ..calibrate.hessian import read_hessian, read_index
 
                 if n in read_index(hess)["tensors"]:
                     hs = list(read_hessian(hess, n))
@@ -272,7 +295,17 @@ def optimize_file(
                 progress("measure", i + 1, len(names))
         timings["measure"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        factors = sensitivity.factors(weighting, model, names, vectors)
+        cheapest = [min(opts, key=lambda o: (o.nbytes, o.damage)) for opts in options]
+
+        def quantized(n: str) -> np.ndarray:
+            t = by_name[n]
+            qtype = cheapest[names.index(n)].qtype
+            return _requantized(t, qtype, *stats(n)).reshape(tuple(reversed(t.shape)))
+
+        text = calibration_body(calib)
+        factors = sensitivity.factors(
+            weighting, model, names, [c.damage for c in cheapest], quantized, text=text
+        )
         weighted = [[o._replace(damage=o.damage * f) for o in opts] for opts, f in zip(options, factors)]
         timings["weights"] = time.perf_counter() - t2
         if budget - kept <= 0:
@@ -283,8 +316,9 @@ def optimize_file(
             choices = allocate.allocate(names, weighted, budget - kept)
         except ValueError as e:
             smallest = kept + sum(min(o.nbytes for o in opts) for opts in options)
+            bpw = 8 * budget / sum(t.n_elements for t in model.tensors)
             raise QuantizeError(
-                f"the budget ({budget} bytes, {8 * budget / sum(t.n_elements for t in model.tensors):.3f} bpw) "
+                f"the budget ({budget} bytes, {bpw:.3f} bpw) "
                 f"is below the smallest possible file's tensor data ({smallest} bytes)"
             ) from e
         types = {c.name: c.qtype for c in choices}
@@ -305,12 +339,7 @@ def optimize_file(
                     if tp.name not in types or out_type[tp.name] == GGMLQuantizationType(t.ggml_type).name:
                         writer.write(memoryview(np.ascontiguousarray(t.data())))
                     else:
-                        w = _tensor_f32(t)
-                        imps, hs = stats(tp.name)
-                        per = w.shape[0] // len(imps)
-                        for e in range(len(imps)):
-                            q = _quantize(np.ascontiguousarray(w[e * per : (e + 1) * per]), out_type[tp.name],
-                                          hs[e], imps[e])  # fmt: skip
+                        for q in _quantized_tensor(t, out_type[tp.name], *stats(tp.name)):
                             writer.write(memoryview(q))
                     writer.end_tensor()
                     if progress:
