@@ -1,7 +1,7 @@
 """`ggufkit quantize --optimize` against llama-imatrix + llama-quantize at the same sizes, one run.
 
     PYTHONPATH=src python -m benchmarks.bench_optimize [--levels Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
-        [--eval-chunks 8] [--exclude TYPE,...] [--weighting NAME] [--stats calib|llama]
+        [--eval-chunks 8] [--exclude TYPE,...] [--weighting perturb,none] [--stats calib|llama]
 
 from the repository root (the helpers are imported as tests.helpers).
 
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--eval-chunks", type=int, default=8)
     ap.add_argument("--exclude", default="")
-    ap.add_argument("--weighting", default=None)
+    ap.add_argument("--weighting", default="perturb", help="comma-separated: perturb, none")
     ap.add_argument("--stats", choices=("calib", "llama"), default="calib")
     ap.add_argument("--work", default=None, help="folder for the files (default: a temporary one)")
     a = ap.parse_args()
@@ -72,25 +72,26 @@ def main() -> None:
             check=True, capture_output=True, env=env,
         )  # fmt: skip
         t_ref = t_imatrix + time.perf_counter() - t0
-        ours = work / f"opt-{level}.gguf"
-        options = {"exclude_types": [e for e in a.exclude.split(",") if e], "threads": 2, "chunks": a.chunks}
-        if a.weighting:
-            options["weighting"] = a.weighting
-        if a.stats == "llama":
-            options["imatrix"] = imx
-        else:
-            options["calib"] = calib
-        s = optimize_file(base, ours, level, **options)
         e_ref = evaluate(ref, base=base, chunks=a.eval_chunks, threads=2)
-        e_opt = evaluate(ours, base=base, chunks=a.eval_chunks, threads=2)
-        rows.append((level, ref.stat().st_size, ours.stat().st_size, t_ref, s.seconds, e_ref, e_opt, s))
-        print(
-            f"{level}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "
-            f"ours {ours.stat().st_size} B KLD {e_opt.kld_mean:.5f} ({s.seconds:.1f} s, {s.timings}) | "
-            f"KLD ratio {e_opt.kld_mean / e_ref.kld_mean:.3f} | time ratio {s.seconds / t_ref:.2f} | "
-            f"types {dict(Counter(s.types[n] for n in s.types))}",
-            flush=True,
-        )
+        for weighting in a.weighting.split(","):
+            ours = work / f"opt-{level}-{weighting}.gguf"
+            options = {"exclude_types": [e for e in a.exclude.split(",") if e], "threads": 2,
+                       "chunks": a.chunks, "weighting": weighting}  # fmt: skip
+            if a.stats == "llama":
+                options["imatrix"] = imx
+            else:
+                options["calib"] = calib
+            s = optimize_file(base, ours, level, **options)
+            e_opt = evaluate(ours, base=base, chunks=a.eval_chunks, threads=2)
+            name = f"{level} {weighting}"
+            rows.append((name, ref.stat().st_size, ours.stat().st_size, t_ref, s.seconds, e_ref, e_opt, s))
+            print(
+                f"{name}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "
+                f"ours {ours.stat().st_size} B KLD {e_opt.kld_mean:.5f} ({s.seconds:.1f} s, {s.timings}) | "
+                f"KLD ratio {e_opt.kld_mean / e_ref.kld_mean:.3f} | time ratio {s.seconds / t_ref:.2f} | "
+                f"types {dict(Counter(s.types[n] for n in s.types))}",
+                flush=True,
+            )
     print(f"load average at end: {os.getloadavg()}")
     print("\n| level | llama-quantize bytes | ours bytes | llama KLD | ours KLD | KLD ratio | "
           "same-top llama | same-top ours | seconds llama | seconds ours |")  # fmt: skip
