@@ -111,7 +111,10 @@ def test_llama_cpp_runs_it_and_llama_perplexity_agrees(optimized, synthetic_f32,
     print({"ours": (ours.kld_mean, ours.same_top, ours.ppl), "llama": ref})
     assert ours.kld_mean > 0
     assert ours.kld_mean == pytest.approx(ref["kld_mean"], rel=0.05)  # test_evaluate's bars
-    assert abs(ours.same_top - ref["same_top"]) <= 0.5
+    # The synthetic model's logits are nearly flat (PPL ~ 55k over a 49k vocabulary), so the top token is
+    # decided by tiny margins that summation order flips: 1 point here is 5 of the 508 scored tokens (the
+    # SmolLM2 bar of 0.5 points in test_evaluate is over 2040 tokens of a real model).
+    assert abs(ours.same_top - ref["same_top"]) <= 1.0
     assert ours.ppl == pytest.approx(ref["ppl"], rel=0.005)
 
 
@@ -124,6 +127,9 @@ def test_any_target_is_kept_and_the_bytes_repeat(bpw, synthetic_f32, imatrix_fil
     with open_gguf(a.dst) as g:
         assert sum(pad(t.nbytes) for t in g.tensors) == a.size_after
     if bpw == 3.5:
+        from ggufkit.optimize import job
+
+        job._MEMO.clear()  # computed again from the start, not reused from the run above
         b = optimize_file(synthetic_f32, tmp_path / "b.gguf", target_bpw=bpw, imatrix=imatrix_file, threads=2)
         assert _sha(a.dst) == _sha(b.dst)
 

@@ -39,6 +39,7 @@ __all__ = ["OptimizeSummary", "optimize_file"]
 
 log = logging.getLogger(__name__)
 
+_MEMO: dict = {}  # the last job's statistics, damages and factors: reused for another budget
 LLAMA_FTYPE_GUESSED = 1024  # include/llama.h: the file type when no level describes the mixture
 
 
@@ -166,6 +167,45 @@ def _level_for(types: dict[str, str], model) -> int:
     return LLAMA_FTYPE_GUESSED
 
 
+def _damages(names, by_name, stats, exclude, weighting, model, calib, progress):
+    """Each tensor's options (allocate.measure, summed over experts) and its sensitivity factor."""
+    from . import sensitivity
+
+    options = []
+    for i, n in enumerate(names):
+        t = by_name[n]
+        w = _tensor_f32(t)
+        imps, hs = stats(n)
+        n_mat = len(imps)
+        per = w.shape[0] // n_mat
+        types = allocate.candidates(t.shape, exclude=exclude)
+        total = None
+        for e in range(n_mat):
+            opts = allocate.measure(
+                w[e * per : (e + 1) * per], t.shape, types,
+                lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im),
+                importance=imps[e], hessian=hs[e],
+            )  # fmt: skip
+            total = (
+                opts
+                if total is None
+                else [a._replace(damage=a.damage + b.damage) for a, b in zip(total, opts)]
+            )
+        options.append(total)
+        if progress:
+            progress("measure", i + 1, len(names))
+    cheapest = [min(opts, key=lambda o: (o.nbytes, o.damage)) for opts in options]
+
+    def quantized(n: str) -> np.ndarray:
+        t = by_name[n]
+        qtype = cheapest[names.index(n)].qtype
+        return _requantized(t, qtype, *stats(n)).reshape(tuple(reversed(t.shape)))
+
+    text = calibration_body(calib)
+    factors = sensitivity.factors(weighting, model, names, [c.damage for c in cheapest], quantized, text=text)
+    return options, factors
+
+
 def optimize_file(
     src: str | os.PathLike,
     dst: str | os.PathLike | None = None,
@@ -243,10 +283,18 @@ def optimize_file(
                     f"cannot requantize tensor {n}: ggufkit has no dequantizer for {have.name}"
                 )
         want_hessian = feedback_available() and imatrix is None
-        vectors, hess, calibration = _calibrate(
-            src, calib, imatrix, folder=Path(tmp), ctx=ctx, chunks=chunks, threads=threads,
-            want_hessian=want_hessian,
-        )  # fmt: skip
+        st = os.stat(src)
+        key = (os.path.realpath(src), st.st_size, st.st_mtime_ns, str(calib), str(imatrix), ctx, chunks,
+               tuple(exclude), weighting)  # fmt: skip
+        memo = None if want_hessian else _MEMO.get(key)
+        if memo is None:
+            vectors, hess, calibration = _calibrate(
+                src, calib, imatrix, folder=Path(tmp), ctx=ctx, chunks=chunks, threads=threads,
+                want_hessian=want_hessian,
+            )  # fmt: skip
+        else:
+            (vectors, calibration, options, factors), hess = memo, None
+            timings["reused"] = 1.0
         timings["calibrate"] = time.perf_counter() - t0
         budget, reference = _budget(model, lv.name if lv is not None else None, vectors, target_bpw,
                                     target_size, quantizable)  # fmt: skip
@@ -270,44 +318,14 @@ def optimize_file(
 
         names = [tp.name for tp in plan.tensors if tp.name in quantizable]
         t1 = time.perf_counter()
-        options = []
-        for i, n in enumerate(names):
-            t = by_name[n]
-            w = _tensor_f32(t)
-            imps, hs = stats(n)
-            n_mat = len(imps)
-            per = w.shape[0] // n_mat
-            types = allocate.candidates(t.shape, exclude=exclude)
-            total = None
-            for e in range(n_mat):
-                opts = allocate.measure(
-                    w[e * per : (e + 1) * per], t.shape, types,
-                    lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im),
-                    importance=imps[e], hessian=hs[e],
-                )  # fmt: skip
-                total = (
-                    opts
-                    if total is None
-                    else [a._replace(damage=a.damage + b.damage) for a, b in zip(total, opts)]
-                )
-            options.append(total)
-            if progress:
-                progress("measure", i + 1, len(names))
+        if memo is None:
+            options, factors = _damages(names, by_name, stats, exclude, weighting, model, calib, progress)
+            if hess is None:
+                while len(_MEMO) >= 4:
+                    _MEMO.pop(next(iter(_MEMO)))
+                _MEMO[key] = (vectors, calibration, options, factors)
         timings["measure"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        cheapest = [min(opts, key=lambda o: (o.nbytes, o.damage)) for opts in options]
-
-        def quantized(n: str) -> np.ndarray:
-            t = by_name[n]
-            qtype = cheapest[names.index(n)].qtype
-            return _requantized(t, qtype, *stats(n)).reshape(tuple(reversed(t.shape)))
-
-        text = calibration_body(calib)
-        factors = sensitivity.factors(
-            weighting, model, names, [c.damage for c in cheapest], quantized, text=text
-        )
         weighted = [[o._replace(damage=o.damage * f) for o in opts] for opts, f in zip(options, factors)]
-        timings["weights"] = time.perf_counter() - t2
         if budget - kept <= 0:
             raise QuantizeError(
                 f"the budget ({budget} bytes) is below the tensors kept as they are ({kept} bytes)"
