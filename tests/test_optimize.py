@@ -222,11 +222,14 @@ def test_calibration_text_too_short(synthetic_f32, tmp_path, capsys):
 
 def test_cli_writes_a_file(synthetic_f32, imatrix_file, tmp_path, capsys):
     out = tmp_path / "cli.gguf"
-    args = ["quantize", "--optimize", "--imatrix", str(imatrix_file), "--exclude-type", "q8_0"]
+    args = ["quantize", "--optimize", "--imatrix", str(imatrix_file)]  # the damages of the runs above
     assert main([*args, str(synthetic_f32), str(out), "Q3_K_M", "2"]) == 0
     printed = capsys.readouterr().out
     assert "llama-quantize Q3_K_M" in printed
     with open_gguf(out) as g:
-        assert all(t.ggml_type.name != "Q8_0" for t in g.tensors)
+        assert g.get("general.file_type") == 12  # Q3_K_M's llama_ftype
+    assert "Q8_0" not in allocate.candidates((256, 4), exclude=["q8_0"])
+    assert main([*args, "--exclude-type", "Q9_9", str(synthetic_f32), str(out), "Q3_K_M"]) == 2
+    assert "unknown type" in _one_error_line(capsys)
     assert main(["quantize", "--calib", "x.txt", str(synthetic_f32), str(out), "Q4_K_M"]) == 2
     assert "needs --optimize" in _one_error_line(capsys)
