@@ -5,6 +5,7 @@ The public API, one function per job (each is what a `ggufkit` command calls):
     open_gguf(path)                       read a GGUF safely: metadata, tensor table, tensor data
     inspect_gguf(path)                    what a GGUF holds, as a JSON-ready dict
     quantize_file(src, dst, "Q4_K_M")     llama-quantize's job, the same bytes
+    optimize_file(src, dst, "Q4_K_M")     calibrated: standard types per tensor, less damage, no larger
     evaluate(model, base=...)             perplexity, KL divergence, same-top against a base
     compute_imatrix(model, output=...)    llama-imatrix's importance matrix (and X^T X on request)
     load_source(path_or_size)             the shapes a memory estimate needs (GGUF, HF folder, "7B")
@@ -30,6 +31,7 @@ _API = {
     "open_gguf": ("gguf.reader", "open_gguf"),
     "inspect_gguf": ("inspect", "inspect_gguf"),
     "quantize_file": ("quantize.job", "quantize_file"),
+    "optimize_file": ("optimize.job", "optimize_file"),
     "evaluate": ("evaluation", "evaluate"),
     "compute_imatrix": ("calibrate", "compute_imatrix"),
     "load_source": ("memory", "load_source"),

@@ -18,7 +18,7 @@ def repeatable(p, flag: str, metavar: str, help: str) -> None:
     p.add_argument(flag, action="append", default=[], metavar=metavar, help=f"{help} (repeatable)")
 
 
-USAGE = "ggufkit quantize [options] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
+USAGE = "ggufkit quantize [options] [--optimize] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
 
 def add_parser(sub):
@@ -53,6 +53,19 @@ def add_parser(sub):
     p.add_argument(
         "--dry-run", action="store_true", help="print the per-tensor plan and sizes, write nothing"
     )
+    o = p.add_argument_group(
+        "optimize",
+        "--optimize: each tensor's standard type chosen for the least calibrated damage within the size of "
+        "llama-quantize's TYPE file (or --target-bpw / --target-size; TYPE may then be left out). "
+        "Statistics: --imatrix FILE, or the built-in engine over --calib TEXT (default: the calibration "
+        "half of the pydoc topics).",
+    )
+    o.add_argument("--optimize", action="store_true", help="calibrated per-tensor types (ggufkit's own)")
+    o.add_argument("--calib", metavar="TEXT", help="text file to calibrate on (with --optimize)")
+    o.add_argument("--target-bpw", type=float, metavar="X", help="size budget in bits per weight")
+    o.add_argument("--target-size", type=int, metavar="BYTES", help="size budget of the tensor data")
+    repeatable(o, "--exclude-type", "TYPE", "never use this tensor type")
+    o.add_argument("--calib-chunks", type=int, metavar="N", help="calibrate on the first N chunks of 512")
     p.set_defaults(func=run)
 
 
@@ -168,8 +181,77 @@ def _print_summary(s) -> None:
             print(f"    {len(names):4d} x {tps[0].fallback_note}: {', '.join(names[:3])}{more}")
 
 
+def _optimize_positionals(
+    args: list[str], has_target: bool
+) -> tuple[str, str | None, str | None, int | None]:
+    """INPUT [OUTPUT] [TYPE] [THREADS]: TYPE may be left out when a target size is given."""
+    if not args:
+        raise QuantizeError(f"expected INPUT [OUTPUT] TYPE [THREADS]; usage: {USAGE}")
+    src, rest = args[0], list(args[1:])
+    dst = level = threads = None
+    if rest and not _is_type(rest[0]) and not rest[0].isdigit():
+        dst = rest.pop(0)
+    if rest and _is_type(rest[0]):
+        level = rest.pop(0)
+    if rest and rest[0].isdigit():
+        threads = int(rest.pop(0))
+    if rest:
+        raise QuantizeError(f"unexpected arguments: {' '.join(rest)} (unknown TYPE?)")
+    if level is None and not has_target:
+        raise QuantizeError("--optimize needs a TYPE (its size is the budget), --target-bpw or --target-size")
+    return src, dst, level, threads
+
+
+def _run_optimize(args) -> int:
+    from ..optimize.job import optimize_file
+
+    for flag in ("include_weights", "exclude_weights", "tensor_type", "override_kv"):
+        if getattr(args, flag):
+            raise QuantizeError(f"--{flag.replace('_', '-')} cannot be combined with --optimize")
+    for flag in ("output_tensor_type", "token_embedding_type", "pure", "leave_output_tensor", "dry_run"):
+        if getattr(args, flag):
+            raise QuantizeError(f"--{flag.replace('_', '-')} cannot be combined with --optimize")
+    has_target = args.target_bpw is not None or args.target_size is not None
+    src, dst, level, threads = _optimize_positionals(args.args, has_target)
+    s = optimize_file(
+        src,
+        dst,
+        level,
+        calib=args.calib,
+        imatrix=args.imatrix,
+        target_bpw=args.target_bpw,
+        target_size=args.target_size,
+        exclude_types=args.exclude_type,
+        chunks=args.calib_chunks,
+        threads=threads,
+        allow_requantize=args.allow_requantize,
+    )
+    print(f"{s.src} -> {s.dst} optimized" + (f" within {s.level}'s size" if s.level else ""))
+    print(
+        f"  size:  {_mib(s.size_after)} of a {_mib(s.budget)} budget ({s.bits_per_weight:.3f} bpw)"
+    )
+    if s.reference_bytes is not None:
+        print(f"  llama-quantize {s.level}: {_mib(s.reference_bytes)}")
+    print(f"  file:  {s.file_size} bytes")
+    print(f"  calibration: {s.calibration}")
+    counts: dict[str, int] = {}
+    for t in s.types.values():
+        counts[t] = counts.get(t, 0) + 1
+    print("  types: " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+    print(f"  time:  {s.seconds:.2f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items()) + ")")
+    return 0
+
+
 def run(args) -> int:
     from ..quantize.job import quantize_file
+
+    if args.optimize:
+        return _run_optimize(args)
+    for flag in ("calib", "target_bpw", "target_size", "calib_chunks"):
+        if getattr(args, flag) is not None:
+            raise QuantizeError(f"--{flag.replace('_', '-')} needs --optimize")
+    if args.exclude_type:
+        raise QuantizeError("--exclude-type needs --optimize")
 
     src, dst, qtype, threads = _positionals(args.args)
     bar = _Bar() if sys.stderr.isatty() and not args.dry_run else None

@@ -1,0 +1,108 @@
+"""`ggufkit quantize --optimize` against llama-imatrix + llama-quantize at the same sizes, one run.
+
+    PYTHONPATH=src python -m benchmarks.bench_optimize [--levels Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
+        [--eval-chunks 8] [--exclude TYPE,...] [--weighting perturb,none] [--stats calib|llama]
+
+from the repository root (the helpers are imported as tests.helpers).
+
+The input is SmolLM2-135M made F32 by llama.cpp from the shipped Q4_1 file. Both sides calibrate on the same
+file (evaluation.calibration_text, `--chunks` chunks of 512 tokens): llama-imatrix, then llama-quantize
+--imatrix at each level (both timed, uncached); ggufkit's optimize_file at each level, on its own statistics
+(--stats calib: the built-in engine over the same text) or on llama-imatrix's file (--stats llama). Every
+file is scored by ggufkit.evaluate against the F32 base on the held-out default text (the first half of the
+topics; `--eval-chunks` chunks of 512). Printed: sizes, seconds, mean KLD and the ratio ours / llama's.
+
+Because the F32 base is the shipped Q4_1 file dequantized, Q4_1 and Q5_1 re-encode it exactly (zero
+error); `--exclude Q4_1,Q5_1` takes them out of the candidates so that the comparison is about quantizing
+weights, not about recovering the shipped grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--levels", default="Q4_K_M,Q3_K_M,Q2_K")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--exclude", default="")
+    ap.add_argument("--weighting", default="perturb", help="comma-separated: perturb, none")
+    ap.add_argument("--stats", choices=("calib", "llama"), default="calib")
+    ap.add_argument("--work", default=None, help="folder for the files (default: a temporary one)")
+    a = ap.parse_args()
+
+    from ggufkit import evaluate, quants
+    from ggufkit.evaluation import calibration_text
+    from ggufkit.models import default_model_path
+    from ggufkit.optimize.job import optimize_file
+    from tests.helpers.llama_programs import base_model, tool
+
+    quants.set_threads(2)
+    base = base_model(default_model_path(), "F32")
+    work = Path(a.work or tempfile.mkdtemp(prefix="bench-optimize-"))
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "calib.txt"
+    calib.write_text(calibration_text() + "\n", encoding="utf-8")  # both readers drop one final newline
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    print(f"load average at start: {os.getloadavg()}")
+
+    imx = work / "llama.imatrix.gguf"
+    t0 = time.perf_counter()
+    subprocess.run(
+        [str(tool("llama-imatrix")), "-m", str(base), "-f", str(calib), "-c", "512",
+         "--chunks", str(a.chunks), "-t", "2", "--no-ppl", "-o", str(imx)],
+        check=True, capture_output=True, env=env,
+    )  # fmt: skip
+    t_imatrix = time.perf_counter() - t0
+    print(f"llama-imatrix: {t_imatrix:.1f} s")
+    rows = []
+    for level in a.levels.split(","):
+        ref = work / f"llama-{level}.gguf"
+        t0 = time.perf_counter()
+        subprocess.run(
+            [str(tool("llama-quantize")), "--imatrix", str(imx), str(base), str(ref), level, "2"],
+            check=True, capture_output=True, env=env,
+        )  # fmt: skip
+        t_ref = t_imatrix + time.perf_counter() - t0
+        e_ref = evaluate(ref, base=base, chunks=a.eval_chunks, threads=2)
+        for weighting in a.weighting.split(","):
+            ours = work / f"opt-{level}-{weighting}.gguf"
+            options = {"exclude_types": [e for e in a.exclude.split(",") if e], "threads": 2,
+                       "chunks": a.chunks, "weighting": weighting}  # fmt: skip
+            if a.stats == "llama":
+                options["imatrix"] = imx
+            else:
+                options["calib"] = calib
+            s = optimize_file(base, ours, level, **options)
+            e_opt = evaluate(ours, base=base, chunks=a.eval_chunks, threads=2)
+            name = f"{level} {weighting}"
+            rows.append((name, ref.stat().st_size, ours.stat().st_size, t_ref, s.seconds, e_ref, e_opt, s))
+            print(
+                f"{name}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "
+                f"ours {ours.stat().st_size} B KLD {e_opt.kld_mean:.5f} ({s.seconds:.1f} s, {s.timings}) | "
+                f"KLD ratio {e_opt.kld_mean / e_ref.kld_mean:.3f} | time ratio {s.seconds / t_ref:.2f} | "
+                f"types {dict(Counter(s.types[n] for n in s.types))}",
+                flush=True,
+            )
+    print(f"load average at end: {os.getloadavg()}")
+    print("\n| level | llama-quantize bytes | ours bytes | llama KLD | ours KLD | KLD ratio | "
+          "same-top llama | same-top ours | seconds llama | seconds ours |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for level, rb, ob, tr, to, er, eo, _ in rows:
+        print(
+            f"| {level} | {rb} | {ob} | {er.kld_mean:.5f} | {eo.kld_mean:.5f} | "
+            f"{eo.kld_mean / er.kld_mean:.3f} | "
+            f"{er.same_top:.2f} | {eo.same_top:.2f} | {tr:.1f} | {to:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
