@@ -25,7 +25,11 @@ Evaluation is LAYER-MAJOR: the residual stream of every chunk goes through layer
 so each layer's weights are dequantized once per evaluation (any block type the registry knows, into
 float32) and dropped before the next layer: memory stays near the file size plus one layer in float32.
 Matmuls are float32 BLAS (numpy @) on as many threads as asked; attention runs per chunk, causal
-within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity).
+within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity), as independent
+single-BLAS-thread tasks (attention.py); norms, rope, SwiGLU and the F16 roundings are one pass each on the
+same threads (fused.py). With STACK, products sharing an input (q/k/v, gate/up) would be one product on a
+stacked weight (fewer, larger BLAS calls), in another float summation order, i.e. another draw of the
+rounding noise that the imatrix KLD test is sensitive to; so it is off (docs/benchmarks.md).
 
 Numerics (llamacpp_numerics=True, the default): llama.cpp's CPU backend rounds the activations to the
 weight's "vec_dot type" before each matmul (F16 for F16 weights, Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
@@ -78,7 +82,7 @@ from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for
 # Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
 ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
 SUPPORTED = tuple(ARCHITECTURES)
-STACK = False  # products sharing an input as one stacked product (faster; another float summation order)
+STACK = False  # products sharing an input as one stacked product (another float summation order: off)
 
 
 @dataclass
