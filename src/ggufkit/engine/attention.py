@@ -1,18 +1,18 @@
 """Causal (optionally sliding-window) attention of a group of chunks, as the engine computes it.
 
 Work is cut into independent tasks, one chunk x one kv head x one block of query positions, each two plain
-BLAS products around a one-pass softmax (numerics.window_softmax). The tasks run on the engine's threads
-(fused.run_tasks) with OpenBLAS on one thread each (fused.blas_single): small products on two BLAS threads
-each spend much of their time handing work over between the threads, and on a shared machine waiting for
-the second one; independent single-threaded tasks do not wait for each other. Larger blocks go first, so
-the threads finish together.
+BLAS products (on the engine's BLAS threads) around a one-pass softmax (numerics.window_softmax), run one
+after the other. Running them two at a time from Python threads with OpenBLAS on one thread each
+(fused.run_tasks, fused.blas_single) was 16x faster under heavy load, but it changes the float order of
+the products (another draw of the rounding noise) and its determinism was not established in time (a
+check that seemed to show otherwise was fooled by the in-place scaling fixed below), so the tasks stay
+serial and give the former engine's numbers bit for bit.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .fused import blas_single, run_tasks
 from .numerics import window_softmax
 
 
@@ -34,6 +34,8 @@ def attention(
     # [C, Hkv, T, g, d]: a block of positions is one contiguous [nb*g, d] matrix per kv head.
     qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
     if scale != 1:
+        if np.shares_memory(qh, q):  # one kv head: the transpose was already contiguous, a view of q
+            qh = qh.copy()
         qh *= np.float32(1.0 / np.sqrt(d)) if scale is None else np.float32(scale)
     kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
     vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
@@ -48,7 +50,8 @@ def attention(
         window_softmax(s[None], b0, g, k0, window)
         out[c, h, b0:b1] = (s @ vh[c, h, k0:b1]).reshape(b1 - b0, g, dv)
 
-    tasks = [(c, h, b0) for b0 in reversed(range(0, T, block)) for c in range(C) for h in range(hkv)]
-    with blas_single():
-        run_tasks(task, tasks)
+    for c in range(C):
+        for h in range(hkv):
+            for b0 in range(0, T, block):
+                task(c, h, b0)
     return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)

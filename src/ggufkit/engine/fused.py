@@ -55,26 +55,21 @@ def split_rows(kernel, n_rows: int, *args) -> None:
 
 
 def run_tasks(fn, tasks) -> None:
-    """fn(*task) for every task, threads() at a time (the main thread works too)."""
+    """fn(*task) for every task, threads() at a time (the main thread works too). The assignment is static
+    (thread j runs tasks j, j + t, ...): a product's float order can depend on the thread that runs it, so
+    a dynamic queue would make the results depend on timing."""
     tasks = list(tasks)
     t = min(threads(), len(tasks))
+
+    def worker(j: int) -> None:
+        for task in tasks[j::t]:
+            fn(*task)
+
     if t <= 1:
-        for task in tasks:
-            fn(*task)
+        worker(0)
         return
-    it = iter(tasks)
-    lock = threading.Lock()
-
-    def worker():
-        while True:
-            with lock:
-                task = next(it, None)
-            if task is None:
-                return
-            fn(*task)
-
-    futures = [_pool(t - 1).submit(worker) for _ in range(t - 1)]
-    worker()
+    futures = [_pool(t - 1).submit(worker, j) for j in range(1, t)]
+    worker(0)
     for f in futures:
         f.result()
 
