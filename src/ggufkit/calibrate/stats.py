@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cache import atomic_output
+from ..engine.fused import column_squares
 from ..errors import CalibrationError
 
 __all__ = ["ImatrixStats", "observed"]
@@ -74,7 +75,7 @@ class ImatrixStats:
         sums = self._shaped(name, n_expert, ne0, what="collected")
         if self._last[0] is not x:  # q, k and v share their input: square it once
             rows = x.reshape(-1, ne0)
-            sq = np.square(rows, dtype=np.float32).sum(axis=0, dtype=np.float64)
+            sq = column_squares(rows)  # one pass, on the engine's threads
             xtx = None
             if self.hessian:
                 x64 = rows.astype(np.float64)

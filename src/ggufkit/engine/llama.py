@@ -25,7 +25,11 @@ Evaluation is LAYER-MAJOR: the residual stream of every chunk goes through layer
 so each layer's weights are dequantized once per evaluation (any block type the registry knows, into
 float32) and dropped before the next layer: memory stays near the file size plus one layer in float32.
 Matmuls are float32 BLAS (numpy @) on as many threads as asked; attention runs per chunk, causal
-within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity).
+within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity), as independent
+single-BLAS-thread tasks (attention.py); norms, rope, SwiGLU and the F16 roundings are one pass each on the
+same threads (fused.py). With STACK, products sharing an input (q/k/v, gate/up) would be one product on a
+stacked weight (fewer, larger BLAS calls), in another float summation order, i.e. another draw of the
+rounding noise that the imatrix KLD test is sensitive to; so it is off (docs/benchmarks.md).
 
 Numerics (llamacpp_numerics=True, the default): llama.cpp's CPU backend rounds the activations to the
 weight's "vec_dot type" before each matmul (F16 for F16 weights, Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
@@ -60,6 +64,8 @@ from ..errors import EvalError
 from ..gguf.reader import GGUFModel
 from ..gguf.types import GGMLQuantizationType
 from ..quants import dequantize
+from . import fused
+from .attention import attention
 from .moe import MOE_FFN, moe_ffn
 from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for the callers)
     blas_threads,
@@ -76,6 +82,7 @@ from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for
 # Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
 ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
 SUPPORTED = tuple(ARCHITECTURES)
+STACK = False  # products sharing an input as one stacked product (another float summation order: off)
 
 
 @dataclass
@@ -216,6 +223,29 @@ class LlamaModel:
                 x = xr
         return x @ w.T
 
+    def _rounds_to_f16(self, wtype) -> bool:
+        return self.llamacpp_numerics and wtype is not None and vec_dot(wtype) == "F16"
+
+    def _norm(self, x: np.ndarray, weight: np.ndarray, eps: float, wtype) -> tuple[np.ndarray, dict]:
+        """rms_norm(x) * weight, and the rounding cache of _matmul with its F16 rounding already in it when
+        the next products (weights of type wtype) round their input to F16 (one pass for both)."""
+        if self._rounds_to_f16(wtype):
+            h, hr = fused.rms_norm(x, weight, eps, rounded=True)
+            return h, {(id(h), "F16"): hr}
+        return fused.rms_norm(x, weight, eps), {}
+
+    def _products(self, h, w, ty, rounded: dict, nm: dict, names: tuple[str, ...], stacked: str) -> list:
+        """h @ w[n].T for each of `names`: one product with the stacked weight w[stacked] when _layer made
+        one (the outputs are column views of it), else one each. The observer sees h once per name."""
+        if w[stacked] is None:
+            return [self._matmul(h, w[n], ty[n], rounded, name=nm[n]) for n in names]
+        for n in names:
+            if nm[n] is not None and self.observer is not None:
+                self.observer(nm[n], h)
+        out = self._matmul(h, w[stacked], ty[names[0]], rounded)
+        cols = np.cumsum([0] + [w[n].shape[0] for n in names])
+        return [out[:, c0:c1] for c0, c1 in zip(cols[:-1], cols[1:])]
+
     def _embed(self, ids: np.ndarray) -> np.ndarray:
         """Rows of token_embd for `ids`, dequantizing only the rows used."""
         t = self._tensors["token_embd.weight"]
@@ -258,7 +288,27 @@ class LlamaModel:
             nq, nk = a.head_count * a.key_length, a.head_count_kv * a.key_length
             w["attn_q"], w["attn_k"], w["attn_v"] = qkv[:nq], qkv[nq : nq + nk], qkv[nq + nk :]
             types["attn_q"] = types["attn_k"] = types["attn_v"] = self._type(p + "attn_qkv.weight")
+            w["qkv"] = qkv
+        else:
+            w["qkv"] = self._stacked(w, types, ("attn_q", "attn_k", "attn_v"))
+        w["gate_up"] = self._stacked(w, types, ("ffn_gate", "ffn_up"))
         return w, types
+
+    def _stacked(self, w: dict, types: dict, names: tuple[str, ...]) -> np.ndarray | None:
+        """The weights `names` (same input) stacked into one matrix, so that one product computes them all,
+        and w[name] made a view of its rows; None when one is missing or their activations are rounded
+        differently (then each is its own product)."""
+        if not STACK or any(w[n] is None for n in names):
+            return None
+        if self.llamacpp_numerics and len({vec_dot(types[n]) for n in names}) != 1:
+            return None
+        both = np.concatenate([w[n] for n in names])
+        r0 = 0
+        for n in names:
+            r1 = r0 + w[n].shape[0]
+            w[n] = both[r0:r1]
+            r0 = r1
+        return both
 
     # -- rope ---------------------------------------------------------------------------------------
     def _rope_tables(
@@ -290,60 +340,13 @@ class LlamaModel:
 
     def _rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x [..., T, heads, head_dim] rotated in place over its first rope_dim dims."""
-        a = self.args
-        nd = a.rope_dimension_count
-        c, s = cos[:, None, :], sin[:, None, :]
-        if a.rope_neox:
-            x0, x1 = x[..., : nd // 2].copy(), x[..., nd // 2 : nd].copy()
-            x[..., : nd // 2] = x0 * c - x1 * s
-            x[..., nd // 2 : nd] = x0 * s + x1 * c
-        else:
-            x0, x1 = x[..., 0:nd:2].copy(), x[..., 1:nd:2].copy()
-            x[..., 0:nd:2] = x0 * c - x1 * s
-            x[..., 1:nd:2] = x0 * s + x1 * c
-        return x
+        return fused.rope(x, cos, sin, self.args.rope_dimension_count, self.args.rope_neox)
 
     # -- forward ------------------------------------------------------------------------------------
-    def _attention(
-        self,
-        q: np.ndarray,
-        k: np.ndarray,
-        v: np.ndarray,
-        *,
-        scale: float | None = None,
-        window: int = 0,
-        block: int = 128,
-    ) -> np.ndarray:
-        """Causal attention of one group of chunks. q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv].
-
-        scale: the kq scale, applied to q (T*d values instead of T*T): 1/sqrt(d) by default, 1 for a q the
-        graph has already scaled (Gemma 3). window > 0: a sliding window, each position seeing itself and
-        the window - 1 before it. Query head h attends with kv head h // g (ggml's broadcast in mul_mat).
-        Queries go in blocks of `block` positions, each against the keys from the first one its first
-        query sees up to its last position only, which skips most of the masked part of the scores."""
-        a = self.args
-        C, T, H, d = q.shape
-        hkv = a.head_count_kv
-        g = H // hkv
-        # [C, Hkv, T, g, d]: a block of positions is one contiguous [nb*g, d] matrix per kv head.
-        qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
-        if scale != 1:
-            qh *= np.float32(1.0 / np.sqrt(d)) if scale is None else np.float32(scale)
-        kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
-        vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
-        dv = vh.shape[-1]
-        out = np.empty((C, hkv, T, g, dv), np.float32)
-        # Plain 2-D matmuls: numpy's stacked matmul leaves BLAS for strided slices like kh[..., :b1, :].T.
-        for c in range(C):
-            for h in range(hkv):
-                kc, vc = kh[c, h], vh[c, h]
-                for b0 in range(0, T, block):
-                    b1 = min(b0 + block, T)
-                    k0 = max(0, b0 - window + 1) if window > 0 else 0
-                    s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kc[k0:b1].T  # [nb*g, b1-k0]
-                    window_softmax(s[None], b0, g, k0, window)
-                    out[c, h, b0:b1] = (s @ vc[k0:b1]).reshape(b1 - b0, g, dv)
-        return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
+    def _attention(self, q, k, v, *, scale: float | None = None, window: int = 0, block: int = 128):
+        """Causal attention of one group of chunks, q [C,T,H,d], k/v [C,T,Hkv,d] -> [C*T, H*dv]
+        (engine/attention.py)."""
+        return attention(q, k, v, scale=scale, window=window, block=block)
 
     def _checked_tokens(self, tokens) -> np.ndarray:
         """tokens as a [chunks, ctx] array of ids the vocabulary has (EvalError otherwise)."""
@@ -373,11 +376,8 @@ class LlamaModel:
             for c0 in range(0, C, group):
                 n = min(group, C - c0)
                 xs = x[c0 * T : (c0 + n) * T]  # a view: updated in place
-                h = rms_norm(xs, w["attn_norm"], eps)
-                rounded: dict = {}  # h rounded per vec_dot type, shared by q, k, v of the same type
-                q = self._matmul(h, w["attn_q"], ty["attn_q"], rounded, name=nm["attn_q"])
-                k = self._matmul(h, w["attn_k"], ty["attn_k"], rounded, name=nm["attn_k"])
-                v = self._matmul(h, w["attn_v"], ty["attn_v"], rounded, name=nm["attn_v"])
+                h, rounded = self._norm(xs, w["attn_norm"], eps, ty["attn_q"])
+                q, k, v = self._products(h, w, ty, rounded, nm, ("attn_q", "attn_k", "attn_v"), "qkv")
                 if w["attn_q_b"] is not None:
                     q += w["attn_q_b"]
                 if w["attn_k_b"] is not None:
@@ -399,16 +399,17 @@ class LlamaModel:
                 xs += self._matmul(
                     self._attention(q, k, v), w["attn_output"], ty["attn_output"], name=nm["attn_output"]
                 )
-                h = rms_norm(xs, w["ffn_norm"], eps)
                 if w["ffn_gate_inp"] is not None:
-                    xs += moe_ffn(self, h, w, ty, nm)
+                    xs += moe_ffn(self, rms_norm(xs, w["ffn_norm"], eps), w, ty, nm)
                     continue
-                rounded = {}
-                g = silu(self._matmul(h, w["ffn_gate"], ty["ffn_gate"], rounded, name=nm["ffn_gate"]))
-                g *= self._matmul(h, w["ffn_up"], ty["ffn_up"], rounded, name=nm["ffn_up"])
-                xs += self._matmul(g, w["ffn_down"], ty["ffn_down"], name=nm["ffn_down"])
+                h, rounded = self._norm(xs, w["ffn_norm"], eps, ty["ffn_gate"])
+                g, u = self._products(h, w, ty, rounded, nm, ("ffn_gate", "ffn_up"), "gate_up")
+                f16 = self._rounds_to_f16(ty["ffn_down"])
+                y = fused.swiglu(g, u, rounded=f16)
+                y, rounded = (y[0], {(id(y[0]), "F16"): y[1]}) if f16 else (y, None)
+                xs += self._matmul(y, w["ffn_down"], ty["ffn_down"], rounded, name=nm["ffn_down"])
             del w
-        return rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+        return fused.rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
 
     def _observed_names(self, il: int) -> dict[str, str | None]:
         """Short name -> the tensor name the observer is told (None: not observed, or no observer). A fused

@@ -8,9 +8,9 @@ keeps its KV cache in F16 (both as llama.cpp does), and reads F16 weights as flo
 round-trip kernel makes one pass, and the F16 -> F32 kernel one read and one write (both faster than
 astype: docs/benchmarks.md).
 
-Serial on purpose, like window_softmax: they run between BLAS calls, and numba's OpenMP pool spinning
-against OpenBLAS's threads on 2 cores made the whole engine slower (a parallel round trip was slower alone
-and slowed the BLAS products around it).
+The round trip (and rms_norm) are engine/fused.py's: one branch-free pass that numba vectorizes, on the
+engine's threads through a Python thread pool (not numba's OpenMP pool, whose spinning against OpenBLAS's
+threads on 2 cores made the whole engine slower). The F16 -> F32 read is serial.
 
 The conversions are ggml's (quants/fp.py), which are numpy's for every non-NaN value: round to nearest
 even, subnormals, overflow to inf (|x| >= 65520), -0.0. They differ on NaN payloads only (ggml drops the
@@ -31,29 +31,13 @@ from numba import njit
 
 from ..gguf.types import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..quants import dequantize, quantize
-from ..quants.fp import fp16_bits_to_fp32, fp32_to_fp16_bits
+from ..quants.fp import fp16_bits_to_fp32
 from ..quants.registry import FORMATS
+from . import fused
 
 log = logging.getLogger(__name__)
 
 _EXP32 = np.uint32(0x7F800000)
-_ABS32 = np.uint32(0x7FFFFFFF)
-_SIGN32 = np.uint32(0x80000000)
-
-
-@njit(cache=True)
-def _f16_round_flat(x, xu, out, out_u):
-    """out = x through F16; xu and out_u are the uint32 views of x and out."""
-    n = x.shape[0]
-    for i in range(n):
-        u = xu[i]
-        if (u & _ABS32) > _EXP32:  # NaN: numpy keeps the sign and the payload's top 10 bits (at least 1)
-            sig = (u & np.uint32(0x7FFFFF)) >> np.uint32(13)
-            if sig == 0:
-                sig = np.uint32(1)
-            out_u[i] = (u & _SIGN32) | _EXP32 | (sig << np.uint32(13))
-        else:
-            out[i] = fp16_bits_to_fp32(fp32_to_fp16_bits(x[i]))
 
 
 @njit(cache=True)
@@ -74,12 +58,8 @@ def _f16_to_f32_flat(h, out, out_u):
 
 def f16_round(x: np.ndarray) -> np.ndarray:
     """x (float32) rounded to F16 and back: a new float32 array equal bit for bit to
-    x.astype(np.float16).astype(np.float32)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.empty_like(x)
-    flat, oflat = x.reshape(-1), out.reshape(-1)
-    _f16_round_flat(flat, flat.view(np.uint32), oflat, oflat.view(np.uint32))
-    return out
+    x.astype(np.float16).astype(np.float32) (engine/fused.py's kernel, on the engine's threads)."""
+    return fused.f16_round(x)
 
 
 def f16_to_f32(h: np.ndarray) -> np.ndarray:
@@ -145,14 +125,14 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
     return _round_q8_0(x)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def window_softmax(s, first_pos, group, first_key, window):
     """In place over s [B, R, K]: row r is query position pos = first_pos + r // group (`group` query heads
     share a kv head and sit side by side), column j is key position first_key + j; the row becomes softmax
     over the keys it sees followed by zeros elsewhere. A query sees the keys at positions pos - window + 1 ..
     pos (window 0: 0 .. pos, the causal mask), llama.cpp's LLAMA_SWA_TYPE_STANDARD (masked when
-    pos - key >= window). One pass per row over the visible part only. Serial on purpose: it runs between
-    BLAS calls, and a second thread pool spinning against OpenBLAS's on few cores costs more than it gains."""
+    pos - key >= window). One pass per row over the visible part only. Serial, without the GIL: attention
+    runs it in its own tasks on the engine's threads (engine/attention.py)."""
     B, R, K = s.shape
     for x in range(B * R):
         b, r = x // R, x % R
@@ -183,8 +163,12 @@ def window_softmax(s, first_pos, group, first_key, window):
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / rms(x) * weight, rounded as ggml's rms_norm: float32 squares summed in double, the mean rounded
-    to float32, scale = 1/sqrt(mean + eps) in float32, then (x * scale) * weight."""
+    """x / rms(x) * weight, rounded as ggml's rms_norm: float32 squares summed in double (in order, first
+    column to last), the mean rounded to float32, scale = 1/sqrt(mean + eps) in float32, then
+    (x * scale) * weight. One pass of engine/fused.py's kernel when weight is one row of x's width; numpy
+    (squares summed pairwise) otherwise."""
+    if np.shape(weight) == (x.shape[-1],):
+        return fused.rms_norm(x, weight, eps)
     sq = np.square(x, dtype=np.float32)
     ms = (sq.sum(axis=-1, dtype=np.float64) / x.shape[-1]).astype(np.float32)[..., None]
     scale = np.float32(1.0) / np.sqrt(ms + np.float32(eps))

@@ -1,0 +1,124 @@
+"""engine/fused.py and engine/attention.py against the numpy expressions they replace (synthetic data, fast).
+
+The whole engine against llama.cpp is tests/test_engine.py's; here each fused kernel is held to the plain
+numpy it stands for, bit for bit where it computes the same float32 operations in the same order, on one
+thread and on two."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ggufkit.engine import fused
+from ggufkit.engine.attention import attention
+from ggufkit.engine.numerics import blas_threads
+
+RNG = np.random.default_rng(7)
+
+
+def _bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def _astype_round(x):
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16).astype(np.float32)
+
+
+def _numpy_rms_norm(x, w, eps):
+    """ggml's rms_norm in numpy, with the squares summed in double in column order (ggml's order)."""
+    sq = np.square(x, dtype=np.float32).astype(np.float64)
+    s = np.zeros(sq.shape[:-1])
+    for j in range(x.shape[-1]):
+        s += sq[..., j]
+    ms = (s / x.shape[-1]).astype(np.float32)[..., None]
+    return x * (np.float32(1.0) / np.sqrt(ms + np.float32(eps))) * w
+
+
+def _numpy_rope(x, cos, sin, nd, neox):
+    c, s = cos[:, None, :], sin[:, None, :]
+    x = x.copy()
+    if neox:
+        x0, x1 = x[..., : nd // 2].copy(), x[..., nd // 2 : nd].copy()
+        x[..., : nd // 2], x[..., nd // 2 : nd] = x0 * c - x1 * s, x0 * s + x1 * c
+    else:
+        x0, x1 = x[..., 0:nd:2].copy(), x[..., 1:nd:2].copy()
+        x[..., 0:nd:2], x[..., 1:nd:2] = x0 * c - x1 * s, x0 * s + x1 * c
+    return x
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    with blas_threads(request.param):
+        yield request.param
+
+
+def test_f16_round_on_every_kind_of_float(threads):
+    u = RNG.integers(0, 2**32, 1 << 20, dtype=np.uint64).astype(np.uint32)
+    near = (np.arange(1 << 16, dtype=np.uint32) << 13)[:, None] + np.array(
+        [0, 1, 0xFFF, 0x1000, 0x1001], np.uint32
+    )
+    x = np.concatenate([u, near.ravel(), near.ravel() | np.uint32(0x80000000)]).view(np.float32)
+    x = x[: x.size // 33 * 33].reshape(-1, 33)  # rows of an odd width
+    np.testing.assert_array_equal(_bits(fused.f16_round(x)), _bits(_astype_round(x)))
+
+
+def test_rms_norm_and_its_rounding(threads):
+    for shape in [(300, 576), (2, 50, 9, 64), (1, 7)]:
+        x = (RNG.standard_normal(shape) * RNG.uniform(1e-3, 300)).astype(np.float32)
+        w = RNG.standard_normal(shape[-1]).astype(np.float32)
+        y, yr = fused.rms_norm(x, w, 1e-5, rounded=True)
+        np.testing.assert_array_equal(_bits(y), _bits(_numpy_rms_norm(x, w, 1e-5)))
+        np.testing.assert_array_equal(_bits(yr), _bits(_astype_round(y)))
+        np.testing.assert_array_equal(_bits(fused.rms_norm(x, w, 1e-5)), _bits(y))
+        assert y.shape == shape
+
+
+def test_swiglu_is_silu_times_up(threads):
+    g = (RNG.standard_normal((257, 1536)) * 6).astype(np.float32)
+    u = RNG.standard_normal((257, 1536)).astype(np.float32)
+    y, yr = fused.swiglu(g[:, :1000], u[:, :1000], rounded=True)  # strided views in
+    want = g[:, :1000] / (np.float32(1.0) + np.exp(-g[:, :1000])) * u[:, :1000]
+    np.testing.assert_array_equal(_bits(y), _bits(want))
+    np.testing.assert_array_equal(_bits(yr), _bits(_astype_round(want)))
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_in_place_on_a_strided_view(threads, neox):
+    C, T, H, d, nd = 2, 40, 3, 16, 12  # rope over 12 of 16 dims
+    cos = RNG.standard_normal((T, nd // 2)).astype(np.float32)
+    sin = RNG.standard_normal((T, nd // 2)).astype(np.float32)
+    buf = RNG.standard_normal((C * T, H * d + 10)).astype(np.float32)
+    before = buf.copy()
+    view = buf[:, : H * d].reshape(C, T, H, d)  # a column slice of a wider product, as the engine's q
+    want = _numpy_rope(view, cos, sin, nd, neox)
+    assert fused.rope(view, cos, sin, nd, neox) is view
+    np.testing.assert_array_equal(_bits(view), _bits(want))
+    np.testing.assert_array_equal(buf[:, H * d :], before[:, H * d :])
+
+
+def test_column_squares(threads):
+    x = (RNG.standard_normal((1000, 96)) * 50).astype(np.float32)
+    want = np.square(x, dtype=np.float32).astype(np.float64).sum(axis=0)
+    np.testing.assert_allclose(fused.column_squares(x), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("window", [0, 37])
+def test_attention_tasks_against_float64(threads, window):
+    C, T, H, hkv, d = 2, 150, 6, 2, 16
+    q = RNG.standard_normal((C, T, H, d)).astype(np.float32)
+    k = RNG.standard_normal((C, T, hkv, d)).astype(np.float32)
+    v = RNG.standard_normal((C, T, hkv, d)).astype(np.float32)
+    got = attention(q, k, v, window=window, block=64).reshape(C, T, H, d)
+    pos = np.arange(T)
+    seen = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < window) if window else True)
+    for c in range(C):
+        for h in range(H):
+            s = q[c, :, h].astype(np.float64) @ k[c, :, h // (H // hkv)].T.astype(np.float64) / np.sqrt(d)
+            s = np.where(seen, s, -np.inf)
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            want = (p / p.sum(axis=1, keepdims=True)) @ v[c, :, h // (H // hkv)]
+            np.testing.assert_allclose(got[c, :, h], want, rtol=0, atol=2e-6)
+    for _ in range(3):  # the same bits every time
+        again = attention(q, k, v, window=window, block=64).reshape(C, T, H, d)
+        np.testing.assert_array_equal(again.view(np.uint32), got.view(np.uint32))
