@@ -227,9 +227,7 @@ def _run_optimize(args) -> int:
         allow_requantize=args.allow_requantize,
     )
     print(f"{s.src} -> {s.dst} optimized" + (f" within {s.level}'s size" if s.level else ""))
-    print(
-        f"  size:  {_mib(s.size_after)} of a {_mib(s.budget)} budget ({s.bits_per_weight:.3f} bpw)"
-    )
+    print(f"  size:  {_mib(s.size_after)} of a {_mib(s.budget)} budget ({s.bits_per_weight:.3f} bpw)")
     if s.reference_bytes is not None:
         print(f"  llama-quantize {s.level}: {_mib(s.reference_bytes)}")
     print(f"  file:  {s.file_size} bytes")
