@@ -7,11 +7,14 @@ its dequantized weights exactly), and its F32 GGUF (convert --type F32) is the e
              calibration half of the pydoc topics (--imatrix-chunks chunks of 512)
   QAT        qat.train(HF_F32, level=LEVEL) on the same calibration text for a wall-clock budget
              (--budget seconds; the steps reached are reported), then convert(OUT, --type LEVEL)
+  optimize   ggufkit's calibrated quantization (issue 15): optimize_file(F32 GGUF, LEVEL, imatrix=I),
+             Q4_1 and Q5_1 excluded (they re-encode this base, the shipped Q4_1 dequantized, exactly)
 each evaluated against the F32 base on the held-out first half of the topics (evaluate()'s default text,
 never trained or calibrated on): mean KLD ± its error, PPL, same-top. Goal: QAT's mean KLD <= 0.6 x PTQ's.
 
     OMP_WAIT_POLICY=passive PYTHONPATH=src python -m benchmarks.bench_qat [--levels Q4_0,Q3_K_M]
         [--budget 1200] [--steps 80] [--lr 1e-4] [--ctx 128] [--chunks 20] [--work DIR]
+        [--methods ptq,imatrix,qat,optimize]
 
 Results (one JSON line per evaluated file) go to DIR/results.jsonl as they are measured, and a table to
 stdout at the end.
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     ap.add_argument("--imatrix-chunks", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--methods", default="ptq,imatrix,qat", help="of ptq,imatrix,qat,optimize")
     args = ap.parse_args(argv)
     work = Path(args.work) if args.work else cache_dir("bench", "qat")
     work.mkdir(parents=True, exist_ok=True)
@@ -105,14 +109,26 @@ def main(argv=None) -> int:
         return row
 
     rows = []
+    methods = set(args.methods.split(","))
     for level in args.levels.split(","):
-        ptq = work / f"ptq-{level}.gguf"
-        ggufkit.convert(hf, ptq, type=level, threads=args.threads)
-        rows.append(measure(level, "PTQ", ptq, {}))
-        imq = work / f"imatrix-{level}.gguf"
-        ggufkit.convert(hf, imq, type=level, imatrix=imatrix, threads=args.threads)
-        rows.append(measure(level, "PTQ+imatrix", imq, {}))
+        if "ptq" in methods:
+            ptq = work / f"ptq-{level}.gguf"
+            ggufkit.convert(hf, ptq, type=level, threads=args.threads)
+            rows.append(measure(level, "PTQ", ptq, {}))
+        if "imatrix" in methods:
+            imq = work / f"imatrix-{level}.gguf"
+            ggufkit.convert(hf, imq, type=level, imatrix=imatrix, threads=args.threads)
+            rows.append(measure(level, "PTQ+imatrix", imq, {}))
+        if "optimize" in methods:
+            from ggufkit.optimize.job import optimize_file
 
+            opt = work / f"optimize-{level}.gguf"
+            summary = optimize_file(
+                base, opt, level, imatrix=imatrix, exclude_types=["Q4_1", "Q5_1"], threads=args.threads
+            )
+            rows.append(measure(level, "optimize", opt, {"optimize_seconds": round(summary.seconds, 1)}))
+        if "qat" not in methods:
+            continue
         from ggufkit.qat.train import train
 
         out = work / f"qat-{level}"
@@ -158,7 +174,7 @@ def main(argv=None) -> int:
         )
     for level in args.levels.split(","):
         by = {x["kind"]: x for x in rows if x["level"] == level}
-        if {"PTQ", "QAT"} <= set(by):
+        if {"PTQ", "QAT", "PTQ+imatrix"} <= set(by):
             print(
                 f"{level}: KLD QAT/PTQ = {by['QAT']['kld'] / by['PTQ']['kld']:.3f}, "
                 f"QAT/imatrix = {by['QAT']['kld'] / by['PTQ+imatrix']['kld']:.3f}"
