@@ -229,6 +229,8 @@ def _permute_like_llama_cpp(w: np.ndarray, n_head: int) -> np.ndarray:
         ("llama", "F32", False, "Q4_K_M", False),
         ("qwen2", "BF16", True, "IQ4_XS", False),
         ("qwen3", "F32", False, "IQ4_XS", True),
+        ("gemma3", "BF16", True, "Q4_K_M", False),
+        ("gemma3", "F32", True, "Q4_0", True),
     ],
 )
 def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, level, with_imatrix):
