@@ -272,6 +272,10 @@ def test_convert_writes_the_weights_training_saw(tmp_path, arch, dtype, tied, le
         for p in model.parameters():
             if p.grad is not None:
                 p -= 10.0 * p.grad
+    if tied:  # llama.cpp multiplies the output with token_embd: the forward's lm_head is the same fake quant
+        emb, out_w = model.get_input_embeddings(), model.get_output_embeddings().weight
+        assert torch.equal(out_w, emb.weight)
+        assert not torch.equal(out_w, emb.parametrizations.weight.original)
     seen, latent = {}, {}
     for p in prepared:
         module = model.get_submodule(p.hf_name.rpartition(".")[0])
