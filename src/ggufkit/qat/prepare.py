@@ -15,11 +15,18 @@ the same values as permuting and then fake-quantizing; no permute/unpermute is n
 (The test compares with the converted file, where the rows are permuted, so it would see it otherwise.)
 A tied output (lm_head sharing the embeddings' parameter, stored once as token_embd) is fake-quantized
 with token_embd's type, as llama.cpp then multiplies with token_embd.
+Gemma 3 needs nothing more: its norms (+1 in the file), the embedding scale (sqrt(hidden), applied by
+both) and the vocabulary cut touch no quantized weight. What can differ is the graph: config.json's
+`layer_types` does not reach the GGUF (neither convert nor convert_hf_to_gguf.py writes it) and llama.cpp
+makes every 6th layer global (models/gemma3.cpp, load_swa_pattern(ml, 6)); a model whose layer_types say
+otherwise runs another rope base (and window) on those layers in llama.cpp, so prepare warns about it
+(tests/test_qat.py measures the difference).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +38,8 @@ from torch.nn.utils import parametrize
 from ..errors import QuantizeError
 from ..quants import registry
 from .fake import fake_quantize
+
+log = logging.getLogger(__name__)
 
 
 class Prepared(NamedTuple):
@@ -114,17 +123,47 @@ class _Header:
         self.tensors = {n: self._Ref(d, s) for n, (d, s) in header.items()}
 
 
+def llama_cpp_layer_types(model) -> list[str] | None:
+    """Gemma 3: the attention of each layer as llama.cpp will run `model` once converted (None for the other
+    architectures, whose layers are all global). llama.cpp's gemma3 loader sets set_swa_pattern(6) when the
+    GGUF has a sliding window: layer il is global when il % 6 == 5; convert writes the sliding window unless
+    config.json says sliding_window_pattern == 1 (then every layer is global)."""
+    cfg = _config(model)
+    if cfg.arch != "gemma3":
+        return None
+    n = int(cfg.hparams["num_hidden_layers"])
+    if cfg.hparams.get("sliding_window_pattern") == 1:
+        return ["full_attention"] * n
+    return ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)]
+
+
+def _check_layer_types(model) -> None:
+    want = llama_cpp_layer_types(model)
+    have = getattr(model.config, "layer_types", None)
+    if want is None or have is None or list(have) == want:
+        return
+    odd = [i for i, (a, b) in enumerate(zip(have, want)) if a != b]
+    log.warning(
+        "prepare: config.json's layer_types gives layer(s) %s; llama.cpp will run %s there (the GGUF does "
+        "not carry layer_types): the converted file's forward will differ from this model's",
+        ", ".join(f"{i} {have[i]}" for i in odd),
+        ", ".join(want[i] for i in odd),
+    )
+
+
 def prepare(model, level: str, *, imatrix=None) -> list[Prepared]:
     """Fake-quantize `model`'s weights in its forward as a convert at `level` (a llama-quantize level:
     Q4_K_M, Q6_K, IQ4_XS, ...) will store them; returns what was prepared. The model (a transformers
     LlamaForCausalLM, Qwen2/Qwen3ForCausalLM or Gemma3ForCausalLM) keeps training its latent weights;
-    `finish` removes the fake quantization before saving. imatrix: a llama-imatrix file (GGUF or .dat), as
+    `finish` removes the fake quantization before saving (a Gemma 3 whose layer_types llama.cpp will not
+    follow is prepared with a warning: see the module doc). imatrix: a llama-imatrix file (GGUF or .dat), as
     `convert --imatrix` takes it: its presence changes some types and the searched types use its vectors.
     Raises ConvertError for a model convert does not
     take, QuantizeError for an unknown level or a model already prepared."""
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise QuantizeError("prepare: the model is already prepared (call ggufkit.qat.finish first)")
     done = plan_model(model, level, imatrix=imatrix)
+    _check_layer_types(model)
     embed, output = model.get_input_embeddings(), model.get_output_embeddings()
     tied = output is not None and embed is not None and output.weight is embed.weight
     for p in done:
