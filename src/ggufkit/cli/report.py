@@ -8,6 +8,7 @@ import sys
 from .. import report as rep
 from ..models import DEFAULT_MODEL, MODELS
 from ..recommend import TASKS
+from .options import add_text, chunk_args
 
 
 def add_parser(sub):
@@ -41,7 +42,7 @@ def add_parser(sub):
         help=f"comma-separated levels (default: {','.join(rep.DEFAULT_LEVELS)}; "
         f"with --quick: {','.join(rep.QUICK_LEVELS)})",
     )
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: Python's pydoc topics)")
+    add_text(p, "UTF-8 text to measure on (default: Python's pydoc topics)")
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -111,14 +112,11 @@ def run(args) -> int:
         result = rep.run_report(
             args.model or args.known_model,
             levels=levels,
-            text=args.text,
             out=args.out,
             quick=args.quick,
-            ctx=args.ctx,
-            chunks=args.chunks,
             engine=args.engine,
-            threads=args.threads,
             task=args.task,
+            **chunk_args(args),
             progress=progress,
         )
     finally:

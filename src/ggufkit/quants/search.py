@@ -44,7 +44,7 @@ from numba import njit
 # fp16 conversions inside kernels: one implementation, in fp.py (checked against libggml on all patterns)
 from .fp import fp16_bits_to_fp32 as f16_bits_to_f32  # noqa: F401  (re-exported for kquants)
 from .fp import fp32_to_fp16_bits as f32_to_f16_bits  # noqa: F401
-from .rounding import _F32_MAX, F32, _scaled, nearest_int
+from .rounding import _F32_MAX, F32, _scaled, nearest_int, rint_clamp
 
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
 MAX_LANES = 64  # make_qx_quants candidates evaluated together (19 used); qkx searches: n <= 64
@@ -54,6 +54,15 @@ _WORK_ROWS = 8
 def search_work() -> np.ndarray:
     """Scratch for the searches: float32 [8, 64]. Allocate one per thread (or per chunk) and reuse it."""
     return np.empty((_WORK_ROWS, MAX_LANES), dtype=np.float32)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _all_zero(L, n):
+    """An all-zero group (or a degenerate one): levels 0, not offset by nmax even for signed levels (as in
+    C), and the scale 0."""
+    for i in range(n):
+        L[i] = 0
+    return F32(0.0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -117,9 +126,7 @@ def make_qx_quants(x, nmax, L, qw, work):
     n = x.shape[0]
     amax, mx, n_nonfinite = _signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     if n_nonfinite:  # NaN/inf: C's nearest_int bit trick decides levels; take the plain port
         return _make_qx_plain(x, nmax, L, qw, mx)
     fn = F32(nmax)
@@ -144,9 +151,7 @@ def make_qx_quants(x, nmax, L, qw, work):
         wi = xi * xi if noweights else qw[i]
         wx = wi * xi
         for c in range(nc):
-            l = np.rint(isc[c] * xi)
-            l = l if l >= lo else lo
-            l = l if l <= hi else hi
+            l = rint_clamp(isc[c] * xi, lo, hi)
             slx[c] += wx * l
             sl2[c] += (wi * l) * l
     scale = slx[0] / sl2[0] if sl2[0] != 0 else F32(0.0)
@@ -159,9 +164,7 @@ def make_qx_quants(x, nmax, L, qw, work):
             bc = c
     ib = isc[bc]
     for i in range(n):
-        l = np.rint(ib * x[i])
-        l = l if l >= lo else lo
-        l = l if l <= hi else hi
+        l = rint_clamp(ib * x[i], lo, hi)
         L[i] = np.uint8(l + fn)
     return scale
 
@@ -184,9 +187,7 @@ def _make_q3(x, nmax, L, work):
     n = x.shape[0]
     amax, mx, _ = _signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     lo = F32(-nmax)
     hi = F32(nmax - 1)
     wv = work[0]
@@ -195,9 +196,7 @@ def _make_q3(x, nmax, L, work):
     iscale = F32(-nmax) / mx
     _scaled(lf, iscale, x, n)  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
     for i in range(n):
-        l = np.rint(lf[i])
-        l = l if l >= lo else lo
-        lf[i] = l if l <= hi else hi
+        lf[i] = rint_clamp(lf[i], lo, hi)
         wv[i] = x[i] * x[i]
         wx[i] = wv[i] * x[i]
     sumlx = F32(0.0)
@@ -248,9 +247,7 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
     if mn > 0:
         mn = F32(0.0)
     if (mx == mn) if strict_degenerate else (mx <= mn):
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0), -mn
+        return _all_zero(L, n), -mn
     fn = F32(nmax)
     zero = F32(0.0)
     lv = work[0]  # levels of the candidate being tried (as float32)
@@ -267,9 +264,7 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
     best = zero
     _scaled(raw, iscale, xm, n)
     for i in range(n):
-        l = np.rint(raw[i])
-        l = l if l >= zero else zero
-        l = l if l <= fn else fn
+        l = rint_clamp(raw[i], zero, fn)
         L[i] = np.uint8(l)
         diff = scale * l + mn - x[i]
         best += wv[i] * (abs(diff) if use_mad else diff * diff)
@@ -285,9 +280,7 @@ def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenera
         _scaled(raw, iscale, xm, n)
         changed = 0 if s > 0 else 1
         for i in range(n):
-            l = np.rint(raw[i])
-            l = l if l >= zero else zero
-            l = l if l <= fn else fn
+            l = rint_clamp(raw[i], zero, fn)
             changed |= l != lv[i]
             lv[i] = l
         if changed == 0:
@@ -380,9 +373,7 @@ def make_qp_quants(x, nmax, L, qw):
     for i in range(n):
         mx = mx if mx > x[i] else x[i]
     if mx < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     fn = F32(nmax)
     iscale = fn / mx
     for i in range(n):
