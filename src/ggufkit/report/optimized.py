@@ -70,8 +70,6 @@ def importance_matrix(base: dict, work: Path, progress, *, imatrix=None, chunks:
 
     if imatrix is not None:
         path = Path(imatrix)
-        if not path.is_file():
-            raise ReportError(f"{path}: no such imatrix file")
         vectors, meta = load_for_quantize(path)  # a file llama-quantize would refuse fails here, first
         if not vectors:
             raise ReportError(f"{path}: the imatrix holds no entries")

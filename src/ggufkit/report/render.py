@@ -123,6 +123,14 @@ def render_markdown(data: dict) -> str:
 
 
 def render_png(data: dict) -> bytes:
+    buf = io.BytesIO()
+    size_quality_figure(data).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def size_quality_figure(data: dict):
+    """report.png's matplotlib Figure: size vs mean KLD (log) and vs same-top agreement, one labelled point
+    per level; the calibrated rows, if any, as series of their own with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,9 +176,7 @@ def render_png(data: dict) -> bytes:
         fontsize=10,
     )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
 
 
 # the calibrated rows (report/optimized.py) as their own series: (variant, legend label, style, colour)

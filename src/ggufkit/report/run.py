@@ -246,6 +246,8 @@ def _optimize_options(names, optimize, imatrix, calib_chunks, weighting) -> list
         raise ReportError("give an imatrix or calib_chunks, not both")
     if calib_chunks is not None and calib_chunks < 1:
         raise ReportError(f"calib_chunks must be at least 1, got {calib_chunks}")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise ReportError(f"{imatrix}: no such imatrix file")
     return calibrated_levels(names)
 
 
