@@ -233,13 +233,13 @@ def run_report(
 
 def _optimize_options(names, optimize, imatrix, calib_chunks, weighting) -> list[str]:
     """The levels that get calibrated rows (none without `optimize`); the options checked first."""
-    from ..optimize.sensitivity import WEIGHTINGS
-    from .optimized import calibrated_levels
-
     if not optimize:
         if imatrix is not None or calib_chunks is not None:
             raise ReportError("an imatrix or calib_chunks is for the calibrated rows: add optimize")
         return []
+    from ..optimize.sensitivity import WEIGHTINGS
+    from .optimized import calibrated_levels
+
     if weighting not in WEIGHTINGS:
         raise ReportError(f"unknown weighting {weighting!r} (known: {', '.join(WEIGHTINGS)})")
     if imatrix is not None and calib_chunks is not None:
