@@ -44,6 +44,7 @@ CALIB_CTX = 512  # tokens per calibration chunk, llama-imatrix's default
 DEFAULT_CALIB_CHUNKS = 16  # what docs/benchmarks.md's optimize runs calibrated on
 GRID_ROWS = 16  # rows of each weight of the first block the on-grid check quantizes
 GRID_SHARE = 0.5  # a type re-encoding at least this share of those weights exactly is on the base's grid
+GRID_RUN = 32  # values per run whose smallest gap bounds the off-grid move (every block size is a multiple)
 VARIANTS = ("imatrix", "opt")  # the rows added after a level, in this order: "Q4_K_M imatrix", "Q4_K_M opt"
 # the sources that decide an optimized file's bytes: the optimize job and everything it imports
 OPT_CODE = ("optimize", "calibrate", "engine", "evaluation", *_QUANT_CODE)
@@ -117,17 +118,31 @@ def importance_matrix(base: dict, work: Path, progress, *, imatrix=None, chunks:
     return {k: v for k, v in meta.items() if k != "key"}
 
 
-def on_grid(base: dict, imatrix_path) -> dict[str, float]:
-    """For a base dequantized from a quantized file: the share of sampled weights each quantized type
-    re-encodes exactly (quantized by the optimizer's kernels with its importance vectors, dequantized,
-    compared bit for bit): GRID_ROWS rows of every 2-D weight of the first block, per type that fits them."""
+def _off_grid(w: np.ndarray, rng) -> np.ndarray:
+    """w moved off its grid: each value by a seeded uniform amount within half the smallest gap between the
+    distinct values of its run of GRID_RUN (below the step of any block format's grid it sits on)."""
+    runs = np.sort(w.reshape(-1, GRID_RUN), axis=1)
+    gaps = np.diff(runs, axis=1)
+    gaps[gaps <= 0] = np.inf
+    step = gaps.min(axis=1)
+    step[~np.isfinite(step)] = 0.0
+    noise = rng.uniform(-0.5, 0.5, size=(step.size, GRID_RUN)) * step[:, None]
+    return (w.reshape(-1, GRID_RUN) + noise.astype(np.float32)).reshape(w.shape)
+
+
+def on_grid(base: dict, imatrix_path) -> dict[str, dict[str, float]]:
+    """For a base dequantized from a quantized file, per quantized type that fits them, on GRID_ROWS rows of
+    every 2-D weight of the first block (quantized by the optimizer's kernels with its importance vectors):
+    `exact`, the share of the weights it re-encodes bit for bit, and `error_ratio`, its squared error on
+    them over its squared error on the same weights moved off their grid (_off_grid): near 0, the type
+    re-finds the grid; near 1, the grid does not help it."""
     from ..optimize.allocate import candidates
     from ..quantize.imatrix import load_for_quantize
     from ..quants import registry
 
     vectors, _ = load_for_quantize(imatrix_path)
-    exact: dict[str, int] = {}
-    total: dict[str, int] = {}
+    rng = np.random.default_rng(0)
+    sums: dict[str, np.ndarray] = {}  # type -> [exact, total, error on, error off]
     with open_gguf(base["path"]) as g:
         for t in g.tensors:
             if len(t.shape) != 2 or t.shape[1] < 2 or not t.name.startswith("blk.0."):
@@ -135,13 +150,23 @@ def on_grid(base: dict, imatrix_path) -> dict[str, float]:
             rows = min(GRID_ROWS, t.n_elements // t.shape[0])
             data = np.asarray(t.data()).reshape(t.n_elements // t.shape[0], -1)[:rows]
             w = registry.dequantize(np.ascontiguousarray(data), int(t.ggml_type), (rows, t.shape[0]))
+            off = _off_grid(w, rng)
             v = vectors.get(t.name)
             v = None if v is None or v.size != t.shape[0] else np.ascontiguousarray(v, dtype=np.float32)
             for q in candidates(t.shape, exclude=FLOAT_TYPES):
-                back = registry.dequantize(registry.quantize(w, q, importance=v), q, w.shape)
-                exact[q] = exact.get(q, 0) + int(np.count_nonzero(back == w))
-                total[q] = total.get(q, 0) + w.size
-    return {q: exact[q] / total[q] for q in sorted(total)}
+                back, back_off = (
+                    registry.dequantize(registry.quantize(x, q, importance=v), q, w.shape) for x in (w, off)
+                )
+                sums[q] = sums.get(q, np.zeros(4)) + (
+                    np.count_nonzero(back == w),
+                    w.size,
+                    np.square(back - w, dtype=np.float64).sum(),
+                    np.square(back_off - off, dtype=np.float64).sum(),
+                )
+    return {
+        q: {"exact": float(e / n), "error_ratio": float(on / off) if off > 0 else 1.0}
+        for q, (e, n, on, off) in sorted(sums.items())
+    }
 
 
 def imatrix_level(base: dict, level: str, imx: dict, work: Path, progress, *, threads=None) -> dict:
@@ -248,7 +273,8 @@ def notes(rows: list[dict], info: dict) -> list[str]:
         f"importance matrix, {made}."
     ]
     if info["grid"]:
-        shares = ", ".join(f"{q} {100 * s:.0f}%" for q, s in info["grid"].items() if q in info["excluded"])
+        grid = info["grid"]
+        shares = ", ".join(f"{q} {100 * grid[q]['exact']:.0f}%" for q in info["excluded"])
         what = (
             f"{shares} of the sampled weights exactly, so the opt files leave "
             f"{' and '.join(info['excluded'])} out: re-encoding the shipped grid would show a gain no "
@@ -256,6 +282,15 @@ def notes(rows: list[dict], info: dict) -> list[str]:
             if info["excluded"]
             else "none of the sampled weights exactly"
         )
+        partly = [q for q, g in grid.items() if q not in info["excluded"] and g["error_ratio"] < GRID_SHARE]
+        if partly:
+            what += (
+                f"; {' and '.join(partly)} leave "
+                + " and ".join(f"{grid[q]['error_ratio']:.2f}" for q in partly)
+                + " times the squared error on them that they leave on the same weights moved off the grid "
+                "(by less than half a step): they partly re-find it, and stay (llama-quantize's levels use "
+                "them too)"
+            )
         out.append(
             f"The base is a {info['dequantized_from']} file dequantized, so it sits on that format's grid: "
             f"re-encoded, {what}."

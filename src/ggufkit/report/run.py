@@ -262,7 +262,7 @@ def _calibrated(rows, base, levels, opts, work, tokens, step, first, notes, *, i
         base, work, cb, imatrix=imatrix, chunks=calib_chunks or opt.DEFAULT_CALIB_CHUNKS, threads=threads
     )
     grid = opt.on_grid(base, imx["path"]) if base["dequantized_from"] else {}
-    excluded = [q for q, share in grid.items() if share >= opt.GRID_SHARE]
+    excluded = [q for q, g in grid.items() if g["exact"] >= opt.GRID_SHARE]
     cb("done", 1.0)
     extra: dict[str, list[dict]] = {}
     for k, lv in enumerate(levels):
