@@ -102,6 +102,9 @@ def main() -> None:
                 f"{name}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "
                 f"ours {ours.stat().st_size} B KLD {e_opt.kld_mean:.5f} ({s.seconds:.1f} s, {s.timings}) | "
                 f"KLD ratio {e_opt.kld_mean / e_ref.kld_mean:.3f} | time ratio {s.seconds / t_ref:.2f} | "
+                f"same-top {e_ref.same_top:.2f} / {e_opt.same_top:.2f} | "
+                f"KLD p99 {e_ref.kld_p99:.5f} / {e_opt.kld_p99:.5f} | PPL {e_ref.ppl:.3f} / {e_opt.ppl:.3f} "
+                f"(base {e_ref.base_ppl:.3f}) | "
                 f"types {dict(Counter(s.types[n] for n in s.types))}",
                 flush=True,
             )
