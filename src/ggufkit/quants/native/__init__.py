@@ -45,6 +45,8 @@ _SOURCES = (
     _QUANTS / "lockstep.py",
     _QUANTS / "legacy.py",
     _QUANTS / "kblocks.py",
+    _QUANTS / "kblocks_min.py",
+    _QUANTS / "kblocks_signed.py",
     _QUANTS / "kquants.py",
     _QUANTS / "iq4.py",
     _QUANTS / "registry.py",  # the facts frozen into it: type ids, sizes, the legacy searches
