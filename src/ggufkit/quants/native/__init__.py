@@ -42,6 +42,7 @@ _SOURCES = (
     _QUANTS / "fp.py",
     _QUANTS / "rounding.py",
     _QUANTS / "search.py",
+    _QUANTS / "search_qkx.py",
     _QUANTS / "lockstep.py",
     _QUANTS / "legacy.py",
     _QUANTS / "kblocks.py",
