@@ -1,6 +1,7 @@
-"""A GGUF model's tensors as the forward pass takes them: the tensors a llama-family graph needs checked
-at load, each weight dequantized to float32 when a layer asks for it (any block type the registry knows) and
-dropped after, token_embd's rows dequantized only for the ids looked up.
+"""A GGUF model's tensors as the forward pass takes them: the tensors a llama-family graph needs, checked at
+load; each weight dequantized to float32 (any block type the registry knows) when a layer asks for it, so
+that the caller can drop a layer's weights before the next; token_embd's rows dequantized only for the ids
+looked up.
 
 GGUFWeights is the loading half of a model class: LlamaModel (llama.py) adds the forward pass, an
 architecture's own module subclasses LlamaModel (gemma3.py).
