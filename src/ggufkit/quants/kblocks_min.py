@@ -38,7 +38,7 @@ def _max_scale_min(scales, mins, nsub):
 @_kernel
 def _search_subblocks(x, wfull, sub, nmax, rmin, rdelta, nstep, use_mad, strict, L, scales, mins, sc):
     """The 256/sub make_qkx searches of one super-block (sub-blocks of `sub` elements, weights wfull in
-    block order) in lockstep (search.make_qkx_lockstep): columns of a [sub, 256/sub] transpose; the levels
+    block order) in lockstep (lockstep.make_qkx_lockstep): columns of a [sub, 256/sub] transpose; the levels
     go back into L in block order, scale/the_min into scales/mins. sc: the scratch arrays."""
     xt_f, wt_f, lt_f, st, lev_f = sc
     nsub = QK_K // sub
