@@ -10,7 +10,7 @@ Block layouts (little-endian, d/m are fp16):
 Two algorithms per type, chosen as ggml_quantize_chunk chooses them:
 - without importance, the reference quantizers (quantize_row_*_ref): one pass per block from its
   max-abs (Q4_0, Q5_0: d = max/-8 or max/-16, signed) or from its min and max (Q4_1, Q5_1);
-- with importance, Q4_0/Q5_0 run make_qx_quants and Q4_1/Q5_1 run make_qkx3_quants (search.py) with
+- with importance, Q4_0/Q5_0 run make_qx_quants and Q4_1/Q5_1 run make_qkx3_quants (search_qkx.py) with
   weights qw[j]*sqrt(sigma2 + x[j]^2), sigma2 = mean of x^2 over the whole row (quantize_row_*_impl).
   Q8_0 has no such algorithm: importance is accepted and ignored.
 
@@ -40,7 +40,8 @@ from numba import get_thread_id, njit, prange
 
 from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
 from .registry import FORMATS, register
-from .search import make_qkx3_quants, make_qx_quants, search_work
+from .search import make_qx_quants, search_work
+from .search_qkx import make_qkx3_quants
 
 QK = 32  # elements per block, the same for all five types
 _F0 = np.float32(0.0)

@@ -1,10 +1,10 @@
-"""The scale searches of a K-quant super-block run together: one SIMD lane per sub-block (kblocks.py).
+"""The scale searches of a K-quant super-block run together: one SIMD lane per sub-block (kblocks_*.py).
 
 make_qkx_lockstep runs the 8 or 16 independent make_qkx2/qkx3_quants searches of a super-block, and
 make_q3_lockstep the 16 make_q3_quants searches of a Q3_K super-block, one lane each; the results are
-exactly those of the one-at-a-time helpers in search.py (scale, min and levels, signed zeros included),
-whose conventions they follow. Levels are rounded with C's nearest_int (rounding.py) wherever an argument
-may leave np.rint's exact range.
+exactly those of the one-at-a-time helpers in search_qkx.py and search.py (scale, min and levels, signed
+zeros included), whose conventions they follow. Levels are rounded with C's nearest_int (rounding.py)
+wherever an argument may leave np.rint's exact range.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ def machine_facts() -> dict:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pass
-    from ..engine.llama import cpu_count
+    from ..engine.numerics import cpu_count
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
@@ -93,7 +93,7 @@ def default_threads() -> int:
     """The cores not already busy (by the 1-minute load average), at least one. llama.cpp's threads spin at
     their barriers, so running as many threads as cores on a machine that is busy elsewhere is many times
     slower than running fewer; on an idle machine this is all the cores."""
-    from ..engine.llama import cpu_count
+    from ..engine.numerics import cpu_count
 
     cores = cpu_count()
     try:
