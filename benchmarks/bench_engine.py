@@ -50,7 +50,8 @@ def chunks_for(path, ctx: int, n: int) -> np.ndarray:
 
 
 def time_builtin(path, chunks: np.ndarray, threads: int) -> float:
-    from ggufkit.engine.llama import LlamaModel, blas_threads
+    from ggufkit.engine.llama import LlamaModel
+    from ggufkit.engine.numerics import blas_threads
     from ggufkit.gguf.reader import open_gguf
 
     first = chunks.shape[1] // 2
@@ -72,7 +73,7 @@ def time_llamacpp(runner, chunks: np.ndarray) -> float:
 def gemm_ceiling(path, n_rows: int, n_scored: int, threads: int, repeat: int = 3) -> float:
     """Seconds for the float32 products x[n_rows, in] @ W[in, out] of every 2-D weight of the model's layers
     and x[n_scored, in] @ W_output (best of `repeat`), numpy's BLAS on `threads` threads."""
-    from ggufkit.engine.llama import blas_threads
+    from ggufkit.engine.numerics import blas_threads
     from ggufkit.gguf.reader import open_gguf
 
     with open_gguf(path) as g:

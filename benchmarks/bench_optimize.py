@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python -m benchmarks.bench_optimize [--levels Q4_K_M,Q3_K_M,Q2_K] [--chunks 16]
         [--eval-chunks 8] [--exclude TYPE,...] [--weighting perturb,none] [--stats calib|llama]
+        [--base f32|offgrid[:SEED[:SIZE]]] [--work DIR]
 
 from the repository root (the helpers are imported as tests.helpers).
 
@@ -15,6 +16,11 @@ topics; `--eval-chunks` chunks of 512). Printed: sizes, seconds, mean KLD and th
 Because the F32 base is the shipped Q4_1 file dequantized, Q4_1 and Q5_1 re-encode it exactly (zero
 error); `--exclude Q4_1,Q5_1` takes them out of the candidates so that the comparison is about quantizing
 weights, not about recovering the shipped grid.
+
+`--base offgrid[:SEED[:SIZE]]` (seed 0, size 0.5 by default) measures against the off-grid base instead:
+that F32 with seeded noise below each block's own quantization step added to every quantized weight
+(tests.helpers.offgrid: uniform in +-SIZE x the block's d), so that no grid reproduces it; Q4_1 and Q5_1 then
+need not be excluded. Both sides calibrate on, quantize and are scored against the same base.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ def main() -> None:
     ap.add_argument("--exclude", default="")
     ap.add_argument("--weighting", default="perturb", help="comma-separated: perturb, none")
     ap.add_argument("--stats", choices=("calib", "llama"), default="calib")
+    ap.add_argument("--base", default="f32", help="f32 (the shipped file's own) or offgrid[:SEED[:SIZE]]")
     ap.add_argument("--work", default=None, help="folder for the files (default: a temporary one)")
     a = ap.parse_args()
 
@@ -44,9 +51,15 @@ def main() -> None:
     from ggufkit.models import default_model_path
     from ggufkit.optimize.job import optimize_file
     from tests.helpers.llama_programs import base_model, tool
+    from tests.helpers.offgrid import offgrid_base, parse_base
 
     quants.set_threads(2)
-    base = base_model(default_model_path(), "F32")
+    kind, seed, size = parse_base(a.base)
+    if kind == "offgrid":
+        base = offgrid_base(default_model_path(), seed=seed, size=size)
+    else:
+        base = base_model(default_model_path(), "F32")
+    print(f"base: {base}")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench-optimize-"))
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calib.txt"
@@ -89,6 +102,9 @@ def main() -> None:
                 f"{name}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "
                 f"ours {ours.stat().st_size} B KLD {e_opt.kld_mean:.5f} ({s.seconds:.1f} s, {s.timings}) | "
                 f"KLD ratio {e_opt.kld_mean / e_ref.kld_mean:.3f} | time ratio {s.seconds / t_ref:.2f} | "
+                f"same-top {e_ref.same_top:.2f} / {e_opt.same_top:.2f} | "
+                f"KLD p99 {e_ref.kld_p99:.5f} / {e_opt.kld_p99:.5f} | PPL {e_ref.ppl:.3f} / {e_opt.ppl:.3f} "
+                f"(base {e_ref.base_ppl:.3f}) | "
                 f"types {dict(Counter(s.types[n] for n in s.types))}",
                 flush=True,
             )

@@ -26,7 +26,9 @@ from gguf import GGMLQuantizationType as T
 
 from ggufkit.engine import llama as engine_llama
 from ggufkit.engine import numerics as engine_numerics
-from ggufkit.engine.llama import LlamaModel, ModelArgs
+from ggufkit.engine import weights as engine_weights
+from ggufkit.engine.args import ModelArgs
+from ggufkit.engine.llama import LlamaModel
 from ggufkit.engine.numerics import f16_round, f16_to_f32, round_activations
 from ggufkit.engine.numerics import rms_norm as _rms_norm
 from ggufkit.engine.numerics import silu as _silu
@@ -458,7 +460,7 @@ def _logits_with_astype(path, tokens, monkeypatch) -> np.ndarray:
     with monkeypatch.context() as m:  # the engine as it was before the kernels: numpy astype round trips
         m.setattr(engine_llama, "f16_round", _astype_round)
         m.setattr(engine_numerics, "f16_round", _astype_round)  # round_activations'
-        m.setattr(engine_llama, "f16_to_f32", lambda h: h.view(np.float16).astype(np.float32))
+        m.setattr(engine_weights, "f16_to_f32", lambda h: h.view(np.float16).astype(np.float32))
         return _ours(path, tokens)
 
 

@@ -216,11 +216,13 @@ def _nothing_fits(model, est, *, ram_bytes, task, n_ctx, budget) -> Pick:
 
 
 def _report_rows(report: dict | None) -> dict[str, dict]:
+    """The report's rows by level. The calibrated rows of `report --optimize` ("Q4_K_M opt", with a
+    `variant`) are files llama-quantize does not make at that level: they do not stand for it."""
     if not report:
         return {}
     rows = {}
     for row in report.get("levels") or []:
-        if isinstance(row, dict) and isinstance(row.get("level"), str):
+        if isinstance(row, dict) and isinstance(row.get("level"), str) and not row.get("variant"):
             rows[row["level"].upper()] = row
     return rows
 

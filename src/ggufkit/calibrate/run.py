@@ -112,7 +112,7 @@ def compute_imatrix(
     (calibrate.hessian; its size is logged before the run). progress(chunks done, chunks) after each pass.
     """
     from ..engine import load_model, model_args
-    from ..engine.llama import blas_threads
+    from ..engine.numerics import blas_threads
     from ..engine.tokenizer import load_tokenizer
     from .hessian import hessian_bytes, write_hessians
 

@@ -33,13 +33,6 @@ COMMANDS = {
 }
 
 
-def add_chunk_options(p: argparse.ArgumentParser) -> None:
-    """--ctx, --chunks, --threads: how a command runs a model over a text in chunks (eval, imatrix)."""
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="at most N chunks (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="threads (default: all cores)")
-
-
 def _chosen(argv: list[str]) -> str | None:
     """The subcommand named on the command line (the first argument that is not an option), if known."""
     for arg in argv:

@@ -7,15 +7,13 @@ the checkpoint folder (never inside it). Errors come back as GgufkitError: one l
 from __future__ import annotations
 
 from ..errors import ConvertError
-
-USAGE = "ggufkit convert HF_DIR [OUT.gguf] [--type TYPE] [--imatrix FILE] [--threads N] [--dry-run]"
+from .options import add_imatrix
 
 
 def add_parser(sub):
     p = sub.add_parser(
         "convert",
         help="convert a Hugging Face checkpoint folder to GGUF (any level), byte-identical to llama.cpp",
-        usage=USAGE,
         description="Convert HF_DIR (config.json, *.safetensors, tokenizer files) to GGUF in one streaming "
         "pass. --type F32, F16, BF16 or Q8_0 writes what convert_hf_to_gguf.py --outtype writes; any other "
         "llama-quantize level (Q4_K_M, Q6_K, IQ4_XS, ...) what convert_hf_to_gguf.py at the checkpoint's "
@@ -24,7 +22,7 @@ def add_parser(sub):
     p.add_argument("src", metavar="HF_DIR")
     p.add_argument("dst", metavar="OUT.gguf", nargs="?")
     p.add_argument("--type", default="F16", metavar="TYPE", help="F32, F16 (default), BF16, Q8_0 or a level")
-    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or legacy .dat)")
+    add_imatrix(p)
     p.add_argument("--threads", type=int, metavar="N", help="worker threads (default: all cores)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.set_defaults(func=run)

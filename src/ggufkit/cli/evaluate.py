@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from . import add_chunk_options
+from .options import add_chunk_options, add_text, chunk_args, print_chunk_progress
 
 
 def add_parser(sub):
@@ -22,7 +22,7 @@ def add_parser(sub):
     )
     p.add_argument("model", metavar="MODEL.gguf")
     p.add_argument("--base", metavar="BASE.gguf", help="full-precision reference (same vocabulary)")
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to score (default: pydoc_data.topics)")
+    add_text(p, "UTF-8 text to score (default: pydoc_data.topics)")
     add_chunk_options(p)
     p.add_argument(
         "--engine",
@@ -35,24 +35,16 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _progress(phase: str, done: int, total: int) -> None:
-    end = "\n" if done == total else ""
-    print(f"\r{phase}: chunk {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-
 def run(args) -> int:
     from ..evaluation import evaluate
 
     res = evaluate(
         args.model,
         base=args.base,
-        text=args.text,
-        ctx=args.ctx,
-        chunks=args.chunks,
-        threads=args.threads,
+        **chunk_args(args),
         engine=args.engine,
         use_cache=not args.no_cache,
-        progress=_progress if sys.stderr.isatty() and not args.json else None,
+        progress=print_chunk_progress if sys.stderr.isatty() and not args.json else None,
     )
     if args.json:
         print(res.to_json())

@@ -8,8 +8,9 @@ GgufkitError: one line on stderr, exit status 2; Ctrl-C writes the chunks done a
 from __future__ import annotations
 
 import sys
+from functools import partial
 
-from . import add_chunk_options
+from .options import add_chunk_options, add_text, chunk_args, print_chunk_progress
 
 
 def add_parser(sub):
@@ -23,7 +24,7 @@ def add_parser(sub):
         "of Python's pydoc topics (from 'id-classes' on); `ggufkit eval` reads the first half.",
     )
     p.add_argument("model", metavar="MODEL.gguf")
-    p.add_argument("--text", metavar="FILE", help="UTF-8 calibration text (default: pydoc topics, 2nd half)")
+    add_text(p, "UTF-8 calibration text (default: pydoc topics, 2nd half)")
     p.add_argument("-o", "--output", metavar="OUT", help="output file (default <model stem>.imatrix.gguf)")
     p.add_argument(
         "--output-format",
@@ -55,11 +56,6 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _progress(done: int, total: int) -> None:
-    end = "\n" if done == total else ""
-    print(f"\rimatrix: chunk {done}/{total}", end=end, file=sys.stderr, flush=True)
-
-
 def run(args) -> int:
     from ..calibrate import ImatrixInterrupted, compute_imatrix
     from ..calibrate.hessian import hessian_bytes
@@ -73,16 +69,13 @@ def run(args) -> int:
         r = compute_imatrix(
             args.model,
             output=args.output,
-            text=args.text,
-            ctx=args.ctx,
-            chunks=args.chunks,
-            threads=args.threads,
+            **chunk_args(args),
             output_format=args.output_format,
             process_output=args.process_output,
             save_every=args.save_every,
             in_files=args.in_file,
             hessian=args.hessian,
-            progress=_progress if sys.stderr.isatty() else None,
+            progress=partial(print_chunk_progress, "imatrix") if sys.stderr.isatty() else None,
         )
     except ImatrixInterrupted as e:
         r = e.result

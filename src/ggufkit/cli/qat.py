@@ -7,6 +7,9 @@ import sys
 
 NEEDS = "ggufkit qat needs torch and transformers: pip install 'ggufkit[qat]'"
 
+# train()'s keyword arguments that options give as they are (args.<name>)
+_TRAIN_OPTIONS = "level text steps lr ctx warmup save_every threads seed max_seconds".split()
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -65,18 +68,9 @@ def run(args) -> int:
         r = train(
             args.hf_dir,
             args.out_dir,
-            level=args.level,
-            text=args.text,
-            steps=args.steps,
-            lr=args.lr,
-            ctx=args.ctx,
-            warmup=args.warmup,
-            save_every=args.save_every,
             resume=not args.no_resume,
-            threads=args.threads,
-            seed=args.seed,
-            max_seconds=args.max_seconds,
             progress=progress,
+            **{name: getattr(args, name) for name in _TRAIN_OPTIONS},
         )
     finally:
         if bar is not None:

@@ -11,12 +11,7 @@ from collections import defaultdict
 
 from ..errors import QuantizeError
 from ..gguf.writer import WriteInterrupted
-
-
-def repeatable(p, flag: str, metavar: str, help: str) -> None:
-    """An option that may be given many times, collected in order into a list (empty when absent)."""
-    p.add_argument(flag, action="append", default=[], metavar=metavar, help=f"{help} (repeatable)")
-
+from .options import add_imatrix, repeatable
 
 USAGE = "ggufkit quantize [options] [--optimize] INPUT.gguf [OUTPUT.gguf] TYPE [THREADS]"
 
@@ -31,7 +26,7 @@ def add_parser(sub):
         "OUTPUT defaults to <input stem>-<TYPE>.gguf beside the input; THREADS to all cores.",
     )
     p.add_argument("args", nargs="+", metavar="INPUT [OUTPUT] TYPE [THREADS]")
-    p.add_argument("--imatrix", metavar="FILE", help="importance matrix (llama.cpp GGUF or legacy .dat)")
+    add_imatrix(p)
     repeatable(p, "--include-weights", "NAME", "use imatrix entries whose name contains NAME only")
     repeatable(p, "--exclude-weights", "NAME", "ignore imatrix entries whose name contains NAME")
     p.add_argument("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
@@ -67,6 +62,36 @@ def add_parser(sub):
     repeatable(o, "--exclude-type", "TYPE", "never use this tensor type")
     o.add_argument("--calib-chunks", type=int, metavar="N", help="calibrate on the first N chunks of 512")
     p.set_defaults(func=run)
+
+
+# Each job's own options: its keyword argument -> the parsed option (args.<dest>, --dest-with-dashes). Both
+# take --imatrix and --allow-requantize; --allow-nonfinite is quantize_file's, and --optimize ignores it.
+_QUANTIZE_ONLY = {
+    "include_weights": "include_weights",
+    "exclude_weights": "exclude_weights",
+    "tensor_types": "tensor_type",
+    "override_kv": "override_kv",
+    "output_tensor_type": "output_tensor_type",
+    "token_embedding_type": "token_embedding_type",
+    "pure": "pure",
+    "leave_output_tensor": "leave_output_tensor",
+    "dry_run": "dry_run",
+}
+_OPTIMIZE_ONLY = {
+    "calib": "calib",
+    "target_bpw": "target_bpw",
+    "target_size": "target_size",
+    "chunks": "calib_chunks",
+    "exclude_types": "exclude_type",
+}
+
+
+def _job_options(args, table: dict[str, str], other: dict[str, str], given, refusal: str) -> dict:
+    """The job's own options as keyword arguments; the first of the other job's options given is refused."""
+    for dest in other.values():
+        if given(getattr(args, dest)):
+            raise QuantizeError(f"--{dest.replace('_', '-')} {refusal}")
+    return {kw: getattr(args, dest) for kw, dest in table.items()}
 
 
 def _is_type(name: str) -> bool:
@@ -205,26 +230,17 @@ def _optimize_positionals(
 def _run_optimize(args) -> int:
     from ..optimize.job import optimize_file
 
-    for flag in ("include_weights", "exclude_weights", "tensor_type", "override_kv"):
-        if getattr(args, flag):
-            raise QuantizeError(f"--{flag.replace('_', '-')} cannot be combined with --optimize")
-    for flag in ("output_tensor_type", "token_embedding_type", "pure", "leave_output_tensor", "dry_run"):
-        if getattr(args, flag):
-            raise QuantizeError(f"--{flag.replace('_', '-')} cannot be combined with --optimize")
+    options = _job_options(args, _OPTIMIZE_ONLY, _QUANTIZE_ONLY, bool, "cannot be combined with --optimize")
     has_target = args.target_bpw is not None or args.target_size is not None
     src, dst, level, threads = _optimize_positionals(args.args, has_target)
     s = optimize_file(
         src,
         dst,
         level,
-        calib=args.calib,
         imatrix=args.imatrix,
-        target_bpw=args.target_bpw,
-        target_size=args.target_size,
-        exclude_types=args.exclude_type,
-        chunks=args.calib_chunks,
         threads=threads,
         allow_requantize=args.allow_requantize,
+        **options,
     )
     print(f"{s.src} -> {s.dst} optimized" + (f" within {s.level}'s size" if s.level else ""))
     print(f"  size:  {_mib(s.size_after)} of a {_mib(s.budget)} budget ({s.bits_per_weight:.3f} bpw)")
@@ -245,12 +261,10 @@ def run(args) -> int:
 
     if args.optimize:
         return _run_optimize(args)
-    for flag in ("calib", "target_bpw", "target_size", "calib_chunks"):
-        if getattr(args, flag) is not None:
-            raise QuantizeError(f"--{flag.replace('_', '-')} needs --optimize")
-    if args.exclude_type:
-        raise QuantizeError("--exclude-type needs --optimize")
-
+    # given: not None (a number may be 0), or a non-empty list (--exclude-type)
+    options = _job_options(
+        args, _QUANTIZE_ONLY, _OPTIMIZE_ONLY, lambda v: v not in (None, []), "needs --optimize"
+    )
     src, dst, qtype, threads = _positionals(args.args)
     bar = _Bar() if sys.stderr.isatty() and not args.dry_run else None
     interrupted = None
@@ -261,18 +275,10 @@ def run(args) -> int:
             qtype,
             threads=threads,
             imatrix=args.imatrix,
-            include_weights=args.include_weights,
-            exclude_weights=args.exclude_weights,
-            output_tensor_type=args.output_tensor_type,
-            token_embedding_type=args.token_embedding_type,
-            tensor_types=args.tensor_type,
-            pure=args.pure,
-            leave_output_tensor=args.leave_output_tensor,
             allow_requantize=args.allow_requantize,
-            override_kv=args.override_kv,
             allow_nonfinite=args.allow_nonfinite,
-            dry_run=args.dry_run,
             progress=bar,
+            **options,
         )
     except WriteInterrupted as e:  # SIGTERM while writing: the partial file is gone, the destination intact
         interrupted = e

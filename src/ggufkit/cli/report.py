@@ -8,6 +8,7 @@ import sys
 from .. import report as rep
 from ..models import DEFAULT_MODEL, MODELS
 from ..recommend import TASKS
+from .options import add_text, chunk_args
 
 
 def add_parser(sub):
@@ -41,7 +42,7 @@ def add_parser(sub):
         help=f"comma-separated levels (default: {','.join(rep.DEFAULT_LEVELS)}; "
         f"with --quick: {','.join(rep.QUICK_LEVELS)})",
     )
-    p.add_argument("--text", metavar="FILE", help="UTF-8 text to measure on (default: Python's pydoc topics)")
+    add_text(p, "UTF-8 text to measure on (default: Python's pydoc topics)")
     p.add_argument(
         "--out",
         metavar="DIR",
@@ -67,7 +68,26 @@ def add_parser(sub):
         "--threads", type=int, metavar="N", help="threads (default: the cores not busy elsewhere, at least 1)"
     )
     p.add_argument("--task", default="chat", choices=TASKS, help="task for the recommendation (ggufkit pick)")
+    _add_optimize_options(p)
     p.set_defaults(func=run)
+
+
+def _add_optimize_options(p) -> None:
+    o = p.add_argument_group(
+        "calibrated rows",
+        "--optimize: after each level that uses an importance matrix (not Q8_0), 'LEVEL imatrix' "
+        "(llama-quantize --imatrix's file) and 'LEVEL opt' (ggufkit quantize --optimize's, no larger than "
+        "LEVEL's file), both from --imatrix FILE or one computed on the calibration half of the pydoc "
+        "topics.",
+    )
+    o.add_argument("--optimize", action="store_true", help="add the calibrated rows")
+    o.add_argument("--imatrix", metavar="FILE", help="a llama-imatrix file for them (default: computed)")
+    o.add_argument(
+        "--calib-chunks", type=int, metavar="N", help="chunks of 512 tokens to calibrate on (default 16)"
+    )
+    o.add_argument(
+        "--weighting", default="perturb", metavar="W", help="the optimizer's tensor weighting: perturb, none"
+    )
 
 
 class _Progress:
@@ -111,15 +131,16 @@ def run(args) -> int:
         result = rep.run_report(
             args.model or args.known_model,
             levels=levels,
-            text=args.text,
             out=args.out,
             quick=args.quick,
-            ctx=args.ctx,
-            chunks=args.chunks,
             engine=args.engine,
-            threads=args.threads,
             task=args.task,
+            **chunk_args(args),
             progress=progress,
+            optimize=args.optimize,
+            imatrix=args.imatrix,
+            calib_chunks=args.calib_chunks,
+            weighting=args.weighting,
         )
     finally:
         progress.close()

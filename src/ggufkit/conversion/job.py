@@ -10,7 +10,7 @@ Two routes, one data path:
     by `llama-quantize <level>` writes. The converted model exists only in memory (its KVs and tensor
     table); ggufkit's quantize plan and stream run on it as on a file, with a source that makes each
     tensor's rows from the checkpoint instead of reading them from disk.
-Either way the tensors go through quantize.stream: a tensor is transformed (tensors.work_array) when its
+Either way the tensors go through quantize.stream: a tensor is transformed (transforms.work_array) when its
 first chunk is asked for, its row chunks run through the block kernels (quants registry: F16, BF16, Q8_0,
 K-quants, ...) on the worker pool, and the output is written in order through gguf.writer's atomic stream
 writer. Memory: the tensors being worked on (one, or two at a tensor boundary) plus the chunks in flight.
@@ -32,6 +32,7 @@ from ..gguf.types import GGMLQuantizationType as T
 from ..gguf.types import GGUFValueType
 from ..gguf.writer import GGUFStreamWriter, TensorEntry, kv_bytes
 from . import tensors as tn
+from .transforms import work_array
 
 __all__ = ["ConvertProgress", "ConvertSummary", "convert", "default_output_path"]
 
@@ -180,7 +181,7 @@ class _CheckpointSource:
             entry = self._ready.get(c.name)
             if entry is None:
                 t = self.by_name[c.name]
-                data = _cast(tn.work_array(self.ckpt, t, self.hparams), t.work_type, self.types[c.name])
+                data = _cast(work_array(self.ckpt, t, self.hparams), t.work_type, self.types[c.name])
                 n_rows = t.n_elements // t.shape[-1]
                 entry = [data.reshape(n_rows, -1).view("uint8"), n_rows]
                 self._ready[c.name] = entry

@@ -1,19 +1,19 @@
 """The built-in engine: numpy forward passes of GGUF models and their tokenizer.
 
 One model class per architecture family (llama.py: llama, qwen2, qwen3; gemma3.py: Gemma 3 text), chosen
-by general.architecture (`model_class`, `load_model`); all share llama.py's weights and matmul and
-numerics.py's rounding."""
+by general.architecture (`model_class`, `load_model`); all share args.py's ModelArgs, weights.py's
+weights, llama.py's matmul and numerics.py's rounding."""
 
 from ..errors import EvalError
 from ..gguf.reader import GGUFModel
-from . import llama as _llama
+from .args import ModelArgs
 from .gemma3 import Gemma3Args, Gemma3Model
-from .llama import LlamaModel, ModelArgs
+from .llama import LlamaModel
 from .tokenizer import GGUFTokenizer, load_tokenizer
 
 # general.architecture -> the model class that runs it
 MODEL_CLASSES: dict[str, type[LlamaModel]] = {
-    **{arch: LlamaModel for arch in _llama.SUPPORTED},
+    **{arch: LlamaModel for arch in ModelArgs.ARCHITECTURES},
     **{arch: Gemma3Model for arch in Gemma3Args.ARCHITECTURES},
 }
 SUPPORTED = tuple(MODEL_CLASSES)

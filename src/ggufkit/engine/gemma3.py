@@ -37,7 +37,8 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import EvalError
-from .llama import LlamaModel, ModelArgs
+from .args import ModelArgs
+from .llama import LlamaModel
 from .numerics import f16_round, geglu, rms_norm
 
 # the 27B model's layer count: llama.cpp scales its queries by 1/sqrt(n_embd / n_head) (LLM_TYPE_27B)

@@ -27,9 +27,9 @@ float32) and dropped before the next layer: memory stays near the file size plus
 Matmuls are float32 BLAS (numpy @) on as many threads as asked; attention runs per chunk, causal
 within the chunk (each chunk starts with an empty KV cache, as in llama-perplexity), as independent
 single-BLAS-thread tasks (attention.py); norms, rope, SwiGLU and the F16 roundings are one pass each on the
-same threads (fused.py). With STACK, products sharing an input (q/k/v, gate/up) would be one product on a
-stacked weight (fewer, larger BLAS calls), in another float summation order, i.e. another draw of the
-rounding noise that the imatrix KLD test is sensitive to; so it is off (docs/benchmarks.md).
+same threads (fused.py). With STACK (weights.py), products sharing an input (q/k/v, gate/up) would be one
+product on a stacked weight (fewer, larger BLAS calls), in another float summation order, i.e. another draw
+of the rounding noise that the imatrix KLD test is sensitive to; so it is off (docs/benchmarks.md).
 
 Numerics (llamacpp_numerics=True, the default): llama.cpp's CPU backend rounds the activations to the
 weight's "vec_dot type" before each matmul (F16 for F16 weights, Q8_0 for Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for
@@ -53,157 +53,27 @@ argmax 99.8 %.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
 from ..errors import EvalError
 from ..gguf.reader import GGUFModel
-from ..gguf.types import GGMLQuantizationType
-from ..quants import dequantize
 from . import fused
 from .attention import attention
 from .moe import MOE_FFN, moe_ffn
-from .numerics import (  # noqa: F401  (blas_threads, cpu_count: re-exported for the callers)
-    blas_threads,
-    cpu_count,
-    f16_round,
-    f16_to_f32,
-    rms_norm,
-    round_activations,
-    silu,
-    vec_dot,
-    window_softmax,
-)
-
-# Architecture -> NeoX rope (rotate halves) instead of llama's adjacent pairs (llama_model_rope_type).
-ARCHITECTURES = {"llama": False, "qwen2": True, "qwen3": True}
-SUPPORTED = tuple(ARCHITECTURES)
-STACK = False  # products sharing an input as one stacked product (another float summation order: off)
+from .numerics import f16_round, rms_norm, round_activations, vec_dot
+from .weights import GGUFWeights
 
 
-@dataclass
-class ModelArgs:
-    """Hyper-parameters from GGUF metadata ({arch}.* keys). Unknown keys are ignored."""
-
-    architecture: str
-    block_count: int
-    embedding_length: int
-    feed_forward_length: int
-    head_count: int
-    head_count_kv: int = 0
-    key_length: int = 0  # head dim; 0 -> embedding_length // head_count
-    value_length: int = 0
-    rope_dimension_count: int = 0  # 0 -> key_length
-    rope_freq_base: float = 10000.0
-    rope_scaling_type: str = "none"
-    rope_scaling_factor: float = 1.0
-    layer_norm_rms_epsilon: float = 1e-5
-    vocab_size: int = 0
-    expert_count: int = 0
-    expert_used_count: int = 0
-    expert_weights_scale: float = 0.0
-    rope_neox: bool = False
-
-    # the architectures these arguments describe -> NeoX rope (a subclass names its own)
-    ARCHITECTURES: ClassVar[dict[str, bool]] = ARCHITECTURES
-
-    def __post_init__(self):
-        if not self.head_count_kv:
-            self.head_count_kv = self.head_count
-        if not self.key_length:
-            self.key_length = self.embedding_length // self.head_count
-        if not self.value_length:
-            self.value_length = self.key_length
-        if not self.rope_dimension_count:
-            self.rope_dimension_count = self.key_length
-
-    @classmethod
-    def from_gguf(cls, model: GGUFModel) -> ModelArgs:
-        arch = model.architecture
-        if arch not in cls.ARCHITECTURES:
-            raise EvalError(
-                f"{model.path}: architecture {arch!r} is not supported by the built-in engine "
-                f"(supported: {', '.join(cls.ARCHITECTURES)})"
-            )
-        prefix = f"{arch}."
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values: dict[str, object] = {"architecture": arch, "rope_neox": cls.ARCHITECTURES[arch]}
-        for key, kv in model.kv.items():
-            if not key.startswith(prefix):
-                continue
-            name = key[len(prefix) :].replace(".", "_").replace("attention_", "")
-            if name in fields and not isinstance(kv.value, (list, np.ndarray)):
-                values[name] = kv.value
-        if "vocab_size" not in values:
-            tokens = model.get("tokenizer.ggml.tokens")
-            embd = next((t.shape[1] for t in model.tensors if t.name == "token_embd.weight"), 0)
-            values["vocab_size"] = len(tokens) if tokens is not None else embd
-        missing = [
-            n
-            for n in ("block_count", "embedding_length", "feed_forward_length", "head_count")
-            if n not in values
-        ]
-        if missing:
-            raise EvalError(f"{model.path}: metadata lacks {', '.join(prefix + m for m in missing)}")
-        return cls(**values)
-
-    @property
-    def freq_scale(self) -> float:
-        if self.rope_scaling_type == "linear" and self.rope_scaling_factor:
-            return 1.0 / self.rope_scaling_factor
-        if self.rope_scaling_type not in ("none", "linear"):
-            raise EvalError(
-                f"rope scaling {self.rope_scaling_type!r} is not supported by the built-in engine "
-                "(supported: none, linear)"
-            )
-        return 1.0
-
-
-class LlamaModel:
-    """A llama-family GGUF, ready to run. Weights stay in the (mapped) file until a layer needs them."""
-
-    args_type: ClassVar[type[ModelArgs]] = ModelArgs  # an architecture's subclass names its own
+class LlamaModel(GGUFWeights):
+    """A llama-family GGUF, ready to run: the forward pass over GGUFWeights' weights (weights.py)."""
 
     def __init__(self, model: GGUFModel, *, llamacpp_numerics: bool = True, observer=None):
-        self.gguf = model
-        self.llamacpp_numerics = llamacpp_numerics
         self.observer = observer  # f(weight name, x, expert=, n_expert=) before each matmul (module doc)
-        self.args = self.args_type.from_gguf(model)
-        a = self.args
-        self._tensors = {t.name: t for t in model.tensors}
-        need = ["token_embd.weight", "output_norm.weight"]
-        for i in range(a.block_count):
-            ffn = MOE_FFN if a.expert_count else ("ffn_gate", "ffn_up", "ffn_down")
-            need += [f"blk.{i}.{n}.weight" for n in ("attn_norm", "attn_output", "ffn_norm", *ffn)]
-        missing = [n for n in need if n not in self._tensors]
-        if missing:
-            raise EvalError(f"{model.path}: missing tensor(s) {', '.join(missing[:4])}")
-        self.n_vocab = self._tensors["token_embd.weight"].shape[1]
-        self._rope_freqs = self._weight("rope_freqs.weight") if "rope_freqs.weight" in self._tensors else None
+        super().__init__(model, llamacpp_numerics=llamacpp_numerics)
 
-    # -- weights ------------------------------------------------------------------------------------
-    def _weight(self, name: str) -> np.ndarray:
-        """A tensor dequantized to float32, numpy order (rows = ggml's ne1, columns = ne0)."""
-        t = self._tensors[name]
-        shape = tuple(reversed(t.shape))
-        if t.ggml_type == GGMLQuantizationType.F32:  # no copy: a read-only view of the mapped file
-            return np.frombuffer(t.data(), dtype="<f4").reshape(shape)
-        if (
-            t.ggml_type == GGMLQuantizationType.F16
-        ):  # numpy's astype values (ggml's, NaN payloads aside), on numba's threads
-            return f16_to_f32(np.frombuffer(t.data(), dtype="<u2")).reshape(shape)
-        return dequantize(t.data(), t.ggml_type, shape)
-
-    def _maybe(self, name: str) -> np.ndarray | None:
-        return self._weight(name) if name in self._tensors else None
-
-    def _type(self, name: str):
-        t = self._tensors.get(name)
-        return None if t is None else t.ggml_type
+    # -- products -----------------------------------------------------------------------------------
 
     def _matmul(
         self, x: np.ndarray, w: np.ndarray, wtype, cache: dict | None = None, *, name: str | None = None
@@ -245,70 +115,6 @@ class LlamaModel:
         out = self._matmul(h, w[stacked], ty[names[0]], rounded)
         cols = np.cumsum([0] + [w[n].shape[0] for n in names])
         return [out[:, c0:c1] for c0, c1 in zip(cols[:-1], cols[1:])]
-
-    def _embed(self, ids: np.ndarray) -> np.ndarray:
-        """Rows of token_embd for `ids`, dequantizing only the rows used."""
-        t = self._tensors["token_embd.weight"]
-        n_embd, n_rows = t.shape
-        raw = t.data().reshape(n_rows, -1)
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        rows = dequantize(np.ascontiguousarray(raw[uniq]), t.ggml_type, (len(uniq), n_embd))
-        return rows[inverse.ravel()]
-
-    def _layer(self, i: int) -> tuple[dict[str, np.ndarray | None], dict[str, GGMLQuantizationType | None]]:
-        p = f"blk.{i}."
-        w = {
-            n: self._maybe(p + n + ".weight")
-            for n in (
-                "attn_norm",
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "attn_q_norm",
-                "attn_k_norm",
-                "ffn_norm",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-                *MOE_FFN,
-            )
-        }
-        for n in ("attn_q", "attn_k", "attn_v"):
-            w[n + "_b"] = self._maybe(p + n + ".bias")
-        types = {
-            n: self._type(p + n + ".weight")
-            for n in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", *MOE_FFN)
-        }
-        if w["attn_q"] is None:  # fused QKV (some converters write one attn_qkv tensor)
-            a = self.args
-            qkv = self._maybe(p + "attn_qkv.weight")
-            if qkv is None:
-                raise EvalError(f"{self.gguf.path}: layer {i} has neither attn_q nor attn_qkv")
-            nq, nk = a.head_count * a.key_length, a.head_count_kv * a.key_length
-            w["attn_q"], w["attn_k"], w["attn_v"] = qkv[:nq], qkv[nq : nq + nk], qkv[nq + nk :]
-            types["attn_q"] = types["attn_k"] = types["attn_v"] = self._type(p + "attn_qkv.weight")
-            w["qkv"] = qkv
-        else:
-            w["qkv"] = self._stacked(w, types, ("attn_q", "attn_k", "attn_v"))
-        w["gate_up"] = self._stacked(w, types, ("ffn_gate", "ffn_up"))
-        return w, types
-
-    def _stacked(self, w: dict, types: dict, names: tuple[str, ...]) -> np.ndarray | None:
-        """The weights `names` (same input) stacked into one matrix, so that one product computes them all,
-        and w[name] made a view of its rows; None when one is missing or their activations are rounded
-        differently (then each is its own product)."""
-        if not STACK or any(w[n] is None for n in names):
-            return None
-        if self.llamacpp_numerics and len({vec_dot(types[n]) for n in names}) != 1:
-            return None
-        both = np.concatenate([w[n] for n in names])
-        r0 = 0
-        for n in names:
-            r1 = r0 + w[n].shape[0]
-            w[n] = both[r0:r1]
-            r0 = r1
-        return both
 
     # -- rope ---------------------------------------------------------------------------------------
     def _rope_tables(
@@ -422,10 +228,6 @@ class LlamaModel:
         if p + "attn_q.weight" not in self._tensors:
             names |= {"attn_q": p + "attn_qkv.weight", "attn_k": None, "attn_v": None}
         return names
-
-    def _output_name(self) -> str:
-        """The output projection [n_vocab, n_embd] (token_embd when the file ties them)."""
-        return "output.weight" if "output.weight" in self._tensors else "token_embd.weight"
 
     def chunk_logits(
         self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29

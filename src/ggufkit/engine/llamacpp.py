@@ -25,7 +25,7 @@ def _llama_cpp():
 class LlamaCppRunner:
     def __init__(self, path, *, ctx: int, threads: int | None = None, gen_tokens: int = 32):
         lc = _llama_cpp()
-        from .llama import cpu_count
+        from .numerics import cpu_count
 
         self._lc = lc
         n = threads or cpu_count()

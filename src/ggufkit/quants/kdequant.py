@@ -1,6 +1,6 @@
 """K-quant dequantizers (Q2_K..Q6_K), vectorized numpy over super-blocks: no numba, so the quantize
 pipeline and the engine can use them without a compiler. Element e of a super-block is computed with C's
-float32 products in dequantize_row_q*_K's order (layouts in kblocks.py).
+float32 products in dequantize_row_q*_K's order (layouts in kblocks_min.py, kblocks_signed.py).
 
 DEQUANTIZE[name](blocks uint8 [nb, type_size]) -> float32 [nb, 256].
 """

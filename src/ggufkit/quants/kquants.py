@@ -6,7 +6,8 @@ super-block by super-block (the impl paths' sigma2 is taken over the super-block
 weights column k of every row). Quantizing is one numba kernel for all five types (one compile, cached),
 run over row chunks on numba.get_num_threads() threads (the kernel releases the GIL). Dequantizing is
 vectorized numpy: elementwise float32 products in C's order, nothing to compile (kdequant.py). The block
-quantizers and their bit layouts are in kblocks.py; this module runs them over blocks and rows.
+quantizers and their bit layouts are in kblocks_min.py and kblocks_signed.py (shared pieces: kblocks.py);
+this module runs them over blocks and rows.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from .kblocks import QK_K, _kernel, _q2k_block, _q3k_block, _q6k_block, _q45k_block
+from .kblocks import QK_K, _kernel
+from .kblocks_min import _q2k_block, _q45k_block
+from .kblocks_signed import _q3k_block, _q6k_block
 from .kdequant import DEQUANTIZE as _DEQUANTIZE
 from .registry import FORMATS, names, register
 from .search import MAX_LANES

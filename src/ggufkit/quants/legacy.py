@@ -10,7 +10,7 @@ Block layouts (little-endian, d/m are fp16):
 Two algorithms per type, chosen as ggml_quantize_chunk chooses them:
 - without importance, the reference quantizers (quantize_row_*_ref): one pass per block from its
   max-abs (Q4_0, Q5_0: d = max/-8 or max/-16, signed) or from its min and max (Q4_1, Q5_1);
-- with importance, Q4_0/Q5_0 run make_qx_quants and Q4_1/Q5_1 run make_qkx3_quants (search.py) with
+- with importance, Q4_0/Q5_0 run make_qx_quants and Q4_1/Q5_1 run make_qkx3_quants (search_qkx.py) with
   weights qw[j]*sqrt(sigma2 + x[j]^2), sigma2 = mean of x^2 over the whole row (quantize_row_*_impl).
   Q8_0 has no such algorithm: importance is accepted and ignored.
 
@@ -40,7 +40,8 @@ from numba import get_thread_id, njit, prange
 
 from .fp import fp16_bits_to_fp32, fp32_to_fp16_bits
 from .registry import FORMATS, register
-from .search import make_qkx3_quants, make_qx_quants, search_work
+from .search import make_qx_quants, search_work
+from .search_qkx import make_qkx3_quants
 
 QK = 32  # elements per block, the same for all five types
 _F0 = np.float32(0.0)
@@ -115,15 +116,40 @@ def _put_qh(out, b, off, qh):
         out[b, off + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
 
 
+@njit(inline="always")
+def _put_q5(out, b, off, j, q0, q1):
+    """The levels q[j] and q[j + 16] (0..31) of a 5-bit block: their low nibbles into byte off + j, and
+    their bit 4 returned as bits j and j + 16 of qh (the caller ORs them in)."""
+    out[b, off + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
+    return (np.uint32((q0 >> 4) & 1) << np.uint32(j)) | (np.uint32((q1 >> 4) & 1) << np.uint32(j + 16))
+
+
 # ---------------------------------------------------------------- reference quantizers (one block each)
+
+
+@njit(inline="always")
+def _put_signed_scale(x, b, out, div):
+    """Q4_0/Q5_0: d = the signed max / div (-8 or -16), stored as fp16 at byte 0. Returns 1/d (0 if d = 0)."""
+    d = _signed_max(x, b) / div
+    _put_fp16(out, b, 0, d)
+    return _F1 / d if d != 0 else _F0
+
+
+@njit(inline="always")
+def _put_scale_min(x, b, out, nmax):
+    """Q4_1/Q5_1: d = (max - min) / nmax (15 or 31) and the min, stored as fp16 at bytes 0 and 2. Returns
+    the min and 1/d (0 if d = 0)."""
+    mn, mx = _min_max(x, b)
+    d = (mx - mn) / nmax
+    _put_fp16(out, b, 0, d)
+    _put_fp16(out, b, 2, mn)
+    return mn, _F1 / d if d != 0 else _F0
 
 
 @njit(parallel=True, cache=True)
 def _q4_0_ref(x, out):
     for b in prange(x.shape[0]):
-        d = _signed_max(x, b) / np.float32(-8.0)
-        inv = _F1 / d if d != 0 else _F0
-        _put_fp16(out, b, 0, d)
+        inv = _put_signed_scale(x, b, out, np.float32(-8.0))
         for j in range(16):
             q0 = min(15, _to_i8(x[b, j] * inv + np.float32(8.5))) & 0xFF
             q1 = min(15, _to_i8(x[b, j + 16] * inv + np.float32(8.5))) & 0xFF
@@ -133,11 +159,7 @@ def _q4_0_ref(x, out):
 @njit(parallel=True, cache=True)
 def _q4_1_ref(x, out):
     for b in prange(x.shape[0]):
-        mn, mx = _min_max(x, b)
-        d = (mx - mn) / np.float32(15.0)
-        inv = _F1 / d if d != 0 else _F0
-        _put_fp16(out, b, 0, d)
-        _put_fp16(out, b, 2, mn)
+        mn, inv = _put_scale_min(x, b, out, np.float32(15.0))
         for j in range(16):
             q0 = min(15, _to_i8((x[b, j] - mn) * inv + np.float32(0.5))) & 0xFF
             q1 = min(15, _to_i8((x[b, j + 16] - mn) * inv + np.float32(0.5))) & 0xFF
@@ -147,34 +169,24 @@ def _q4_1_ref(x, out):
 @njit(parallel=True, cache=True)
 def _q5_0_ref(x, out):
     for b in prange(x.shape[0]):
-        d = _signed_max(x, b) / np.float32(-16.0)
-        inv = _F1 / d if d != 0 else _F0
-        _put_fp16(out, b, 0, d)
+        inv = _put_signed_scale(x, b, out, np.float32(-16.0))
         qh = np.uint32(0)
         for j in range(16):
             q0 = min(31, _to_i8(x[b, j] * inv + np.float32(16.5))) & 0xFF
             q1 = min(31, _to_i8(x[b, j + 16] * inv + np.float32(16.5))) & 0xFF
-            out[b, 6 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
-            qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
-            qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+            qh |= _put_q5(out, b, 6, j, q0, q1)
         _put_qh(out, b, 2, qh)
 
 
 @njit(parallel=True, cache=True)
 def _q5_1_ref(x, out):
     for b in prange(x.shape[0]):
-        mn, mx = _min_max(x, b)
-        d = (mx - mn) / np.float32(31.0)
-        inv = _F1 / d if d != 0 else _F0
-        _put_fp16(out, b, 0, d)
-        _put_fp16(out, b, 2, mn)
+        mn, inv = _put_scale_min(x, b, out, np.float32(31.0))
         qh = np.uint32(0)
         for j in range(16):
             q0 = _cvt_i32((x[b, j] - mn) * inv + np.float32(0.5)) & 0xFF  # (uint8_t), no clamp
             q1 = _cvt_i32((x[b, j + 16] - mn) * inv + np.float32(0.5)) & 0xFF
-            out[b, 8 + j] = np.uint8((q0 & 0x0F) | ((q1 & 0x0F) << 4))
-            qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
-            qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+            qh |= _put_q5(out, b, 8, j, q0, q1)
         _put_qh(out, b, 4, qh)
 
 
@@ -217,27 +229,18 @@ def impl_rows(x, qw, nmax, with_min, out, work, r0, r1):
             xb = x[r, ib * QK : (ib + 1) * QK]
             for j in range(QK):
                 w[j] = qw[ib * QK + j] * np.float32(np.sqrt(sigma2 + xb[j] * xb[j]))
-            blk = out[r, ib]
+            blocks = out[r]
             if with_min:
                 d, the_min = make_qkx3_quants(xb, w, nmax, L, -0.9, 0.05, 36, False, work)
-                h = fp32_to_fp16_bits(-the_min)
-                blk[2] = np.uint8(h & np.uint16(0xFF))
-                blk[3] = np.uint8(h >> np.uint16(8))
+                _put_fp16(blocks, ib, 2, -the_min)
             else:
                 d = make_qx_quants(xb, nmax, L, w, work)
-            h = fp32_to_fp16_bits(d)
-            blk[0] = np.uint8(h & np.uint16(0xFF))
-            blk[1] = np.uint8(h >> np.uint16(8))
+            _put_fp16(blocks, ib, 0, d)
             qh = np.uint32(0)
-            for j in range(16):
-                q0 = np.int32(L[j])
-                q1 = np.int32(L[j + 16])
-                blk[qs_at + j] = np.uint8(((q0 & 0x0F) | (q1 << 4)) & 0xFF)
-                qh |= np.uint32((q0 >> 4) & 1) << np.uint32(j)
-                qh |= np.uint32((q1 >> 4) & 1) << np.uint32(j + 16)
+            for j in range(16):  # 4-bit levels (0..15) pack as the low nibbles of 5-bit ones
+                qh |= _put_q5(blocks, ib, qs_at, j, np.int32(L[j]), np.int32(L[j + 16]))
             if five_bit:
-                for k in range(4):
-                    blk[qs_at - 4 + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+                _put_qh(blocks, ib, qs_at - 4, qh)
 
 
 @njit(parallel=True, cache=True)
@@ -298,6 +301,14 @@ def _get_qh(data, b, off):
     return qh
 
 
+@njit(inline="always")
+def _get_q5_high(qh, j):
+    """Bit 4 of the levels q[j] and q[j + 16] of a 5-bit block (bits j and j + 16 of qh), as 16 or 0."""
+    h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+    h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+    return h0, h1
+
+
 @njit(parallel=True, cache=True)
 def _q5_0_deq(data, y):
     for b in prange(data.shape[0]):
@@ -305,8 +316,7 @@ def _q5_0_deq(data, y):
         qh = _get_qh(data, b, 2)
         for j in range(16):
             q = np.int32(data[b, 6 + j])
-            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            h0, h1 = _get_q5_high(qh, j)
             y[b, j] = np.float32(((q & 0x0F) | h0) - 16) * d
             y[b, j + 16] = np.float32(((q >> 4) | h1) - 16) * d
 
@@ -319,8 +329,7 @@ def _q5_1_deq(data, y):
         qh = _get_qh(data, b, 4)
         for j in range(16):
             q = np.int32(data[b, 8 + j])
-            h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
-            h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+            h0, h1 = _get_q5_high(qh, j)
             y[b, j] = _scale_add((q & 0x0F) | h0, d, m)
             y[b, j + 16] = _scale_add((q >> 4) | h1, d, m)
 

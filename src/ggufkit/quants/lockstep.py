@@ -1,10 +1,10 @@
-"""The scale searches of a K-quant super-block run together: one SIMD lane per sub-block (kblocks.py).
+"""The scale searches of a K-quant super-block run together: one SIMD lane per sub-block (kblocks_*.py).
 
 make_qkx_lockstep runs the 8 or 16 independent make_qkx2/qkx3_quants searches of a super-block, and
 make_q3_lockstep the 16 make_q3_quants searches of a Q3_K super-block, one lane each; the results are
-exactly those of the one-at-a-time helpers in search.py (scale, min and levels, signed zeros included),
-whose conventions they follow. Levels are rounded with C's nearest_int (rounding.py) wherever an argument
-may leave np.rint's exact range.
+exactly those of the one-at-a-time helpers in search_qkx.py and search.py (scale, min and levels, signed
+zeros included), whose conventions they follow. Levels are rounded with C's nearest_int (rounding.py)
+wherever an argument may leave np.rint's exact range.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .rounding import _RINT_LIMIT, F32, _fix_wide, nearest_int
+from .rounding import _RINT_LIMIT, F32, _fix_wide, nearest_int, rint_clamp
 from .search import GROUP_MAX_EPS
 
 
@@ -21,9 +21,7 @@ def _take_level(f, fn, i, j, xt, wt, lev, sl, sl2, sxl):
     """Level (i, j) of a candidate: f (already exact, or within np.rint's range) rounded and clamped to
     [0, fn], stored, and added to its lane's weighted sums (the summation order of make_qkx2_quants)."""
     zero = F32(0.0)
-    l = np.rint(f)
-    l = l if l >= zero else zero
-    l = l if l <= fn else fn
+    l = rint_clamp(f, zero, fn)
     lev[i, j] = l
     wl = wt[i, j] * l
     sl[j] += wl
@@ -109,9 +107,7 @@ def make_qkx_lockstep(xt, wt, nmax, rmin, rdelta, nstep, use_mad, strict, Lt, ou
     for i in range(n):
         for j in range(K):
             xi = xt[i, j]
-            l = np.rint(lev[i, j])
-            l = l if l >= zero else zero
-            l = l if l <= fn else fn
+            l = rint_clamp(lev[i, j], zero, fn)
             Lt[i, j] = np.uint8(l)
             diff = scale[j] * l + mn[j] - xi
             best[j] += wt[i, j] * (abs(diff) if use_mad else diff * diff)
@@ -216,9 +212,7 @@ def make_q3_lockstep(xt, nmax, Lt, out_scale, st, lf):
     for i in range(n):
         for j in range(K):
             x = xt[i, j]
-            l = np.rint(lf[i, j])
-            l = l if l >= lo else lo
-            l = l if l <= hi else hi
+            l = rint_clamp(lf[i, j], lo, hi)
             lf[i, j] = l
             w = x * x
             sumlx[j] += (w * x) * l
@@ -247,9 +241,7 @@ def make_q3_lockstep(xt, nmax, Lt, out_scale, st, lf):
                 w = x * x
                 li = lf[i, j]
                 slx = tslx[j]
-                new_l = np.rint(q[j])
-                new_l = new_l if new_l >= lo else lo
-                new_l = new_l if new_l <= hi else hi
+                new_l = rint_clamp(q[j], lo, hi)
                 slx2 = slx + (w * x) * new_l
                 sl22 = tsl2[j] + (w * new_l) * new_l
                 accept = (

@@ -45,6 +45,15 @@ def nearest_int(f):
     return _nearest_int_wide(f)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def rint_clamp(f, lo, hi):
+    """A level as the searches take it: np.rint(f) (f exact already, or within rint's range) clamped to
+    [lo, hi] as C's MAX(lo, MIN(hi, l)) does, kept as a float (a NaN f gives lo)."""
+    l = np.rint(f)
+    l = l if l >= lo else lo
+    return l if l <= hi else hi
+
+
 @njit(cache=True, error_model="numpy")
 def _fix_wide(raw):
     """raw[k] = nearest_int(raw[k]) where |raw[k]| > 4194303 or NaN (C's bit trick; rint elsewhere is

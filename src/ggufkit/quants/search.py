@@ -10,13 +10,11 @@ result, never by reordering float arithmetic:
   - make_qx_quants tries its 19 candidate scales together, one SIMD lane per candidate (they do not
     depend on each other): every lane sums over the elements strictly in order, so each candidate's sums
     are C's float32 values, and the winner is then chosen by C's sequential strict comparison;
-  - make_qkx2/qkx3_quants (whose candidates DO depend on earlier winners: C updates `min`) go one
-    candidate at a time, skip a candidate whose levels equal the previous one's (same sums, same error,
-    cannot pass the strict `<`), and stop an error sum once it reaches the best (weights >= 0 only);
   - make_q3_quants computes x*x and x*x*x once instead of in every sweep (same values).
 The K-quant kernels run the 8 or 16 searches of a super-block together, one SIMD lane per search
 (lockstep.py: make_qkx_lockstep, make_q3_lockstep, with the same results); the functions here serve
 single searches. C's nearest_int and the fp16 conversions they round with are in rounding.py and fp.py.
+The scale-and-min searches (make_qkx2/qkx3_quants) are in search_qkx.py.
 
 Note for developers: numba's on-disk cache of a kernel that calls these functions (kblocks, kquants,
 lockstep, legacy) is keyed on the caller's source file only; after editing this file or rounding.py,
@@ -44,7 +42,7 @@ from numba import njit
 # fp16 conversions inside kernels: one implementation, in fp.py (checked against libggml on all patterns)
 from .fp import fp16_bits_to_fp32 as f16_bits_to_f32  # noqa: F401  (re-exported for kquants)
 from .fp import fp32_to_fp16_bits as f32_to_f16_bits  # noqa: F401
-from .rounding import _F32_MAX, F32, _scaled, nearest_int
+from .rounding import _F32_MAX, F32, _scaled, nearest_int, rint_clamp
 
 GROUP_MAX_EPS = F32(1e-15)  # ggml-quants.c: below this max |x| a group is "all zero"
 MAX_LANES = 64  # make_qx_quants candidates evaluated together (19 used); qkx searches: n <= 64
@@ -54,6 +52,15 @@ _WORK_ROWS = 8
 def search_work() -> np.ndarray:
     """Scratch for the searches: float32 [8, 64]. Allocate one per thread (or per chunk) and reuse it."""
     return np.empty((_WORK_ROWS, MAX_LANES), dtype=np.float32)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _all_zero(L, n):
+    """An all-zero group (or a degenerate one): levels 0, not offset by nmax even for signed levels (as in
+    C), and the scale 0."""
+    for i in range(n):
+        L[i] = 0
+    return F32(0.0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -117,9 +124,7 @@ def make_qx_quants(x, nmax, L, qw, work):
     n = x.shape[0]
     amax, mx, n_nonfinite = _signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     if n_nonfinite:  # NaN/inf: C's nearest_int bit trick decides levels; take the plain port
         return _make_qx_plain(x, nmax, L, qw, mx)
     fn = F32(nmax)
@@ -144,9 +149,7 @@ def make_qx_quants(x, nmax, L, qw, work):
         wi = xi * xi if noweights else qw[i]
         wx = wi * xi
         for c in range(nc):
-            l = np.rint(isc[c] * xi)
-            l = l if l >= lo else lo
-            l = l if l <= hi else hi
+            l = rint_clamp(isc[c] * xi, lo, hi)
             slx[c] += wx * l
             sl2[c] += (wi * l) * l
     scale = slx[0] / sl2[0] if sl2[0] != 0 else F32(0.0)
@@ -159,9 +162,7 @@ def make_qx_quants(x, nmax, L, qw, work):
             bc = c
     ib = isc[bc]
     for i in range(n):
-        l = np.rint(ib * x[i])
-        l = l if l >= lo else lo
-        l = l if l <= hi else hi
+        l = rint_clamp(ib * x[i], lo, hi)
         L[i] = np.uint8(l + fn)
     return scale
 
@@ -184,9 +185,7 @@ def _make_q3(x, nmax, L, work):
     n = x.shape[0]
     amax, mx, _ = _signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     lo = F32(-nmax)
     hi = F32(nmax - 1)
     wv = work[0]
@@ -195,9 +194,7 @@ def _make_q3(x, nmax, L, work):
     iscale = F32(-nmax) / mx
     _scaled(lf, iscale, x, n)  # |iscale*x| <= nmax unless x is NaN/inf: then C's nearest_int
     for i in range(n):
-        l = np.rint(lf[i])
-        l = l if l >= lo else lo
-        lf[i] = l if l <= hi else hi
+        lf[i] = rint_clamp(lf[i], lo, hi)
         wv[i] = x[i] * x[i]
         wx[i] = wv[i] * x[i]
     sumlx = F32(0.0)
@@ -229,143 +226,6 @@ def _make_q3(x, nmax, L, work):
 
 
 @njit(cache=True, error_model="numpy")
-def _make_qkx(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work, strict_degenerate):
-    n = x.shape[0]
-    noweights = w.shape[0] == 0
-    mn = x[0]
-    mx = x[0]
-    sum_w = x[0] * x[0] if noweights else w[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        xi = x[i]
-        if xi < mn:
-            mn = xi
-        if xi > mx:
-            mx = xi
-        wi = xi * xi if noweights else w[i]
-        sum_w += wi
-        sum_x += wi * xi
-    if mn > 0:
-        mn = F32(0.0)
-    if (mx == mn) if strict_degenerate else (mx <= mn):
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0), -mn
-    fn = F32(nmax)
-    zero = F32(0.0)
-    lv = work[0]  # levels of the candidate being tried (as float32)
-    xm = work[1]  # x - min for the current min
-    wv = work[2]  # the weights
-    raw = work[3]  # iscale * (x - min), before rounding
-    nonneg = True  # all weights >= 0: partial error sums only grow, so a candidate can be dropped early
-    for i in range(n):
-        wv[i] = x[i] * x[i] if noweights else w[i]
-        nonneg = nonneg and wv[i] >= 0
-        xm[i] = x[i] - mn
-    iscale = fn / (mx - mn)  # inf when max - min is subnormal
-    scale = F32(1.0) / iscale
-    best = zero
-    _scaled(raw, iscale, xm, n)
-    for i in range(n):
-        l = np.rint(raw[i])
-        l = l if l >= zero else zero
-        l = l if l <= fn else fn
-        L[i] = np.uint8(l)
-        diff = scale * l + mn - x[i]
-        best += wv[i] * (abs(diff) if use_mad else diff * diff)
-    if nstep < 1:
-        return scale, -mn
-    frmin = F32(rmin)
-    frdelta = F32(rdelta)
-    for s in range(nstep + 1):
-        # C's `min` is updated whenever a candidate wins, and the next candidates use it
-        iscale = (frmin + frdelta * F32(s) + fn) / (mx - mn)
-        # Once a fitted min has replaced min(x), x - min can be far outside [0, max - min] (e.g. a spike
-        # with weight 0), and C's nearest_int then returns its bit trick, not the rounded value.
-        _scaled(raw, iscale, xm, n)
-        changed = 0 if s > 0 else 1
-        for i in range(n):
-            l = np.rint(raw[i])
-            l = l if l >= zero else zero
-            l = l if l <= fn else fn
-            changed |= l != lv[i]
-            lv[i] = l
-        if changed == 0:
-            # Same levels as the previous candidate: same sums, same fit, same error; that error did
-            # not beat (or already is) the best, and the test is a strict <, so C keeps its state.
-            continue
-        sum_l = zero
-        sum_l2 = zero
-        sum_xl = zero
-        for i in range(n):
-            wl = wv[i] * lv[i]
-            sum_l += wl
-            sum_l2 += wl * lv[i]
-            sum_xl += wl * x[i]
-        d = sum_w * sum_l2 - sum_l * sum_l
-        if not d > 0:
-            continue
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / d
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d
-        if this_min > 0:
-            this_min = zero
-            this_scale = sum_xl / sum_l2
-        cur = zero
-        i = 0
-        while i < n:
-            end = min(n, i + 8)
-            if use_mad:
-                for k in range(i, end):
-                    cur += wv[k] * abs(this_scale * lv[k] + this_min - x[k])
-            else:
-                for k in range(i, end):
-                    diff = this_scale * lv[k] + this_min - x[k]
-                    cur += wv[k] * (diff * diff)
-            if nonneg and cur >= best:
-                break
-            i = end
-        if cur < best:
-            for k in range(n):
-                L[k] = np.uint8(lv[k])
-            best = cur
-            scale = this_scale
-            if this_min != mn:
-                for k in range(n):
-                    xm[k] = x[k] - this_min
-            mn = this_min
-    return scale, -mn
-
-
-@njit(cache=True, error_model="numpy")
-def make_qkx2_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
-    """make_qkx2_quants(x: f32[n], w: f32[n], nmax: int, L: u8[n] out, rmin: float, rdelta: float,
-    nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
-
-    ggml's make_qkx2_quants (the K-quant ref paths): asymmetric levels 0..nmax with x ~ scale*L - the_min,
-    min = min(0, min x). Candidates iscale = (rmin + rdelta*is + nmax)/(max-min), is = 0..nstep, each
-    least-squares fitted (scale, min<=0), kept if its weighted error (|d| if use_mad else d*d) is
-    strictly smaller; a winning candidate's min is used by the later candidates (as in C).
-    max == min: L = 0, returns (0, -min). the_min is >= 0 (may be -0.0). n <= 64.
-    """
-    return _make_qkx(
-        x, w, np.int64(nmax), L, rmin, rdelta, np.int64(nstep), np.bool_(use_mad), work, np.bool_(True)
-    )
-
-
-@njit(cache=True, error_model="numpy")
-def make_qkx3_quants(x, w, nmax, L, rmin, rdelta, nstep, use_mad, work):
-    """make_qkx3_quants(x: f32[n], w: f32[n] | f32[0], nmax: int, L: u8[n] out, rmin: float,
-    rdelta: float, nstep: int, use_mad: bool, work) -> (scale: float32, the_min: float32).
-
-    ggml's make_qkx3_quants (the imatrix paths, called with rmin=-0.9, rdelta=0.05, nstep=36,
-    use_mad=False): as make_qkx2_quants, except w empty -> w = x*x and the degenerate test is max <= min.
-    """
-    return _make_qkx(
-        x, w, np.int64(nmax), L, rmin, rdelta, np.int64(nstep), np.bool_(use_mad), work, np.bool_(False)
-    )
-
-
-@njit(cache=True, error_model="numpy")
 def make_qp_quants(x, nmax, L, qw):
     """make_qp_quants(x: f32[n], nmax: int, L: u8[n] out, qw: f32[n]) -> float32 scale.
 
@@ -380,9 +240,7 @@ def make_qp_quants(x, nmax, L, qw):
     for i in range(n):
         mx = mx if mx > x[i] else x[i]
     if mx < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
-        return F32(0.0)
+        return _all_zero(L, n)
     fn = F32(nmax)
     iscale = fn / mx
     for i in range(n):

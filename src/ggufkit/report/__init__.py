@@ -30,7 +30,8 @@ the old file or the new one, never half of one; a re-run reuses everything alrea
 
 Modules, in the order the run uses them: run.py (run_report and the table's rows), measure.py (the cached
 steps: base, level, quality/speed/RAM), records.py (JSON records, cache keys), notes.py (the
-computed notes), render.py (table text, report.md/png/html/json).
+computed notes), render.py (table text, report.md/png/html/json); with `optimize`, optimized.py (the
+"LEVEL imatrix" and "LEVEL opt" rows beside each level that uses an importance matrix).
 """
 
 from .measure import CONTEXTS, ReportError

@@ -68,7 +68,7 @@ def machine_facts() -> dict:
         total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pass
-    from ..engine.llama import cpu_count
+    from ..engine.numerics import cpu_count
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
@@ -93,7 +93,7 @@ def default_threads() -> int:
     """The cores not already busy (by the 1-minute load average), at least one. llama.cpp's threads spin at
     their barriers, so running as many threads as cores on a machine that is busy elsewhere is many times
     slower than running fewer; on an idle machine this is all the cores."""
-    from ..engine.llama import cpu_count
+    from ..engine.numerics import cpu_count
 
     cores = cpu_count()
     try:
@@ -241,7 +241,15 @@ def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int
         progress(f"quantizing {p.index + 1}/{p.n_tensors}", p.bytes_done / max(p.bytes_total, 1))
 
     s = quantize_file(base["path"], path, level, threads=threads, progress=cb)
-    plan = s.plan
+    meta = level_record(s, key)
+    write_json(meta_path, meta)
+    meta["reused"] = False
+    return meta
+
+
+def level_record(s, key: dict) -> dict:
+    """The JSON record of a level file quantize_file wrote (its QuantizeSummary `s`), under `key`."""
+    path, plan = Path(s.dst), s.plan
     fallbacks: dict[str, int] = {}  # "Q4_K -> Q5_0" -> number of tensors
     fallback_rows: set[int] = set()
     for tp in s.fallbacks:
@@ -249,7 +257,7 @@ def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int
         what = f"{wanted.name} -> {used.name}"
         fallbacks[what] = fallbacks.get(what, 0) + 1
         fallback_rows.add(int(tp.shape[0]))
-    meta = {
+    return {
         "key": key,
         "path": str(path),
         "size_bytes": path.stat().st_size,
@@ -266,9 +274,6 @@ def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int
         "tensor_sha256": tensor_sha256(path),
         "quantize_seconds": s.seconds,
     }
-    write_json(meta_path, meta)
-    meta["reused"] = False
-    return meta
 
 
 def _speed(path, tokens, *, engine: str, threads: int | None) -> dict:

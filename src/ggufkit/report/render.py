@@ -123,12 +123,23 @@ def render_markdown(data: dict) -> str:
 
 
 def render_png(data: dict) -> bytes:
+    buf = io.BytesIO()
+    size_quality_figure(data).savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def size_quality_figure(data: dict):
+    """report.png's matplotlib Figure: size vs mean KLD (log) and vs same-top agreement, one labelled point
+    per level; the calibrated rows, if any, as series of their own with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    rows = sorted((r for r in data["levels"] if not r.get("base")), key=lambda r: r["size_bytes"])
+    rows = sorted(
+        (r for r in data["levels"] if not r.get("base") and not r.get("variant")),
+        key=lambda r: r["size_bytes"],
+    )
     base = next((r for r in data["levels"] if r.get("base")), None)
     fig = Figure(figsize=(11, 4.5), dpi=110)
     ax1, ax2 = fig.subplots(1, 2)
@@ -147,6 +158,7 @@ def render_png(data: dict) -> bytes:
         ax.set_xlabel("file size (MiB)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
+    _plot_variants(data, ax1, ax2)
     ax1.set_yscale("log")
     if base is not None:
         ax2.axhline(100.0, color="gray", ls="--", lw=1)
@@ -164,9 +176,37 @@ def render_png(data: dict) -> bytes:
         fontsize=10,
     )
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig
+
+
+# the calibrated rows (report/optimized.py) as their own series: (variant, legend label, style, colour)
+VARIANT_STYLES = (
+    ("imatrix", "llama.cpp + imatrix", "s--", "tab:orange"),
+    ("opt", "ggufkit optimized", "^-", "tab:green"),
+)
+
+
+def _plot_variants(data: dict, ax1, ax2) -> None:
+    """The "LEVEL imatrix" and "LEVEL opt" rows, each a series with its own marker, and a legend; nothing
+    when the report has none."""
+    series = [
+        (
+            label,
+            style,
+            colour,
+            sorted((r for r in data["levels"] if r.get("variant") == v), key=lambda r: r["size_bytes"]),
+        )
+        for v, label, style, colour in VARIANT_STYLES
+    ]
+    if not any(rows for *_, rows in series):
+        return
+    for ax, key in ((ax1, "kld_mean"), (ax2, "same_top")):
+        ax.lines[0].set_label("llama.cpp levels")
+        for label, style, colour, rows in series:
+            if rows:
+                ys = [max(r[key], 1e-6) if key == "kld_mean" else r[key] for r in rows]
+                ax.plot([r["size_bytes"] / (1 << 20) for r in rows], ys, style, color=colour, label=label)
+        ax.legend(fontsize=8)
 
 
 def render_html(data: dict, png: bytes) -> str:

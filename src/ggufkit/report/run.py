@@ -77,6 +77,10 @@ def run_report(
     task: str = "chat",
     work: str | os.PathLike | None = None,
     progress: Callable[[ReportProgress], None] | None = None,
+    optimize: bool = False,
+    imatrix: str | os.PathLike | None = None,
+    calib_chunks: int | None = None,
+    weighting: str = "perturb",
 ) -> Report:
     """Quantize `model` (a GGUF, a Hugging Face checkpoint folder, converted first, or the name of a known
     model in models.MODELS such as "gemma3-270m"; default: SmolLM2-135M-Instruct) to each level, measure
@@ -84,7 +88,12 @@ def run_report(
     ./ggufkit-report). Returns the Report; raises ReportError / GgufkitError (ConvertError for a folder the
     converter refuses) for anything that cannot be done as asked. `work` is where the converted folder, the
     base, the level files and the cached measurements live (default cache_dir("report-cache")/<sha[:16]>,
-    for a folder hf-<content sha[:16]>)."""
+    for a folder hf-<content sha[:16]>).
+
+    optimize: after each level that uses an importance matrix, the rows "LEVEL imatrix" (llama-quantize
+    --imatrix's file) and "LEVEL opt" (optimize_file's at the same size, `weighting` as its), both from
+    `imatrix` (a llama-imatrix file) or one computed on `calib_chunks` chunks (default 16) of the
+    calibration text; see report/optimized.py."""
     from .. import memory
     from .. import recommend as picker
     from ..evaluation import read_text
@@ -108,11 +117,12 @@ def run_report(
             )
         if name not in names:
             names.append(name)
+    opt_levels = _optimize_options(names, optimize, imatrix, calib_chunks, weighting)
     chunks = chunks or (QUICK_CHUNKS if quick else DEFAULT_CHUNKS)
     engine = resolve_engine(engine)
     threads = threads if threads and threads > 0 else default_threads()
     body, text_name = read_text(text)
-    n_steps = 1 + len(names)
+    n_steps = 1 + len(names) + (1 + 2 * len(opt_levels) if optimize else 0)
 
     def step(index: int, level: str):
         def cb(label: str, fraction: float) -> None:
@@ -177,45 +187,14 @@ def run_report(
         cb("done", 1.0)
 
     rows = [_base_row(base, base_rec, results)]
-    for lv in names:
-        q, r = quant[lv], results[lv]
-        rows.append(
-            {
-                "level": lv,
-                "base": False,
-                "size_bytes": q["size_bytes"],
-                "bpw": q["bpw"],
-                "ppl": r["ppl"],
-                "ppl_err": r["ppl_err"],
-                "base_ppl": r["base_ppl"],
-                "ppl_delta": r["ppl"] - r["base_ppl"],
-                "ppl_delta_pct": 100 * (r["ppl"] / r["base_ppl"] - 1),
-                "ln_ppl_ratio_err": r["ln_ppl_ratio_err"],
-                "kld_mean": r["kld_mean"],
-                "kld_err": r["kld_err"],
-                "kld_p99": r["kld_p99"],
-                "same_top": r["same_top"],
-                "same_top_err": r["same_top_err"],
-                "rms_dp": r["rms_dp"],
-                "tok_s": r["tok_s"],
-                "pp_tok_s": r["pp_tok_s"],
-                "tok_s_engine": r["tok_s_engine"],
-                "tok_s_kind": r["tok_s_kind"],
-                "threads": r.get("threads"),
-                "ram_bytes": r["ram_by_ctx"][str(PICK_CTX)],
-                "ram_by_ctx": r["ram_by_ctx"],
-                "n_fallback": q["n_fallback"],
-                "n_quantized": q["n_quantized"],
-                "fallbacks": q["fallbacks"],
-                "file_sha256": q["file_sha256"],
-                "tensor_sha256": q["tensor_sha256"],
-                "path": q["path"],
-                "quantized_now": not q["reused"],
-                "measured_now": not r["reused"],
-            }
-        )
+    rows += [_level_row(lv, quant[lv], results[lv]) for lv in names]
     info = memory.load_source(model_path)
-    notes += notes_for(rows, quant, info, opts)
+    notes += notes_for(rows, quant, info, opts)  # the ladder's notes: llama-quantize's levels alone
+    if optimize:
+        rows, extra = _calibrated(
+            rows, base, opt_levels, opts, work, tokens, step, 1 + len(names), notes,
+            imatrix=imatrix, calib_chunks=calib_chunks, weighting=weighting, threads=threads,
+        )  # fmt: skip
     data = {
         "ggufkit_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -225,7 +204,9 @@ def run_report(
         "model_sha256": model_sha,  # the GGUF the ladder starts from (for a folder: its conversion)
         "source": source,
         "base": base,
-        "options": {k: v for k, v in opts.items() if k != "text_path"} | {"levels": names, "quick": quick},
+        "options": {k: v for k, v in opts.items() if k != "text_path"}
+        | {"levels": names, "quick": quick}
+        | ({"optimize": extra} if optimize else {}),
         "units": {
             "same_top": "percent",
             "ppl_delta_pct": "percent",
@@ -248,6 +229,115 @@ def run_report(
     }
     data["seconds"] = time.perf_counter() - t_start
     return Report(data, out_dir, write_outputs(data, out_dir))
+
+
+def _optimize_options(names, optimize, imatrix, calib_chunks, weighting) -> list[str]:
+    """The levels that get calibrated rows (none without `optimize`); the options checked first."""
+    if not optimize:
+        if imatrix is not None or calib_chunks is not None:
+            raise ReportError("an imatrix or calib_chunks is for the calibrated rows: add optimize")
+        return []
+    from ..optimize.sensitivity import WEIGHTINGS
+    from .optimized import calibrated_levels
+
+    if weighting not in WEIGHTINGS:
+        raise ReportError(f"unknown weighting {weighting!r} (known: {', '.join(WEIGHTINGS)})")
+    if imatrix is not None and calib_chunks is not None:
+        raise ReportError("give an imatrix or calib_chunks, not both")
+    if calib_chunks is not None and calib_chunks < 1:
+        raise ReportError(f"calib_chunks must be at least 1, got {calib_chunks}")
+    if imatrix is not None and not Path(imatrix).is_file():
+        raise ReportError(f"{imatrix}: no such imatrix file")
+    return calibrated_levels(names)
+
+
+def _calibrated(rows, base, levels, opts, work, tokens, step, first, notes, *, imatrix, calib_chunks,
+                weighting, threads) -> tuple[list[dict], dict]:  # fmt: skip
+    """The rows with "LEVEL imatrix" and "LEVEL opt" after each of `levels` (report/optimized.py), and what
+    report.json's options say about them; their notes appended to `notes`."""
+    from . import optimized as opt
+
+    cb = step(first, "imatrix")
+    imx = opt.importance_matrix(
+        base, work, cb, imatrix=imatrix, chunks=calib_chunks or opt.DEFAULT_CALIB_CHUNKS, threads=threads
+    )
+    grid = opt.on_grid(base, imx["path"]) if base["dequantized_from"] else {}
+    excluded = [q for q, g in grid.items() if g["exact"] >= opt.GRID_SHARE]
+    cb("done", 1.0)
+    extra: dict[str, list[dict]] = {}
+    for k, lv in enumerate(levels):
+        for j, variant in enumerate(opt.VARIANTS):
+            cb = step(first + 1 + 2 * k + j, f"{lv} {variant}")
+            cb("quantizing", 0.0)
+            sub = lambda label, f, cb=cb: cb(label, 0.2 * f)  # noqa: E731
+            if variant == "imatrix":
+                q = opt.imatrix_level(base, lv, imx, work, sub, threads=threads)
+            else:
+                q = opt.opt_level(
+                    base, lv, imx, work, sub, exclude=excluded, weighting=weighting, threads=threads
+                )
+            r = measure_file(Path(q["path"]), q["tensor_sha256"], base, opts, work, tokens, cb)
+            row = _level_row(f"{lv} {variant}", q, r) | {"variant": variant, "of_level": lv}
+            if variant == "opt":
+                row |= {
+                    "types": q["types"],
+                    "budget_bytes": q["budget"],
+                    "reference_bytes": q["reference_bytes"],
+                }
+            extra.setdefault(lv, []).append(row)
+            cb("done", 1.0)
+    out = []
+    for row in rows:
+        out += [row, *extra.get(row["level"], [])] if not row.get("base") else [row]
+    info = {
+        "levels": levels,
+        "weighting": weighting,
+        "imatrix": {
+            k: v for k, v in imx.items() if k in ("path", "sha256", "computed", "text", "chunks", "ctx")
+        },
+        "grid": grid,
+        "excluded": excluded,
+        "dequantized_from": base["dequantized_from"],
+    }
+    notes += opt.notes(out, info)
+    return out, info
+
+
+def _level_row(lv: str, q: dict, r: dict) -> dict:
+    """A quantized file's row: its quantization record `q` and its measurements `r`."""
+    return {
+        "level": lv,
+        "base": False,
+        "size_bytes": q["size_bytes"],
+        "bpw": q["bpw"],
+        "ppl": r["ppl"],
+        "ppl_err": r["ppl_err"],
+        "base_ppl": r["base_ppl"],
+        "ppl_delta": r["ppl"] - r["base_ppl"],
+        "ppl_delta_pct": 100 * (r["ppl"] / r["base_ppl"] - 1),
+        "ln_ppl_ratio_err": r["ln_ppl_ratio_err"],
+        "kld_mean": r["kld_mean"],
+        "kld_err": r["kld_err"],
+        "kld_p99": r["kld_p99"],
+        "same_top": r["same_top"],
+        "same_top_err": r["same_top_err"],
+        "rms_dp": r["rms_dp"],
+        "tok_s": r["tok_s"],
+        "pp_tok_s": r["pp_tok_s"],
+        "tok_s_engine": r["tok_s_engine"],
+        "tok_s_kind": r["tok_s_kind"],
+        "threads": r.get("threads"),
+        "ram_bytes": r["ram_by_ctx"][str(PICK_CTX)],
+        "ram_by_ctx": r["ram_by_ctx"],
+        "n_fallback": q["n_fallback"],
+        "n_quantized": q["n_quantized"],
+        "fallbacks": q["fallbacks"],
+        "file_sha256": q["file_sha256"],
+        "tensor_sha256": q["tensor_sha256"],
+        "path": q["path"],
+        "quantized_now": not q["reused"],
+        "measured_now": not r["reused"],
+    }
 
 
 def _base_row(base: dict, rec: dict, results: dict[str, dict]) -> dict:

@@ -42,9 +42,12 @@ _SOURCES = (
     _QUANTS / "fp.py",
     _QUANTS / "rounding.py",
     _QUANTS / "search.py",
+    _QUANTS / "search_qkx.py",
     _QUANTS / "lockstep.py",
     _QUANTS / "legacy.py",
     _QUANTS / "kblocks.py",
+    _QUANTS / "kblocks_min.py",
+    _QUANTS / "kblocks_signed.py",
     _QUANTS / "kquants.py",
     _QUANTS / "iq4.py",
     _QUANTS / "registry.py",  # the facts frozen into it: type ids, sizes, the legacy searches
