@@ -8,7 +8,7 @@ import sys
 from .. import report as rep
 from ..models import DEFAULT_MODEL, MODELS
 from ..recommend import TASKS
-from .options import add_text, chunk_args
+from .options import add_imatrix, add_text, chunk_args
 
 
 def add_parser(sub):
@@ -77,11 +77,11 @@ def _add_optimize_options(p) -> None:
         "calibrated rows",
         "--optimize: after each level that uses an importance matrix (not Q8_0), 'LEVEL imatrix' "
         "(llama-quantize --imatrix's file) and 'LEVEL opt' (ggufkit quantize --optimize's, no larger than "
-        "LEVEL's file), both from --imatrix FILE or one computed on the calibration half of the pydoc "
-        "topics.",
+        "LEVEL's file), both from --imatrix FILE or, by default, one computed on the calibration half of "
+        "the pydoc topics.",
     )
     o.add_argument("--optimize", action="store_true", help="add the calibrated rows")
-    o.add_argument("--imatrix", metavar="FILE", help="a llama-imatrix file for them (default: computed)")
+    add_imatrix(o)
     o.add_argument(
         "--calib-chunks", type=int, metavar="N", help="chunks of 512 tokens to calibrate on (default 16)"
     )

@@ -1,13 +1,10 @@
 """The measuring steps of the report, each cached in the work folder: the full-precision base, one level's
-quantized file, and one file's quality (against the base), speed and RAM; plus the machine facts and the
-thread and engine choices they run with."""
+quantized file, and one file's quality (against the base), speed and RAM (the machine facts and the thread
+and engine choices they run with are in machine.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import math
-import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,66 +48,6 @@ def _weight_types(path) -> dict[str, int]:
                 name = _type_name(t.ggml_type)
                 out[name] = out.get(name, 0) + 1
     return out
-
-
-def machine_facts() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    total = None
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        pass
-    from ..engine.numerics import cpu_count
-
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {
-        "cpu": cpu,
-        "cores": cpu_count(),
-        "ram_total_bytes": total,
-        "system": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "python": platform.python_version(),
-        "load_average_1min": round(load, 2) if load is not None else None,
-    }
-
-
-def llama_cpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def default_threads() -> int:
-    """The cores not already busy (by the 1-minute load average), at least one. llama.cpp's threads spin at
-    their barriers, so running as many threads as cores on a machine that is busy elsewhere is many times
-    slower than running fewer; on an idle machine this is all the cores."""
-    from ..engine.numerics import cpu_count
-
-    cores = cpu_count()
-    try:
-        busy = os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return cores
-    return max(1, min(cores, cores - math.floor(busy + 0.5)))
-
-
-def resolve_engine(engine: str) -> str:
-    from ..evaluation import ENGINES
-
-    if engine == "auto":
-        return "llama.cpp" if llama_cpp_available() else "builtin"
-    if engine not in ENGINES:
-        raise ReportError(f"unknown engine {engine!r} (known: auto, {', '.join(ENGINES)})")
-    return engine
 
 
 # -- the base ---------------------------------------------------------------------------------------------
@@ -218,20 +155,27 @@ def prepare_base(
 # -- one level --------------------------------------------------------------------------------------------
 
 
-def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int | None = None) -> dict:
-    """The level's GGUF in `work/levels`, quantized once per (base, level, quantizer code)."""
+def quantize_level(
+    base: dict, level: str, work: Path, progress, *, threads: int | None = None, imatrix: dict | None = None
+) -> dict:
+    """The level's GGUF in `work/levels`, quantized once per (base, level, quantizer code); with `imatrix`
+    (the report's record of one), llama-quantize --imatrix's file in `work/optimized`, once per (base,
+    level, imatrix, code)."""
     from ..quantize.job import quantize_file
 
-    folder = work / "levels"
+    folder = work / ("optimized" if imatrix else "levels")
     folder.mkdir(exist_ok=True)
-    path = folder / f"{level}.gguf"
-    meta_path = folder / f"{level}.json"
+    stem = f"{level}-imatrix" if imatrix else level
+    path = folder / f"{stem}.gguf"
+    meta_path = folder / f"{stem}.json"
     key = {
         "base_sha256": base["sha256"],
         "level": level,
         "code": code_fingerprint(_QUANT_CODE),
         "v": CACHE_VERSION,
     }
+    if imatrix:
+        key["imatrix_sha256"] = imatrix["sha256"]
     meta = read_json(meta_path)
     if meta and meta.get("key") == key and path.is_file() and path.stat().st_size == meta.get("size_bytes"):
         meta["reused"] = True
@@ -240,7 +184,8 @@ def quantize_level(base: dict, level: str, work: Path, progress, *, threads: int
     def cb(p):
         progress(f"quantizing {p.index + 1}/{p.n_tensors}", p.bytes_done / max(p.bytes_total, 1))
 
-    s = quantize_file(base["path"], path, level, threads=threads, progress=cb)
+    imx = imatrix["path"] if imatrix else None
+    s = quantize_file(base["path"], path, level, imatrix=imx, threads=threads, progress=cb)
     meta = level_record(s, key)
     write_json(meta_path, meta)
     meta["reused"] = False

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..cache import sha256_file
 from ..gguf.reader import open_gguf
-from .measure import _QUANT_CODE, CACHE_VERSION, FLOAT_TYPES, ReportError, level_record
+from .measure import _QUANT_CODE, CACHE_VERSION, FLOAT_TYPES, ReportError
 from .records import code_fingerprint, read_json, record_key, tensor_sha256, write_json
 
 CALIB_CTX = 512  # tokens per calibration chunk, llama-imatrix's default
@@ -167,34 +167,6 @@ def on_grid(base: dict, imatrix_path) -> dict[str, dict[str, float]]:
         q: {"exact": float(e / n), "error_ratio": float(on / off) if off > 0 else 1.0}
         for q, (e, n, on, off) in sorted(sums.items())
     }
-
-
-def imatrix_level(base: dict, level: str, imx: dict, work: Path, progress, *, threads=None) -> dict:
-    """LEVEL imatrix: llama-quantize --imatrix's file of the base, once per (base, level, imatrix, code)."""
-    from ..quantize.job import quantize_file
-
-    folder = work / "optimized"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{level}-imatrix.gguf"
-    meta_path = folder / f"{level}-imatrix.json"
-    key = {
-        "base_sha256": base["sha256"],
-        "level": level,
-        "imatrix_sha256": imx["sha256"],
-        "code": code_fingerprint(_QUANT_CODE),
-        "v": CACHE_VERSION,
-    }
-    meta = read_json(meta_path)
-    if _meta_ok(meta, key, path, "size_bytes"):
-        return meta | {"reused": True}
-
-    def cb(p):
-        progress(f"quantizing {p.index + 1}/{p.n_tensors}", p.bytes_done / max(p.bytes_total, 1))
-
-    s = quantize_file(base["path"], path, level, imatrix=imx["path"], threads=threads, progress=cb)
-    meta = level_record(s, key)
-    write_json(meta_path, meta)
-    return meta | {"reused": False}
 
 
 def opt_level(

@@ -16,17 +16,14 @@ from ..cache import cache_dir, sha256_file
 from ..gguf.reader import open_gguf
 from ..models import MODELS, default_model_path
 from ..models import model_path as known_model_path
+from .machine import default_threads, llama_cpp_available, machine_facts, resolve_engine
 from .measure import (
     FLOAT_TYPES,
     ReportError,
     convert_checkpoint,
-    default_threads,
-    llama_cpp_available,
-    machine_facts,
     measure_file,
     prepare_base,
     quantize_level,
-    resolve_engine,
     speed_tokens,
 )
 from .notes import notes_for
@@ -271,7 +268,7 @@ def _calibrated(rows, base, levels, opts, work, tokens, step, first, notes, *, i
             cb("quantizing", 0.0)
             sub = lambda label, f, cb=cb: cb(label, 0.2 * f)  # noqa: E731
             if variant == "imatrix":
-                q = opt.imatrix_level(base, lv, imx, work, sub, threads=threads)
+                q = quantize_level(base, lv, work, sub, threads=threads, imatrix=imx)
             else:
                 q = opt.opt_level(
                     base, lv, imx, work, sub, exclude=excluded, weighting=weighting, threads=threads
