@@ -236,10 +236,9 @@ def test_builtin_engine_measures_the_same_damage(
     # nothing wrong; KLD (+0.6 %) and same-top (+0.05 points) are far less sensitive. On 2026-12-04, on a
     # machine whose OpenBLAS picks its SkylakeX (AVX-512) kernels (another summation order; tree 1d83922
     # passed CI elsewhere), this file gave +0.76 % (KLD +0.85 %, same-top +0.34 points, base PPL +0.003 %):
-    # inside
-    # llama.cpp's own spread against itself (up to 0.82 %). So the PPL bar is 1 %, just above that spread:
-    # one draw cannot be held to less than the reference's own noise. The KLD (5 %) and same-top (0.5 points)
-    # bars are unchanged.
+    # inside llama.cpp's own spread against itself (up to 0.82 %). So the PPL bar is 1 %, just above that
+    # spread: one draw cannot be held to less than the reference's own noise. The KLD (5 %) and same-top
+    # (0.5 points) bars are unchanged.
     assert ours.ppl == pytest.approx(ref["ppl"], rel=0.01)
     assert abs(ours.same_top - ref["same_top"]) <= 0.5
 
