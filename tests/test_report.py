@@ -26,6 +26,7 @@ import pytest
 
 from ggufkit import report as rep
 from ggufkit.cache import sha256_file
+from tests.helpers.signals import sigint_default
 
 LEVELS = ["Q8_0", "Q3_K_S", "Q2_K"]
 # the ladder's run; the re-run test repeats it with the same options and must reuse every result
@@ -254,7 +255,9 @@ def test_ctrl_c_leaves_nothing_half_written(smollm2_path, tmp_path):
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default
+    )
     deadline = time.monotonic() + 300
     caught = False
     while time.monotonic() < deadline and proc.poll() is None:

@@ -33,6 +33,7 @@ from ggufkit.gguf.writer import GGUFStreamWriter, TensorEntry
 from ggufkit.quantize.job import quantize_file
 from tests.helpers.gguf_build import write_gguf
 from tests.helpers.llama_programs import llama_model_quantize
+from tests.helpers.signals import sigint_default
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -256,7 +257,11 @@ def _start_slow_job(src: Path, dst: Path) -> tuple[subprocess.Popen, Path]:
     """Start the CLI on a job that takes about a minute (IQ4_NL on SmolLM2) and wait until its temporary
     file holds tensor data (mid-write). Returns the process and the temporary file."""
     proc = subprocess.Popen(
-        _cli(src, dst, "IQ4_NL", 2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()
+        _cli(src, dst, "IQ4_NL", 2),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_env(),
+        preexec_fn=sigint_default,
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
