@@ -40,24 +40,9 @@ from tests.helpers.gguf_build import write_gguf
 
 
 def _llama_cpp_logits(path, tokens: np.ndarray) -> np.ndarray:
-    import llama_cpp
+    from tests.helpers.llama_programs import llama_cpp_logits
 
-    n = len(tokens)
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n,
-        n_batch=n,
-        n_ubatch=n,
-        logits_all=True,
-        n_threads=2,
-        flash_attn=True,
-        verbose=False,
-    )
-    llm.reset()
-    llm.eval([int(t) for t in tokens])
-    out = np.array(llm.scores[:n], dtype=np.float32)
-    llm.close()
-    return out
+    return llama_cpp_logits(path, [tokens])[0]
 
 
 def _ours(path, tokens: np.ndarray) -> np.ndarray:

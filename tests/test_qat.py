@@ -356,28 +356,9 @@ LOGIT_ARCHS = {"llama": False, "qwen2": True, "qwen3": False, "gemma3": True}  #
 
 def _llama_cpp_window_logits(path, inputs: np.ndarray) -> np.ndarray:
     """llama.cpp's logits [windows, ctx, vocab], each window a fresh sequence (as tests/test_engine.py)."""
-    import llama_cpp
+    from tests.helpers.llama_programs import llama_cpp_logits
 
-    n = inputs.shape[1]
-    llm = llama_cpp.Llama(
-        model_path=str(path),
-        n_ctx=n,
-        n_batch=n,
-        n_ubatch=n,
-        logits_all=True,
-        n_threads=2,
-        flash_attn=True,
-        verbose=False,
-    )
-    try:
-        out = []
-        for window in inputs:
-            llm.reset()
-            llm.eval([int(t) for t in window])
-            out.append(np.array(llm.scores[:n], dtype=np.float32))
-    finally:
-        llm.close()
-    return np.stack(out)
+    return llama_cpp_logits(path, inputs)
 
 
 def _torch_logits(model, inputs: np.ndarray) -> np.ndarray:

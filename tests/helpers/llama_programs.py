@@ -17,6 +17,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggufkit.cache import cache_dir
@@ -370,3 +371,24 @@ def reference_imatrix(
         raise RuntimeError(f"llama-imatrix failed ({run.returncode}): {' '.join(cmd)}\n{run.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
+
+
+def llama_cpp_logits(path, windows) -> np.ndarray:
+    """llama.cpp's logits (llama-cpp-python, 2 threads, flash attention, one batch) for each window of token
+    ids, each a fresh sequence: float32 [windows, n, vocab] for windows of n tokens."""
+    import llama_cpp
+
+    n = len(windows[0])
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, n_threads=2, flash_attn=True,
+        verbose=False,
+    )  # fmt: skip
+    try:
+        out = []
+        for window in windows:
+            llm.reset()
+            llm.eval([int(t) for t in window])
+            out.append(np.array(llm.scores[:n], dtype=np.float32))
+    finally:
+        llm.close()
+    return np.stack(out)
