@@ -30,6 +30,7 @@ from ggufkit.calibrate import ImatrixInterrupted, ImatrixStats, compute_imatrix
 from ggufkit.errors import QuantizeError
 from ggufkit.quantize.imatrix import read_imatrix
 from tests.helpers.gguf_build import write_gguf
+from tests.helpers.signals import sigint_default
 from tests.test_gguf_file import _mutate, _scalar_fields
 from tests.test_imatrix import write_gguf_imatrix
 
@@ -389,6 +390,7 @@ def test_sigint_to_the_command(tiny, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=sigint_default,
     )
     deadline = time.monotonic() + 300
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
