@@ -169,3 +169,68 @@ def test_cached_by_source_seed_and_size(q4_1_model, bases, tmp_path, monkeypatch
     assert offgrid_base(q4_1_model, seed=1, size=SIZE) == p and p.stat().st_mtime_ns == mtime
     others = offgrid_base(q4_1_model, seed=2, size=SIZE), offgrid_base(q4_1_model, seed=1, size=0.25)
     assert len({p, *others}) == 3
+
+
+@pytest.fixture(scope="module")
+def q4_k_m_model(smollm2_path):
+    """A seeded synthetic llama 256 wide quantized to Q4_K_M by llama.cpp: its matmul weights are Q4_K and
+    Q6_K (the K-quant super-blocks of Gemma 3 270M's shipped file), norms F32."""
+    from ggufkit.cache import cache_dir
+    from tests.helpers.llama_programs import llama_model_quantize
+    from tests.helpers.synthetic import synthetic_llama
+
+    f32 = synthetic_llama(
+        smollm2_path, seed=6, dtype="F32", n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, tied=True
+    )
+    target = cache_dir("synthetic") / f"{f32.stem}-Q4_K_M.gguf"
+    if not target.exists():
+        tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
+        llama_model_quantize(f32, tmp, "Q4_K_M")
+        os.replace(tmp, target)
+    return target
+
+
+def test_k_quant_steps_are_the_grid_of_each_sub_block(q4_k_m_model):
+    """element_steps on Q4_K and Q6_K, checked against the dequantized values themselves: inside each
+    sub-block they are a + k * step with integer k (a step too large breaks that), spanning at most the
+    format's levels (a step too small would need more) and most of them (so no coarser grid fits either)."""
+    from tests.helpers.offgrid import element_steps
+
+    seen = set()
+    with open_gguf(q4_k_m_model) as g:
+        for t in g.tensors:
+            fmt = registry.get_format(t.ggml_type)
+            if fmt.name not in ("Q4_K", "Q6_K"):
+                continue
+            seen.add(fmt.name)
+            sub, levels = (32, 15) if fmt.name == "Q4_K" else (16, 63)
+            x = registry.dequantize(np.asarray(t.data()), t.ggml_type, (t.n_elements,)).astype(np.float64)
+            step = element_steps(t).reshape(-1, sub).astype(np.float64)
+            assert (step == step[:, :1]).all(), t.name  # one step per sub-block
+            x = x.reshape(-1, sub)
+            live = step[:, 0] > 0
+            k = (x[live] - x[live].min(axis=1, keepdims=True)) / step[live]
+            assert np.abs(k - np.rint(k)).max() < 1e-3, t.name
+            span = np.rint(k).max(axis=1)
+            assert span.max() <= levels and np.median(span) >= levels / 2, (t.name, span.max())
+    assert seen == {"Q4_K", "Q6_K"}
+
+
+def test_k_quant_noise_is_within_the_bound_of_each_element(q4_k_m_model, tmp_path):
+    from tests.helpers.llama_programs import base_model
+    from tests.helpers.offgrid import element_steps, perturbed_tensors, write_offgrid
+
+    on_grid = base_model(q4_k_m_model, "F32")
+    off = write_offgrid(q4_k_m_model, tmp_path / "off.gguf", seed=3, size=SIZE)
+    with open_gguf(q4_k_m_model) as g:
+        quantized = {t.name: t for t in g.tensors if t.ggml_type.name != "F32"}
+        assert set(perturbed_tensors(q4_k_m_model)) == set(quantized)
+        for name, t in quantized.items():
+            a, b = _f32(on_grid, name).reshape(-1), _f32(off, name).reshape(-1)
+            step = element_steps(t).reshape(-1).astype(np.float64)
+            noise = b.astype(np.float64) - a.astype(np.float64)
+            bound = SIZE * step
+            slack = bound * 2.0**-23 + np.spacing(np.abs(a) + bound.astype(np.float32)) / 2
+            assert (np.abs(noise) <= bound + slack).all(), name
+            ratio = noise[step > 0] / step[step > 0]
+            assert 0.9 < ratio.std() / (SIZE / np.sqrt(3)) < 1.1 and np.abs(ratio).max() > 0.95 * SIZE, name

@@ -5,9 +5,11 @@ sit on a grid; a search that re-finds that grid (every Q4_1 block is a Q5_1 bloc
 scale and min) reproduces the base with no error, a gain no full-precision model would give. `offgrid_base`
 takes the grid away without moving any weight by more than a stated fraction of its own step:
 
-    for every tensor stored in a legacy block format in the source (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: the 2-D
-    matmul weights and token_embd of SmolLM2), each element x in a block of scale d (the block's fp16 d,
-    read from the source's bytes: the step between neighbouring levels of that block) becomes
+    for every tensor stored in a block format in the source whose step element_steps reads (Q4_0, Q4_1,
+    Q5_0, Q5_1, Q8_0: the 2-D matmul weights and token_embd of SmolLM2; Q4_K, Q5_K, Q6_K: Gemma 3 270M's
+    K-quant tensors), each element x of step d (the distance between neighbouring levels where it sits:
+    a legacy block's fp16 d, a K-quant super-block's d times its sub-block's scale, read from the source's
+    bytes) becomes
         x + float32(u * size * |d|),   u ~ Uniform[-1, 1) independently per element,
     u drawn as numpy's Generator(PCG64(seed)).uniform(-1, 1, n) per tensor in the source's tensor order,
     in float64, the product rounded to float32 and added in float32. Every other tensor (the F32 norms) is
@@ -41,24 +43,46 @@ DEFAULT_SEED = 0
 DEFAULT_SIZE = 0.5
 
 
-def block_steps(tensor) -> np.ndarray:
-    """The quantization step |d| of every block of a legacy-format tensor (ggufkit's reader and registry),
-    float32 [n_blocks] in storage order. Legacy blocks start with their scale d as fp16
-    (quants/legacy.py); the levels of a block are d apart."""
+def _k4_scales(raw: np.ndarray) -> np.ndarray:
+    """The eight 6-bit sub-block scales of Q4_K / Q5_K blocks [n, 8] (ggml's get_scale_min_k4: bytes 4..15
+    of the block hold 8 scales and 8 mins, the high two bits of the last four packed into the first eight)."""
+    q = raw[:, 4:16].astype(np.int32)
+    low = q[:, 0:4] & 63
+    high = (q[:, 8:12] & 0xF) | ((q[:, 0:4] >> 6) << 4)
+    return np.concatenate([low, high], axis=1)
+
+
+def element_steps(tensor) -> np.ndarray:
+    """The quantization step of every element of a quantized tensor (ggufkit's reader and registry), float32
+    [n_blocks, block_size] in storage order: the distance between neighbouring levels where that element
+    sits. Legacy blocks (Q4_0 ... Q8_0) start with their scale d as fp16, one step per block; a Q4_K / Q5_K
+    super-block has d (fp16, bytes 0-1) times a 6-bit scale per 32 elements; a Q6_K super-block has d (fp16,
+    its last two bytes) times an int8 scale per 16 elements. Other formats raise ValueError."""
     fmt = registry.get_format(tensor.ggml_type)
-    if fmt.kernels != "legacy":
-        raise ValueError(
-            f"tensor {tensor.name}: {fmt.name} has no single step per block (only the legacy formats do)"
-        )
-    blocks = np.asarray(tensor.data()).reshape(-1, fmt.type_size)
-    d = blocks[:, :2].copy().view(np.float16).reshape(-1).astype(np.float32)
-    return np.abs(d)
+    raw = np.asarray(tensor.data()).reshape(-1, fmt.type_size)
+
+    def f16(lo: int) -> np.ndarray:
+        return raw[:, lo : lo + 2].copy().view(np.float16).reshape(-1).astype(np.float32)
+
+    if fmt.kernels == "legacy":
+        sub = np.abs(f16(0))[:, None]
+    elif fmt.name in ("Q4_K", "Q5_K"):
+        sub = np.abs(f16(0)[:, None] * _k4_scales(raw).astype(np.float32))
+    elif fmt.name == "Q6_K":
+        scales = raw[:, 192:208].copy().view(np.int8).astype(np.float32)
+        sub = np.abs(f16(208)[:, None] * scales)
+    else:
+        raise ValueError(f"tensor {tensor.name}: no step per element for {fmt.name} here")
+    return np.repeat(sub, fmt.block_size // sub.shape[1], axis=1)
+
+
+PERTURBED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")  # element_steps knows these
 
 
 def perturbed_tensors(src) -> list[str]:
-    """The names of the tensors `offgrid_base` perturbs: those stored in a legacy block format in `src`."""
+    """The names of the tensors `offgrid_base` perturbs: those stored in `src` in a PERTURBED format."""
     with open_gguf(src) as g:
-        return [t.name for t in g.tensors if registry.get_format(t.ggml_type).kernels == "legacy"]
+        return [t.name for t in g.tensors if registry.get_format(t.ggml_type).name in PERTURBED]
 
 
 def write_offgrid(src, dst, *, seed: int = DEFAULT_SEED, size: float = DEFAULT_SIZE) -> Path:
@@ -76,7 +100,7 @@ def write_offgrid(src, dst, *, seed: int = DEFAULT_SEED, size: float = DEFAULT_S
             data = np.memmap(tmp, dtype=np.uint8, mode="r+")
             for t in g.tensors:
                 fmt = registry.get_format(t.ggml_type)
-                if fmt.kernels != "legacy":
+                if fmt.name not in PERTURBED:
                     continue
                 o = out.tensor(t.name)
                 if o.ggml_type.name != "F32" or o.shape != t.shape:
@@ -86,7 +110,7 @@ def write_offgrid(src, dst, *, seed: int = DEFAULT_SEED, size: float = DEFAULT_S
                 deq = registry.dequantize(np.asarray(t.data()), t.ggml_type, (t.n_elements,))
                 if not np.array_equal(x.reshape(-1), deq):
                     raise ValueError(f"tensor {t.name}: llama.cpp's F32 is not ggufkit's dequantization")
-                step = block_steps(t)[:, None].astype(np.float64)
+                step = element_steps(t).astype(np.float64)
                 u = rng.uniform(-1.0, 1.0, size=x.shape)
                 x += (u * (size * step)).astype(np.float32)
             data.flush()

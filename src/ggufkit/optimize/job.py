@@ -6,7 +6,7 @@ The pipeline:
      section, the tensors kept as they are included);
   2. the statistics: an importance matrix from `imatrix` (a llama-imatrix file), or computed by the
      built-in engine over `calib` (default: evaluation.calibration_text, never the evaluation half); with
-     feedback.py present, also each weight's full input covariance (calibrate/hessian.py);
+     kernel "feedback", also each weight's full input covariance (calibrate/hessian.py), or those given;
   3. the tensors llama-quantize's plan leaves as they are (1-D, norms, ...) are copied; every other one gets
      its candidates' damage measured (allocate.measure), weighted per tensor (sensitivity.py), and the
      allocation picks its type;
@@ -43,25 +43,31 @@ _MEMO: dict = {}  # the last job's statistics, damages and factors: reused for a
 LLAMA_FTYPE_GUESSED = 1024  # include/llama.h: the file type when no level describes the mixture
 
 
-def _quantize(w: np.ndarray, qtype: str, hessian: np.ndarray | None, importance: np.ndarray | None):
-    """Rows w [n, k] float32 -> block bytes [n, row_bytes]: error feedback (feedback.py) with a full input
-    covariance, else the standard kernel with the importance vector."""
-    if hessian is None:
+KERNELS = ("standard", "refine", "feedback")  # how the job quantizes one tensor at its chosen type
+FEEDBACK_DAMP = 0.03  # feedback.py's damping with ~16 chunks of calibration (docs/benchmarks.md)
+
+
+def _quantize(w: np.ndarray, qtype: str, hessian: np.ndarray | None, importance: np.ndarray | None,
+              kernel: str = "standard"):  # fmt: skip
+    """Rows w [n, k] float32 -> block bytes [n, row_bytes]. kernel "standard": ggufkit's libggml-identical
+    kernel with the importance vector; "refine": that, then feedback.py's weighted refit of each block's
+    scales (refine.py); "feedback": GPTQ-style error feedback with the tensor's input covariance (where
+    there is one and the type has blocks of codes and scales; the standard kernel elsewhere)."""
+    if kernel == "standard" or qtype not in _feedback_types():
         return registry.quantize(w, qtype, importance=importance)
     from .feedback import quantize_tensor
 
-    return quantize_tensor(w, qtype, hessian=hessian, importance=importance)
+    if kernel == "refine" or hessian is None:
+        if kernel == "feedback":  # no covariance (token_embd is looked up, not multiplied)
+            return registry.quantize(w, qtype, importance=importance)
+        return quantize_tensor(w, qtype, importance=importance, refine_scales=True)
+    return quantize_tensor(w, qtype, hessian=hessian, damp=FEEDBACK_DAMP)
 
 
-FEEDBACK = False  # see optimize_file: off until measured end to end
+def _feedback_types() -> tuple[str, ...]:
+    from .packing import supported
 
-
-def feedback_available() -> bool:
-    try:
-        from . import feedback  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return supported()
 
 
 @dataclass
@@ -91,19 +97,19 @@ def _tensor_f32(t) -> np.ndarray:
     return registry.dequantize(np.asarray(t.data()), int(t.ggml_type), (rows, t.shape[0]))
 
 
-def _quantized_tensor(t, qtype: str, imps, hs) -> list[np.ndarray]:
+def _quantized_tensor(t, qtype: str, imps, hs, kernel: str = "standard") -> list[np.ndarray]:
     """The whole tensor's block bytes at qtype, one array per expert (one for a 2-D tensor)."""
     w = _tensor_f32(t)
     per = w.shape[0] // len(imps)
     return [
-        _quantize(np.ascontiguousarray(w[e * per : (e + 1) * per]), qtype, hs[e], imps[e])
+        _quantize(np.ascontiguousarray(w[e * per : (e + 1) * per]), qtype, hs[e], imps[e], kernel)
         for e in range(len(imps))
     ]
 
 
-def _requantized(t, qtype: str, imps, hs) -> np.ndarray:
+def _requantized(t, qtype: str, imps, hs, kernel: str = "standard") -> np.ndarray:
     """The tensor quantized at qtype and dequantized: float32 [rows, ne0]."""
-    parts = _quantized_tensor(t, qtype, imps, hs)
+    parts = _quantized_tensor(t, qtype, imps, hs, kernel)
     return np.concatenate([registry.dequantize(q, qtype, (q.shape[0], t.shape[0])) for q in parts])
 
 
@@ -133,13 +139,13 @@ def _budget(model, level_name, vectors, target_bpw, target_size, quantizable) ->
     return reference, reference
 
 
-def _calibrate(src, calib, imatrix, *, folder: Path, ctx, chunks, threads, want_hessian):
+def _calibrate(src, calib, imatrix, hessian, *, folder: Path, ctx, chunks, threads, want_hessian):
     """(imatrix vectors by name, hessian folder or None, description)."""
     from ..quantize.imatrix import load_for_quantize
 
     if imatrix is not None:
         vectors, meta = load_for_quantize(imatrix)
-        return vectors, None, f"imatrix {imatrix}"
+        return vectors, (Path(hessian) if want_hessian else None), f"imatrix {imatrix}"
     from ..calibrate import compute_imatrix
     from ..errors import CalibrationError
 
@@ -170,7 +176,7 @@ def _level_for(types: dict[str, str], model) -> int:
     return LLAMA_FTYPE_GUESSED
 
 
-def _damages(names, by_name, stats, exclude, weighting, model, calib, progress):
+def _damages(names, by_name, stats, exclude, weighting, model, calib, progress, kernel):
     """Each tensor's options (allocate.measure, summed over experts) and its sensitivity factor."""
     from . import sensitivity
 
@@ -186,7 +192,7 @@ def _damages(names, by_name, stats, exclude, weighting, model, calib, progress):
         for e in range(n_mat):
             opts = allocate.measure(
                 w[e * per : (e + 1) * per], t.shape, types,
-                lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im),
+                lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im, kernel),
                 importance=imps[e], hessian=hs[e],
             )  # fmt: skip
             total = (
@@ -202,11 +208,20 @@ def _damages(names, by_name, stats, exclude, weighting, model, calib, progress):
     def quantized(n: str) -> np.ndarray:
         t = by_name[n]
         qtype = cheapest[names.index(n)].qtype
-        return _requantized(t, qtype, *stats(n)).reshape(tuple(reversed(t.shape)))
+        return _requantized(t, qtype, *stats(n), kernel).reshape(tuple(reversed(t.shape)))
 
     text = calibration_body(calib)
     factors = sensitivity.factors(weighting, model, names, [c.damage for c in cheapest], quantized, text=text)
     return options, factors
+
+
+def _plan_options(model, level_name: str, vectors, names) -> list[list[allocate.Option]]:
+    """llama-quantize's type for each of `names` at the level (with `vectors` as its imatrix), as the only
+    option of each tensor (damage 0: nothing is measured)."""
+    from ..quantize.plan import plan_for_gguf
+
+    plan = {tp.name: tp for tp in plan_for_gguf(model, level_name, imatrix=vectors or None).tensors}
+    return [[allocate.Option(plan[n].dst_type.name, pad(plan[n].nbytes), 0.0)] for n in names]
 
 
 def optimize_file(
@@ -216,10 +231,13 @@ def optimize_file(
     *,
     calib: str | os.PathLike | None = None,
     imatrix: str | os.PathLike | None = None,
+    hessian: str | os.PathLike | None = None,
     target_bpw: float | None = None,
     target_size: int | None = None,
     exclude_types: Iterable[str] = (),
     weighting: str = "perturb",
+    kernel: str = "standard",
+    allocation: bool = True,
     ctx: int = 512,
     chunks: int | None = None,
     threads: int | None = None,
@@ -231,8 +249,12 @@ def optimize_file(
 
     calib: a text file to calibrate on (default: the calibration half of the pydoc topics); imatrix: a
     llama-imatrix file instead (diagonal statistics only). exclude_types: types never to use. weighting:
-    how tensors' damages are made comparable (sensitivity.WEIGHTINGS). Returns an OptimizeSummary; raises
-    QuantizeError (a GgufkitError) for what cannot be done."""
+    how tensors' damages are made comparable (sensitivity.WEIGHTINGS). kernel: how each tensor is quantized
+    at its type (KERNELS: "feedback" collects each weight's input covariance while calibrating, so it needs
+    calibration text, or an imatrix file with `hessian`: the covariance folder compute_imatrix(hessian=...)
+    wrote on the same run). allocation=False keeps llama-quantize's per-tensor types for
+    LEVEL (with the statistics as its imatrix), to measure the kernels alone. Returns an OptimizeSummary;
+    raises QuantizeError (a GgufkitError) for what cannot be done."""
     from ..quantize.job import _check_paths, output_kvs
     from ..quantize.levels import level as level_of
     from ..quantize.plan import plan_for_gguf
@@ -252,6 +274,15 @@ def optimize_file(
         raise QuantizeError(f"--target-size must be positive, got {target_size}")
     if calib is not None and imatrix is not None:
         raise QuantizeError("give --calib or --imatrix, not both")
+    if kernel not in KERNELS:
+        raise QuantizeError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    if kernel == "feedback" and imatrix is not None and hessian is None:
+        raise QuantizeError("error feedback needs each weight's input covariance: give calibration text, "
+                            "or the covariances written with the imatrix file")  # fmt: skip
+    if hessian is not None and imatrix is None:
+        raise QuantizeError("covariances come with the imatrix file of the same run: give both")
+    if not allocation and lv is None:
+        raise QuantizeError("keeping llama-quantize's types (allocation=False) needs a LEVEL")
     if weighting not in sensitivity.WEIGHTINGS:
         raise QuantizeError(f"unknown weighting {weighting!r} (known: {', '.join(sensitivity.WEIGHTINGS)})")
     src = Path(src)
@@ -285,20 +316,19 @@ def optimize_file(
                 raise QuantizeError(
                     f"cannot requantize tensor {n}: ggufkit has no dequantizer for {have.name}"
                 )
-        # error feedback end to end (covariances collected, feedback.py per tensor) is not yet measured on
-        # KLD; until it is, the job allocates over the standard kernels (what docs/benchmarks.md measured)
-        want_hessian = FEEDBACK and feedback_available() and imatrix is None
+        want_hessian = kernel == "feedback"
         st = os.stat(src)
-        key = (os.path.realpath(src), st.st_size, st.st_mtime_ns, str(calib), str(imatrix), ctx, chunks,
-               tuple(exclude), weighting)  # fmt: skip
-        memo = None if want_hessian else _MEMO.get(key)
+        key = (os.path.realpath(src), st.st_size, st.st_mtime_ns, str(calib), str(imatrix), str(hessian),
+               ctx, chunks, tuple(exclude), weighting, kernel, allocation)  # fmt: skip
+        keep = not want_hessian or hessian is not None  # a temporary covariance folder is gone afterwards
+        memo = _MEMO.get(key) if keep else None
         if memo is None:
             vectors, hess, calibration = _calibrate(
-                src, calib, imatrix, folder=Path(tmp), ctx=ctx, chunks=chunks, threads=threads,
+                src, calib, imatrix, hessian, folder=Path(tmp), ctx=ctx, chunks=chunks, threads=threads,
                 want_hessian=want_hessian,
             )  # fmt: skip
         else:
-            (vectors, calibration, options, factors), hess = memo, None
+            (vectors, calibration, options, factors), hess = memo, (Path(hessian) if want_hessian else None)
             timings["reused"] = 1.0
         timings["calibrate"] = time.perf_counter() - t0
         budget, reference = _budget(model, lv.name if lv is not None else None, vectors, target_bpw,
@@ -323,14 +353,20 @@ def optimize_file(
 
         names = [tp.name for tp in plan.tensors if tp.name in quantizable]
         t1 = time.perf_counter()
-        if memo is None:
-            options, factors = _damages(names, by_name, stats, exclude, weighting, model, calib, progress)
-            if hess is None:
+        if not allocation:
+            options, factors = _plan_options(model, lv.name, vectors, names), [1.0] * len(names)
+        elif memo is None:
+            options, factors = _damages(
+                names, by_name, stats, exclude, weighting, model, calib, progress, kernel
+            )  # fmt: skip
+            if keep:
                 while len(_MEMO) >= 4:
                     _MEMO.pop(next(iter(_MEMO)))
                 _MEMO[key] = (vectors, calibration, options, factors)
         timings["measure"] = time.perf_counter() - t1
         weighted = [[o._replace(damage=o.damage * f) for o in opts] for opts, f in zip(options, factors)]
+        if not allocation:  # llama-quantize's own plan with these statistics: its size is the budget
+            budget = kept + sum(opts[0].nbytes for opts in options)
         if budget - kept <= 0:
             raise QuantizeError(
                 f"the budget ({budget} bytes) is below the tensors kept as they are ({kept} bytes)"
@@ -362,7 +398,7 @@ def optimize_file(
                     if tp.name not in types or out_type[tp.name] == GGMLQuantizationType(t.ggml_type).name:
                         writer.write(memoryview(np.ascontiguousarray(t.data())))
                     else:
-                        for q in _quantized_tensor(t, out_type[tp.name], *stats(tp.name)):
+                        for q in _quantized_tensor(t, out_type[tp.name], *stats(tp.name), kernel):
                             writer.write(memoryview(q))
                     writer.end_tensor()
                     if progress:
