@@ -112,20 +112,24 @@ class Gemma3Model(LlamaModel):
         glob = self._rope_tables(n_pos)
         return [local if swa else glob for swa in a.swa_layers]
 
-    def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
+    def hidden(
+        self, tokens: np.ndarray, *, group: int = 8, start: int = 0, resid: np.ndarray | None = None,
+        keep: dict | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence),
         layer-major as LlamaModel.hidden."""
         a = self.args
         tokens = self._checked_tokens(tokens)
         C, T = tokens.shape
         D = a.embedding_length
-        x = self._embed(tokens.reshape(-1)).reshape(C * T, D)
-        x *= np.sqrt(np.float32(D))  # ggml_scale(inp, sqrtf(n_embd))
+        x = self._stream(tokens, start, resid)
         ropes = self._layer_ropes(T)
         scale = a.attention_scale
         eps = a.layer_norm_rms_epsilon
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
-        for il in range(a.block_count):
+        for il in range(start, a.block_count):
+            if keep is not None:
+                keep[il] = x.copy()
             w, ty = self._layer(il)
             cos, sin = ropes[il]
             window = a.sliding_window if a.swa_layers[il] else 0
@@ -162,7 +166,14 @@ class Gemma3Model(LlamaModel):
                 down = self._matmul(geglu(gate, up), w["ffn_down"], ty["ffn_down"], name=nm["ffn_down"])
                 xs += rms_norm(down, w["post_ffw_norm"], eps)
             del w
+        if keep is not None:
+            keep[a.block_count] = x.copy()
         return rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+
+    def _embed_stream(self, tokens: np.ndarray) -> np.ndarray:
+        x = super()._embed_stream(tokens)
+        x *= np.sqrt(np.float32(self.args.embedding_length))  # ggml_scale(inp, sqrtf(n_embd))
+        return x
 
     def _softcap(self, logits: np.ndarray) -> np.ndarray:
         """In place: c * tanh(logits * (1/c)) in float32 (ggml_scale, ggml_tanh, ggml_scale)."""
@@ -174,10 +185,12 @@ class Gemma3Model(LlamaModel):
         return logits
 
     def chunk_logits(
-        self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29
+        self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29, **resume
     ) -> Iterator[np.ndarray]:
         """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1,
         softcapped when the model says so. Passes as LlamaModel.chunk_logits; the output weight is
         dequantized once per pass (its F32 [n_vocab, n_embd] form: 0.7 GB on Gemma 3 270M)."""
-        for logits in super().chunk_logits(tokens, first=first, group=group, resident_bytes=resident_bytes):
+        for logits in super().chunk_logits(
+            tokens, first=first, group=group, resident_bytes=resident_bytes, **resume
+        ):
             yield self._softcap(logits)

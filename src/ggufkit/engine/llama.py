@@ -163,20 +163,27 @@ class LlamaModel(GGUFWeights):
             raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
         return tokens
 
-    def hidden(self, tokens: np.ndarray, *, group: int = 8) -> np.ndarray:
+    def hidden(
+        self, tokens: np.ndarray, *, group: int = 8, start: int = 0, resid: np.ndarray | None = None,
+        keep: dict | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Final-norm hidden states [C, T, n_embd] of chunks tokens [C, T] (each chunk its own sequence).
 
         Layer-major: every chunk goes through layer i before any goes through layer i+1; the work inside a
-        layer runs `group` chunks at a time to bound the temporary memory."""
+        layer runs `group` chunks at a time to bound the temporary memory. keep: a dict that receives the
+        residual stream [C*T, n_embd] entering each layer (key block_count: leaving the last); start and
+        resid: resume from such a stream at layer `start` (the layers before it are not run)."""
         a = self.args
         tokens = self._checked_tokens(tokens)
         C, T = tokens.shape
         D = a.embedding_length
-        x = self._embed(tokens.reshape(-1)).reshape(C * T, D)  # the residual stream of every chunk
+        x = self._stream(tokens, start, resid)  # the residual stream of every chunk
         cos, sin = self._rope_tables(T)
         eps = a.layer_norm_rms_epsilon
         H, Hkv, dk = a.head_count, a.head_count_kv, a.key_length
-        for il in range(a.block_count):
+        for il in range(start, a.block_count):
+            if keep is not None:
+                keep[il] = x.copy()
             w, ty = self._layer(il)
             nm = self._observed_names(il)
             for c0 in range(0, C, group):
@@ -215,7 +222,25 @@ class LlamaModel(GGUFWeights):
                 y, rounded = (y[0], {(id(y[0]), "F16"): y[1]}) if f16 else (y, None)
                 xs += self._matmul(y, w["ffn_down"], ty["ffn_down"], rounded, name=nm["ffn_down"])
             del w
+        if keep is not None:
+            keep[a.block_count] = x.copy()
         return fused.rms_norm(x, self._weight("output_norm.weight"), eps).reshape(C, T, D)
+
+    def _stream(self, tokens: np.ndarray, start: int, resid: np.ndarray | None) -> np.ndarray:
+        """The residual stream entering layer `start`: the embeddings (start 0) or a copy of resid."""
+        C, T = tokens.shape
+        D = self.args.embedding_length
+        if resid is None:
+            if start != 0:
+                raise ValueError("resuming at a later layer needs the residual stream entering it")
+            return self._embed_stream(tokens)
+        if resid.shape != (C * T, D) or not 0 <= start <= self.args.block_count:
+            raise ValueError(f"resume at layer {start} with a stream of shape {resid.shape}")
+        return np.array(resid, dtype=np.float32, copy=True)
+
+    def _embed_stream(self, tokens: np.ndarray) -> np.ndarray:
+        C, T = tokens.shape
+        return self._embed(tokens.reshape(-1)).reshape(C * T, self.args.embedding_length)
 
     def _observed_names(self, il: int) -> dict[str, str | None]:
         """Short name -> the tensor name the observer is told (None: not observed, or no observer). A fused
@@ -230,20 +255,23 @@ class LlamaModel(GGUFWeights):
         return names
 
     def chunk_logits(
-        self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29
+        self, tokens: np.ndarray, *, first: int = 0, group: int = 8, resident_bytes: int = 1 << 29, **resume
     ) -> Iterator[np.ndarray]:
         """For each chunk of tokens [C, T], the logits [T - first, n_vocab] of positions first..T-1.
 
         Chunks go layer-major in passes whose residual streams fit in `resident_bytes` (one pass for
         everything up to ~450 chunks of 512 tokens on a 576-wide model), so the weights are dequantized
-        once per pass and memory stays near the file size."""
+        once per pass and memory stays near the file size. resume: hidden's start, resid and keep (one
+        pass only)."""
         tokens = np.asarray(tokens)
         C, T = tokens.shape
         per_pass = max(1, resident_bytes // (T * self.args.embedding_length * 4))
+        if resume and C > per_pass:
+            raise ValueError("resuming a residual stream needs the chunks in one pass")
         name = self._output_name()
         wtype = self._type(name)
         for c0 in range(0, C, per_pass):
-            h = self.hidden(tokens[c0 : c0 + per_pass], group=group)
+            h = self.hidden(tokens[c0 : c0 + per_pass], group=group, **resume)
             out = self._weight(name)
             for c in range(h.shape[0]):
                 yield self._matmul(np.ascontiguousarray(h[c, first:]), out, wtype)

@@ -13,7 +13,9 @@ the logits differently from one in layer 0's attn_k). The weightings (WEIGHTINGS
              the unperturbed ones, over the damage allocate.measure predicted for the same types. The KLD
              is near quadratic in small weight errors, as the damage is, so KLD ~ factor x damage per
              group, and the allocation minimizes the model's predicted KLD. Cost: one forward pass of one
-             chunk per group (29 for a 30-layer llama) and one quantization of every tensor.
+             chunk per group (29 for a 30-layer llama), each resumed from the unperturbed pass's residual
+             stream at the group's first layer (the same logits, 5/8 of the layers on average), and one
+             quantization of every tensor.
 """
 
 from __future__ import annotations
@@ -85,13 +87,32 @@ def perturbed_klds(model, text: str, perturbations: Iterable[dict[str, np.ndarra
 
     engine = Replaced(model)
     ids = _tokens(model, text)[None, :]
-    base = next(engine.chunk_logits(ids))
+    streams: dict[int, np.ndarray] = {}  # the unperturbed residual stream entering each layer
+    base = next(engine.chunk_logits(ids, keep=streams))
     out = []
     for rep in perturbations:
         engine.replaced = rep
-        out.append(_kld(base, next(engine.chunk_logits(ids))))
+        # the layers before the first replaced tensor run as in the unperturbed pass: resume after them
+        start = first_layer(rep, engine.args.block_count)
+        logits = (
+            engine.chunk_logits(ids, start=start, resid=streams[start]) if start else engine.chunk_logits(ids)
+        )
+        out.append(_kld(base, next(logits)))
     engine.replaced = {}
     return out
+
+
+def first_layer(names: Iterable[str], n_layer: int) -> int:
+    """The first layer whose input a replacement of `names` changes: a block tensor's layer, n_layer for the
+    output weight alone (only the logits change), 0 for anything else (the embedding)."""
+    first = n_layer
+    for n in names:
+        m = _LAYER.match(n)
+        if m is not None:
+            first = min(first, int(m.group(1)))
+        elif n != "output.weight":
+            return 0
+    return first
 
 
 def factors(
