@@ -14,23 +14,26 @@ from ggufkit.quants import registry
 SIZE = 0.5
 
 
-@pytest.fixture(scope="module")
-def q4_1_model(smollm2_path):
-    """A seeded synthetic llama (128 wide, tied embeddings) quantized to Q4_1 by llama.cpp: like the shipped
-    SmolLM2, its matmul weights are Q4_1 and its token_embd Q8_0 (128 is no multiple of 256), norms F32."""
+def _quantized_synthetic(smollm2_path, level: str, **params):
+    """A seeded synthetic llama (SmolLM2's vocabulary) quantized to `level` by llama.cpp, cached."""
     from ggufkit.cache import cache_dir
     from tests.helpers.llama_programs import llama_model_quantize
     from tests.helpers.synthetic import synthetic_llama
 
-    f32 = synthetic_llama(
-        smollm2_path, seed=5, dtype="F32", n_embd=128, n_layer=2, n_head=4, n_head_kv=2, n_ff=256, tied=True
-    )
-    target = cache_dir("synthetic") / f"{f32.stem}-Q4_1.gguf"
+    f32 = synthetic_llama(smollm2_path, dtype="F32", n_layer=2, n_head=4, n_head_kv=2, tied=True, **params)
+    target = cache_dir("synthetic") / f"{f32.stem}-{level}.gguf"
     if not target.exists():
         tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
-        llama_model_quantize(f32, tmp, "Q4_1")
+        llama_model_quantize(f32, tmp, level)
         os.replace(tmp, target)
     return target
+
+
+@pytest.fixture(scope="module")
+def q4_1_model(smollm2_path):
+    """A seeded synthetic llama (128 wide, tied embeddings) quantized to Q4_1 by llama.cpp: like the shipped
+    SmolLM2, its matmul weights are Q4_1 and its token_embd Q8_0 (128 is no multiple of 256), norms F32."""
+    return _quantized_synthetic(smollm2_path, "Q4_1", seed=5, n_embd=128, n_ff=256)
 
 
 @pytest.fixture(scope="module")
@@ -175,19 +178,7 @@ def test_cached_by_source_seed_and_size(q4_1_model, bases, tmp_path, monkeypatch
 def q4_k_m_model(smollm2_path):
     """A seeded synthetic llama 256 wide quantized to Q4_K_M by llama.cpp: its matmul weights are Q4_K and
     Q6_K (the K-quant super-blocks of Gemma 3 270M's shipped file), norms F32."""
-    from ggufkit.cache import cache_dir
-    from tests.helpers.llama_programs import llama_model_quantize
-    from tests.helpers.synthetic import synthetic_llama
-
-    f32 = synthetic_llama(
-        smollm2_path, seed=6, dtype="F32", n_embd=256, n_layer=2, n_head=4, n_head_kv=2, n_ff=512, tied=True
-    )
-    target = cache_dir("synthetic") / f"{f32.stem}-Q4_K_M.gguf"
-    if not target.exists():
-        tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}.gguf")
-        llama_model_quantize(f32, tmp, "Q4_K_M")
-        os.replace(tmp, target)
-    return target
+    return _quantized_synthetic(smollm2_path, "Q4_K_M", seed=6, n_embd=256, n_ff=512)
 
 
 def test_k_quant_steps_are_the_grid_of_each_sub_block(q4_k_m_model):
