@@ -233,3 +233,5 @@ def test_cli_writes_a_file(synthetic_f32, imatrix_file, tmp_path, capsys):
     assert "unknown type" in _one_error_line(capsys)
     assert main(["quantize", "--calib", "x.txt", str(synthetic_f32), str(out), "Q4_K_M"]) == 2
     assert "needs --optimize" in _one_error_line(capsys)
+    assert main([*args, "--kernel", "feedback", str(synthetic_f32), str(out), "Q3_K_M"]) == 2
+    assert "covariance" in _one_error_line(capsys)

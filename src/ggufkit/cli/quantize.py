@@ -61,6 +61,13 @@ def add_parser(sub):
     o.add_argument("--target-size", type=int, metavar="BYTES", help="size budget of the tensor data")
     repeatable(o, "--exclude-type", "TYPE", "never use this tensor type")
     o.add_argument("--calib-chunks", type=int, metavar="N", help="calibrate on the first N chunks of 512")
+    o.add_argument(
+        "--kernel",
+        choices=("standard", "refine", "feedback"),
+        help="how each tensor is rounded at its type: llama.cpp's search (standard), that and then each "
+        "block's scales refit (refine), or GPTQ-style error feedback on each weight's input covariance "
+        "(feedback: calibrates itself, so not with --imatrix). Default: standard",
+    )
     p.set_defaults(func=run)
 
 
@@ -83,6 +90,7 @@ _OPTIMIZE_ONLY = {
     "target_size": "target_size",
     "chunks": "calib_chunks",
     "exclude_types": "exclude_type",
+    "kernel": "kernel",
 }
 
 
