@@ -137,3 +137,13 @@ def test_bad_kernel_options(synthetic_f32, stats, tmp_path):
         optimize_file(synthetic_f32, tmp_path / "a.gguf", LEVEL, hessian=hess)
     with pytest.raises(QuantizeError, match="needs a LEVEL"):
         optimize_file(synthetic_f32, tmp_path / "a.gguf", None, target_bpw=4.5, imatrix=imx, allocation=False)
+
+
+def test_default_kernel_is_feedback_with_covariances_else_refine(synthetic_f32, stats, files, tmp_path):
+    imx, hess = stats
+    s = optimize_file(synthetic_f32, tmp_path / "d.gguf", LEVEL, imatrix=imx, allocation=False, threads=2)
+    assert s.kernel == "refine" and s.dst.read_bytes() == files["refine"].read_bytes()
+    s = optimize_file(
+        synthetic_f32, tmp_path / "e.gguf", LEVEL, imatrix=imx, hessian=hess, allocation=False, threads=2
+    )
+    assert s.kernel == "feedback" and s.dst.read_bytes() == files["feedback"].read_bytes()

@@ -66,7 +66,7 @@ def add_parser(sub):
         choices=("standard", "refine", "feedback"),
         help="how each tensor is rounded at its type: llama.cpp's search (standard), that and then each "
         "block's scales refit (refine), or GPTQ-style error feedback on each weight's input covariance "
-        "(feedback: calibrates itself, so not with --imatrix). Default: standard",
+        "(feedback: calibrates itself, so not with --imatrix). Default: feedback, or refine with --imatrix",
     )
     p.set_defaults(func=run)
 
@@ -255,7 +255,7 @@ def _run_optimize(args) -> int:
     if s.reference_bytes is not None:
         print(f"  llama-quantize {s.level}: {_mib(s.reference_bytes)}")
     print(f"  file:  {s.file_size} bytes")
-    print(f"  calibration: {s.calibration}")
+    print(f"  calibration: {s.calibration}; kernel: {s.kernel}")
     counts: dict[str, int] = {}
     for t in s.types.values():
         counts[t] = counts.get(t, 0) + 1

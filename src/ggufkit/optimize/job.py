@@ -84,6 +84,7 @@ class OptimizeSummary:
     damage: float  # the allocation's predicted (weighted) damage
     calibration: str  # what the statistics came from
     seconds: float
+    kernel: str = "standard"  # how each tensor was rounded at its type (KERNELS)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -236,7 +237,7 @@ def optimize_file(
     target_size: int | None = None,
     exclude_types: Iterable[str] = (),
     weighting: str = "perturb",
-    kernel: str = "standard",
+    kernel: str | None = None,
     allocation: bool = True,
     ctx: int = 512,
     chunks: int | None = None,
@@ -250,7 +251,8 @@ def optimize_file(
     calib: a text file to calibrate on (default: the calibration half of the pydoc topics); imatrix: a
     llama-imatrix file instead (diagonal statistics only). exclude_types: types never to use. weighting:
     how tensors' damages are made comparable (sensitivity.WEIGHTINGS). kernel: how each tensor is quantized
-    at its type (KERNELS: "feedback" collects each weight's input covariance while calibrating, so it needs
+    at its type (KERNELS; by default "feedback" where there are covariances, else "refine": docs/benchmarks.md
+    "Optimize: ablation"). "feedback" collects each weight's input covariance while calibrating, so it needs
     calibration text, or an imatrix file with `hessian`: the covariance folder compute_imatrix(hessian=...)
     wrote on the same run). allocation=False keeps llama-quantize's per-tensor types for
     LEVEL (with the statistics as its imatrix), to measure the kernels alone. Returns an OptimizeSummary;
@@ -274,6 +276,8 @@ def optimize_file(
         raise QuantizeError(f"--target-size must be positive, got {target_size}")
     if calib is not None and imatrix is not None:
         raise QuantizeError("give --calib or --imatrix, not both")
+    if kernel is None:
+        kernel = "feedback" if imatrix is None or hessian is not None else "refine"
     if kernel not in KERNELS:
         raise QuantizeError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
     if kernel == "feedback" and imatrix is not None and hessian is None:
@@ -414,5 +418,5 @@ def optimize_file(
             src=src, dst=dst, level=lv.name if lv is not None else None, budget=budget, size_after=size_after,
             reference_bytes=reference, n_elements=sum(t.n_elements for t in model.tensors),
             file_size=file_size, types=out_type, damage=sum(c.damage for c in choices),
-            calibration=calibration, seconds=time.perf_counter() - t0, timings=timings,
+            calibration=calibration, seconds=time.perf_counter() - t0, timings=timings, kernel=kernel,
         )  # fmt: skip
