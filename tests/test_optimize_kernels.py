@@ -139,10 +139,10 @@ def test_bad_kernel_options(synthetic_f32, stats, tmp_path):
         optimize_file(synthetic_f32, tmp_path / "a.gguf", None, target_bpw=4.5, imatrix=imx, allocation=False)
 
 
-def test_default_kernel_is_feedback_with_covariances_else_refine(synthetic_f32, stats, files, tmp_path):
+def test_default_kernel_is_feedback_with_covariances_else_standard(synthetic_f32, stats, files, tmp_path):
     imx, hess = stats
     s = optimize_file(synthetic_f32, tmp_path / "d.gguf", LEVEL, imatrix=imx, allocation=False, threads=2)
-    assert s.kernel == "refine" and s.dst.read_bytes() == files["refine"].read_bytes()
+    assert s.kernel == "standard" and s.dst.read_bytes() == files["standard"].read_bytes()
     s = optimize_file(
         synthetic_f32, tmp_path / "e.gguf", LEVEL, imatrix=imx, hessian=hess, allocation=False, threads=2
     )

@@ -66,7 +66,7 @@ def add_parser(sub):
         choices=("standard", "refine", "feedback"),
         help="how each tensor is rounded at its type: llama.cpp's search (standard), that and then each "
         "block's scales refit (refine), or GPTQ-style error feedback on each weight's input covariance "
-        "(feedback: calibrates itself, so not with --imatrix). Default: feedback, or refine with --imatrix",
+        "(feedback: calibrates itself, so not with --imatrix). Default: feedback, or standard with --imatrix",
     )
     p.set_defaults(func=run)
 

@@ -251,10 +251,10 @@ def optimize_file(
     calib: a text file to calibrate on (default: the calibration half of the pydoc topics); imatrix: a
     llama-imatrix file instead (diagonal statistics only). exclude_types: types never to use. weighting:
     how tensors' damages are made comparable (sensitivity.WEIGHTINGS). kernel: how each tensor is quantized
-    at its type (KERNELS; by default "feedback" where there are covariances, else "refine": docs/benchmarks.md
-    "Optimize: ablation"). "feedback" collects each weight's input covariance while calibrating, so it needs
-    calibration text, or an imatrix file with `hessian`: the covariance folder compute_imatrix(hessian=...)
-    wrote on the same run). allocation=False keeps llama-quantize's per-tensor types for
+    at its type (KERNELS; by default "feedback" where there are covariances, else "standard":
+    docs/benchmarks.md "Optimize: the ablation"). "feedback" needs each weight's input covariance: it
+    calibrates on text and collects them, or takes `hessian`, the folder compute_imatrix(hessian=...) wrote
+    in the run that made the imatrix file. allocation=False keeps llama-quantize's per-tensor types for
     LEVEL (with the statistics as its imatrix), to measure the kernels alone. Returns an OptimizeSummary;
     raises QuantizeError (a GgufkitError) for what cannot be done."""
     from ..quantize.job import _check_paths, output_kvs
@@ -277,7 +277,7 @@ def optimize_file(
     if calib is not None and imatrix is not None:
         raise QuantizeError("give --calib or --imatrix, not both")
     if kernel is None:
-        kernel = "feedback" if imatrix is None or hessian is not None else "refine"
+        kernel = "feedback" if imatrix is None or hessian is not None else "standard"
     if kernel not in KERNELS:
         raise QuantizeError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
     if kernel == "feedback" and imatrix is not None and hessian is None:
