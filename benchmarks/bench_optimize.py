@@ -74,12 +74,12 @@ def main() -> None:
     else:
         base = base_model(src, "F32")
     spec = a.variants or ",".join(f"{w}/standard" for w in a.weighting.split(","))
-    variants = [v.split("/") for v in spec.split(",")]
+    variants = [(v.split("/") + [""])[:3] for v in spec.split(",")]  # ALLOCATION/KERNEL[/MEASURE_KERNEL]
     for v in variants:
         if (
-            len(v) != 2
-            or v[0] not in ("perturb", "none", "plan")
+            v[0] not in ("perturb", "none", "plan")
             or v[1] not in ("standard", "refine", "feedback")
+            or v[2] not in ("", "standard", "refine", "feedback")
         ):
             raise SystemExit(f"bad variant {'/'.join(v)!r}: ALLOCATION/KERNEL, see the docstring")
         if v[1] == "feedback" and a.stats == "llama":
@@ -119,10 +119,11 @@ def main() -> None:
         )  # fmt: skip
         t_ref = t_imatrix + time.perf_counter() - t0
         e_ref = evaluate(ref, base=base, chunks=a.eval_chunks, threads=2)
-        for allocation, kernel in variants:
-            ours = work / f"opt-{level}-{allocation}-{kernel}.gguf"
+        for allocation, kernel, measure_kernel in variants:
+            ours = work / f"opt-{level}-{allocation}-{kernel}{measure_kernel and '-' + measure_kernel}.gguf"
             options = {"exclude_types": [e for e in a.exclude.split(",") if e], "threads": 2,
                        "chunks": a.chunks, "kernel": kernel, "allocation": allocation != "plan",
+                       "measure_kernel": measure_kernel or None,
                        "weighting": "none" if allocation == "plan" else allocation}  # fmt: skip
             if a.stats == "llama":
                 options["imatrix"] = imx
@@ -133,7 +134,7 @@ def main() -> None:
             s = optimize_file(base, ours, level, **options)
             seconds = s.seconds + t_ours_stats
             e_opt = evaluate(ours, base=base, chunks=a.eval_chunks, threads=2)
-            name = f"{level} {allocation}/{kernel}"
+            name = f"{level} {allocation}/{kernel}" + (f"/{measure_kernel}" if measure_kernel else "")
             rows.append((name, ref.stat().st_size, ours.stat().st_size, t_ref, seconds, e_ref, e_opt, s))
             print(
                 f"{name}: llama {ref.stat().st_size} B KLD {e_ref.kld_mean:.5f} ({t_ref:.1f} s) | "

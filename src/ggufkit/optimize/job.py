@@ -177,7 +177,7 @@ def _level_for(types: dict[str, str], model) -> int:
     return LLAMA_FTYPE_GUESSED
 
 
-def _damages(names, by_name, stats, exclude, weighting, model, calib, progress, kernel):
+def _damages(names, by_name, stats, exclude, weighting, model, calib, progress, kernel, measure_kernel):
     """Each tensor's options (allocate.measure, summed over experts) and its sensitivity factor."""
     from . import sensitivity
 
@@ -193,7 +193,7 @@ def _damages(names, by_name, stats, exclude, weighting, model, calib, progress, 
         for e in range(n_mat):
             opts = allocate.measure(
                 w[e * per : (e + 1) * per], t.shape, types,
-                lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im, kernel),
+                lambda x, q, h=hs[e], im=imps[e]: _quantize(x, q, h, im, measure_kernel),
                 importance=imps[e], hessian=hs[e],
             )  # fmt: skip
             total = (
@@ -238,6 +238,7 @@ def optimize_file(
     exclude_types: Iterable[str] = (),
     weighting: str = "perturb",
     kernel: str | None = None,
+    measure_kernel: str | None = None,
     allocation: bool = True,
     ctx: int = 512,
     chunks: int | None = None,
@@ -255,8 +256,9 @@ def optimize_file(
     docs/benchmarks.md "Optimize: the ablation"). "feedback" needs each weight's input covariance: it
     calibrates on text and collects them, or takes `hessian`, the folder compute_imatrix(hessian=...) wrote
     in the run that made the imatrix file. allocation=False keeps llama-quantize's per-tensor types for
-    LEVEL (with the statistics as its imatrix), to measure the kernels alone. Returns an OptimizeSummary;
-    raises QuantizeError (a GgufkitError) for what cannot be done."""
+    LEVEL (with the statistics as its imatrix), to measure the kernels alone. measure_kernel: the kernel
+    the candidates' damages are measured with (default: kernel; the perturbation passes use kernel).
+    Returns an OptimizeSummary; raises QuantizeError (a GgufkitError) for what cannot be done."""
     from ..quantize.job import _check_paths, output_kvs
     from ..quantize.levels import level as level_of
     from ..quantize.plan import plan_for_gguf
@@ -278,8 +280,10 @@ def optimize_file(
         raise QuantizeError("give --calib or --imatrix, not both")
     if kernel is None:
         kernel = "feedback" if imatrix is None or hessian is not None else "standard"
-    if kernel not in KERNELS:
-        raise QuantizeError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
+    measure_kernel = kernel if measure_kernel is None else measure_kernel
+    for k in (kernel, measure_kernel):
+        if k not in KERNELS:
+            raise QuantizeError(f"unknown kernel {k!r} (known: {', '.join(KERNELS)})")
     if kernel == "feedback" and imatrix is not None and hessian is None:
         raise QuantizeError("error feedback needs each weight's input covariance: give calibration text, "
                             "or the covariances written with the imatrix file")  # fmt: skip
@@ -323,7 +327,7 @@ def optimize_file(
         want_hessian = kernel == "feedback"
         st = os.stat(src)
         key = (os.path.realpath(src), st.st_size, st.st_mtime_ns, str(calib), str(imatrix), str(hessian),
-               ctx, chunks, tuple(exclude), weighting, kernel, allocation)  # fmt: skip
+               ctx, chunks, tuple(exclude), weighting, kernel, measure_kernel, allocation)  # fmt: skip
         keep = not want_hessian or hessian is not None  # a temporary covariance folder is gone afterwards
         memo = _MEMO.get(key) if keep else None
         if memo is None:
@@ -361,7 +365,7 @@ def optimize_file(
             options, factors = _plan_options(model, lv.name, vectors, names), [1.0] * len(names)
         elif memo is None:
             options, factors = _damages(
-                names, by_name, stats, exclude, weighting, model, calib, progress, kernel
+                names, by_name, stats, exclude, weighting, model, calib, progress, kernel, measure_kernel
             )  # fmt: skip
             if keep:
                 while len(_MEMO) >= 4:
