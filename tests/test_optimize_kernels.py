@@ -147,3 +147,26 @@ def test_default_kernel_is_feedback_with_covariances_else_standard(synthetic_f32
         synthetic_f32, tmp_path / "e.gguf", LEVEL, imatrix=imx, hessian=hess, allocation=False, threads=2
     )
     assert s.kernel == "feedback" and s.dst.read_bytes() == files["feedback"].read_bytes()
+
+
+def test_measure_kernel_chooses_the_types_and_kernel_writes_them(synthetic_f32, stats, tmp_path):
+    """With the raw errors as the weighting, the types depend on the measuring kernel only: feedback measured
+    with the standard kernel picks the standard job's types and writes them with feedback."""
+    from ggufkit.calibrate.hessian import read_index
+
+    imx, hess = stats
+    opts = dict(imatrix=imx, hessian=hess, weighting="none", threads=2)
+    std = optimize_file(synthetic_f32, tmp_path / "s.gguf", LEVEL, kernel="standard", **opts)
+    fb = optimize_file(
+        synthetic_f32, tmp_path / "f.gguf", LEVEL, kernel="feedback", measure_kernel="standard", **opts
+    )
+    assert fb.types == std.types and fb.size_after == std.size_after
+    have = set(read_index(hess)["tensors"])
+    a, b = _tensors(std.dst), _tensors(fb.dst)
+    changed = [n for n in have if n in a and a[n][0] not in ("F32", "F16", "BF16") and a[n][1] != b[n][1]]
+    assert len(changed) >= 20, changed
+    e_std = _weighted_errors(std.dst, synthetic_f32, stats, full=True)
+    e_fb = _weighted_errors(fb.dst, synthetic_f32, stats, full=True)
+    assert sum(e_fb.values()) < 0.8 * sum(e_std.values())
+    with pytest.raises(QuantizeError, match="unknown kernel"):
+        optimize_file(synthetic_f32, tmp_path / "x.gguf", LEVEL, measure_kernel="gptq", **opts)

@@ -255,7 +255,8 @@ def optimize_file(
     at its type (KERNELS; by default "feedback" where there are covariances, else "standard":
     docs/benchmarks.md "Optimize: the ablation"). "feedback" needs each weight's input covariance: it
     calibrates on text and collects them, or takes `hessian`, the folder compute_imatrix(hessian=...) wrote
-    in the run that made the imatrix file. allocation=False keeps llama-quantize's per-tensor types for
+    in the run that made the imatrix file (given, they also weigh every kernel's measured damage:
+    e H e^T instead of the imatrix's diagonal). allocation=False keeps llama-quantize's per-tensor types for
     LEVEL (with the statistics as its imatrix), to measure the kernels alone. measure_kernel: the kernel
     the candidates' damages are measured with (default: kernel; the perturbation passes use kernel).
     Returns an OptimizeSummary; raises QuantizeError (a GgufkitError) for what cannot be done."""
@@ -324,7 +325,7 @@ def optimize_file(
                 raise QuantizeError(
                     f"cannot requantize tensor {n}: ggufkit has no dequantizer for {have.name}"
                 )
-        want_hessian = kernel == "feedback"
+        want_hessian = "feedback" in (kernel, measure_kernel) or hessian is not None  # given: always used
         st = os.stat(src)
         key = (os.path.realpath(src), st.st_size, st.st_mtime_ns, str(calib), str(imatrix), str(hessian),
                ctx, chunks, tuple(exclude), weighting, kernel, measure_kernel, allocation)  # fmt: skip
