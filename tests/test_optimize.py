@@ -65,6 +65,7 @@ def test_no_larger_than_llama_quantize(optimized, synthetic_f32):
         header = g.data_offset
     assert optimized.budget == optimized.reference_bytes
     assert optimized.kernel == "feedback"  # calibrated on text: the covariances are there
+    assert optimized.measure_kernel == "standard"  # the candidates measured with the cheap kernel
     assert optimized.size_after <= optimized.budget
     assert optimized.dst.stat().st_size <= ref.stat().st_size
     with open_gguf(optimized.dst) as g:

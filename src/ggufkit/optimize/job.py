@@ -85,6 +85,7 @@ class OptimizeSummary:
     calibration: str  # what the statistics came from
     seconds: float
     kernel: str = "standard"  # how each tensor was rounded at its type (KERNELS)
+    measure_kernel: str = "standard"  # the kernel the candidates' damages were measured with
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -258,7 +259,8 @@ def optimize_file(
     in the run that made the imatrix file (given, they also weigh every kernel's measured damage:
     e H e^T instead of the imatrix's diagonal). allocation=False keeps llama-quantize's per-tensor types for
     LEVEL (with the statistics as its imatrix), to measure the kernels alone. measure_kernel: the kernel
-    the candidates' damages are measured with (default: kernel; the perturbation passes use kernel).
+    the candidates' damages are measured with (default: kernel, but standard for feedback: the same KLD in
+    half the time, docs/benchmarks.md; the perturbation passes always use kernel).
     Returns an OptimizeSummary; raises QuantizeError (a GgufkitError) for what cannot be done."""
     from ..quantize.job import _check_paths, output_kvs
     from ..quantize.levels import level as level_of
@@ -281,7 +283,8 @@ def optimize_file(
         raise QuantizeError("give --calib or --imatrix, not both")
     if kernel is None:
         kernel = "feedback" if imatrix is None or hessian is not None else "standard"
-    measure_kernel = kernel if measure_kernel is None else measure_kernel
+    if measure_kernel is None:  # feedback's gain barely depends on the type: measure with the standard kernel
+        measure_kernel = "standard" if kernel == "feedback" else kernel
     for k in (kernel, measure_kernel):
         if k not in KERNELS:
             raise QuantizeError(f"unknown kernel {k!r} (known: {', '.join(KERNELS)})")
@@ -424,4 +427,5 @@ def optimize_file(
             reference_bytes=reference, n_elements=sum(t.n_elements for t in model.tensors),
             file_size=file_size, types=out_type, damage=sum(c.damage for c in choices),
             calibration=calibration, seconds=time.perf_counter() - t0, timings=timings, kernel=kernel,
+            measure_kernel=measure_kernel,
         )  # fmt: skip
