@@ -68,13 +68,19 @@ def cache_root(tmp_path_factory):
     return fresh_cache(tmp_path_factory.mktemp("ggufkit-cache"))
 
 
-@pytest.fixture(scope="session")
-def ladder(smollm2_path, tmp_path_factory, cache_root):
+def report_in(cache_root, tmp_path_factory, model, **options):
+    """run_report on `model` with its cache at cache_root into fresh folders: (report, work, events)."""
     out = tmp_path_factory.mktemp("report")
     work = tmp_path_factory.mktemp("report-work")
     events = []
     with own_cache(cache_root):
-        r = rep.run_report(smollm2_path, out=out, work=work, progress=events.append, **LADDER_OPTIONS)
+        r = rep.run_report(model, out=out, work=work, progress=events.append, **options)
+    return r, work, events
+
+
+@pytest.fixture(scope="session")
+def ladder(smollm2_path, tmp_path_factory, cache_root):
+    r, _, events = report_in(cache_root, tmp_path_factory, smollm2_path, **LADDER_OPTIONS)
     return r, events
 
 

@@ -24,7 +24,7 @@ from ggufkit.cache import sha256_file
 from ggufkit.gguf.layout import pad
 from ggufkit.gguf.reader import open_gguf
 from ggufkit.quants.registry import FORMATS
-from tests.test_report import _modules_outside, fresh_cache, own_cache
+from tests.test_report import _modules_outside, fresh_cache, own_cache, report_in
 
 LEVELS = ["Q8_0", "Q4_K_M", "Q2_K"]
 OPTIONS = dict(ctx=128, chunks=2, engine="builtin", threads=2, ram_bytes=8 << 30)
@@ -38,14 +38,7 @@ def cache_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def opt_report(synthetic_f32, tmp_path_factory, cache_root):
-    out = tmp_path_factory.mktemp("report")
-    work = tmp_path_factory.mktemp("work")
-    events = []
-    with own_cache(cache_root):
-        r = rep.run_report(
-            synthetic_f32, levels=LEVELS, out=out, work=work, progress=events.append, **OPTIONS, **OPT
-        )
-    return r, work, events
+    return report_in(cache_root, tmp_path_factory, synthetic_f32, levels=LEVELS, **OPTIONS, **OPT)
 
 
 def _rows(r) -> dict[str, dict]:
