@@ -17,6 +17,7 @@ The pipeline:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -64,6 +65,7 @@ def _quantize(w: np.ndarray, qtype: str, hessian: np.ndarray | None, importance:
     return quantize_tensor(w, qtype, hessian=hessian, damp=FEEDBACK_DAMP)
 
 
+@functools.cache
 def _feedback_types() -> tuple[str, ...]:
     from .packing import supported
 
