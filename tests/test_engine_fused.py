@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 from ggufkit.engine import fused
 from ggufkit.engine.attention import attention
-from ggufkit.engine.numerics import blas_threads
+from ggufkit.engine.numerics import blas_threads, exp32, softmax_rows
 
 RNG = np.random.default_rng(7)
+
+
+@njit
+def _exp_rows(x, out):
+    for i in range(x.shape[0]):
+        out[i] = exp32(x[i])
 
 
 def _bits(a):
@@ -122,3 +129,48 @@ def test_attention_tasks_against_float64(threads, window):
     for _ in range(3):  # the same bits every time
         again = attention(q, k, v, window=window, block=64).reshape(C, T, H, d)
         np.testing.assert_array_equal(again.view(np.uint32), got.view(np.uint32))
+    with blas_threads(3 - threads):  # and on the other thread count
+        other = attention(q, k, v, window=window, block=64).reshape(C, T, H, d)
+    np.testing.assert_array_equal(other.view(np.uint32), got.view(np.uint32))
+
+
+def test_exp32_is_exp_correctly_rounded():
+    """numerics.exp32 against float64's exp rounded once to float32, on every float32 in [-1, 0] with a
+    stride, random draws down to -110, the edges of the float32 range (subnormal results, 0 below), and the
+    float32 just either side of the points where the range reduction changes n."""
+    every = np.arange(0xBF800000, 0x80000000, -97, dtype=np.int64).astype(np.uint32)
+    draws = -(RNG.random(3_000_000) * 110).astype(np.float32)
+    steps = (np.arange(-160, 1) + 0.5) * np.log(2)
+    near = np.concatenate([np.nextafter(steps.astype(np.float32), s) for s in (-np.inf, np.inf)])
+    edges = np.array([0, -0.0, -1e-30, -87.3, -87.4, -103.2, -103.3, -103.98, -104, -120, -1e4, -np.inf])
+    x = np.concatenate([every.view(np.float32), draws, near[near <= 0], edges.astype(np.float32)])
+    got = np.empty_like(x)
+    _exp_rows(x, got)
+    want = np.exp(x.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("window", [0, 5, 300])
+def test_softmax_rows_in_the_attention_layout(window):
+    """Rows of s [T*g, T] against a float64 softmax over the keys each query sees; the row's other columns
+    inside its block are 0 and the columns outside the block's keys are untouched."""
+    T, g, block = 300, 3, 64
+    s = (RNG.standard_normal((T * g, T)) * 8).astype(np.float32)
+    got = s.copy()
+    softmax_rows(0, 1, got, 0, g, block, window)
+    split = s.copy()
+    fused.run_tasks(softmax_rows, [(j, 3, split, 0, g, block, window) for j in range(3)])
+    later = s[g * 2 * block :].copy()  # the rows from position 2 * block on, as a block's own matrix
+    softmax_rows(0, 1, later, 2 * block, g, block, window)
+    np.testing.assert_array_equal(_bits(later), _bits(got[g * 2 * block :]))
+    np.testing.assert_array_equal(_bits(split), _bits(got))  # rows are independent
+    for r in range(T * g):
+        pos = r // g
+        b0 = pos - pos % block
+        k0 = max(0, b0 - window + 1) if window else 0
+        lo = max(0, pos - window + 1) if window else 0
+        e = np.exp((s[r, lo : pos + 1] - s[r, lo : pos + 1].max()).astype(np.float64))  # float32 difference
+        np.testing.assert_allclose(got[r, lo : pos + 1], e / e.sum(), rtol=2.5e-7, atol=1e-38)
+        assert not got[r, k0:lo].any() and not got[r, pos + 1 : min(b0 + block, T)].any()
+        outside = np.r_[0:k0, min(b0 + block, T) : T]
+        np.testing.assert_array_equal(_bits(got[r, outside]), _bits(s[r, outside]))

@@ -1,19 +1,22 @@
 """Causal (optionally sliding-window) attention of a group of chunks, as the engine computes it.
 
-Work is cut into independent tasks, one chunk x one kv head x one block of query positions, each two plain
-BLAS products (on the engine's BLAS threads) around a one-pass softmax (numerics.window_softmax), run one
-after the other. Running them two at a time from Python threads with OpenBLAS on one thread each
-(fused.run_tasks, fused.blas_single) was 16x faster under heavy load, but it changes the float order of
-the products (another draw of the rounding noise) and its determinism was not established in time (a
-check that seemed to show otherwise was fooled by the in-place scaling fixed below), so the tasks stay
-serial and give the former engine's numbers bit for bit.
+Work is cut into independent tasks, one chunk x one kv head each, run threads() at a time from Python threads
+(fused.run_tasks: a static assignment) with OpenBLAS on one thread (fused.blas_single, set and restored once
+by the calling thread around all the tasks). A task goes block by block through the query positions (128 at a
+time): the block's queries against the keys up to its last position (so little more than the causal half is
+computed) into the thread's [128*group, T] score matrix, its rows softmaxed in place (numerics.softmax_rows),
+times the values. Every product is one single-threaded BLAS call on the same operands whichever thread runs
+it, so the result is the same bits on one thread and on two, and from run to run (tests/test_engine_fused.py).
+Under OpenBLAS's own two threads these small products spent most of their time in its thread hand-off; one
+task per thread keeps both cores on arithmetic.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .numerics import window_softmax
+from . import fused
+from .numerics import softmax_rows
 
 
 def attention(
@@ -41,17 +44,20 @@ def attention(
     vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
     dv = vh.shape[-1]
     out = np.empty((C, hkv, T, g, dv), np.float32)
+    starts = range(0, T, block)
+    blocks = [(b0, min(b0 + block, T), max(0, b0 - window + 1) if window > 0 else 0) for b0 in starts]
+    pairs = [(c, h) for c in range(C) for h in range(hkv)]
+    t = min(fused.threads(), len(pairs))
+    scores = [np.empty((min(block, T) * g, T), np.float32) for _ in range(t)]  # per thread: task i on i % t
 
-    def task(c: int, h: int, b0: int) -> None:
-        # Plain 2-D matmuls: numpy's stacked matmul leaves BLAS for strided slices like kh[..., :b1, :].T.
-        b1 = min(b0 + block, T)
-        k0 = max(0, b0 - window + 1) if window > 0 else 0
-        s = qh[c, h, b0:b1].reshape((b1 - b0) * g, d) @ kh[c, h, k0:b1].T  # [nb*g, b1-k0]
-        window_softmax(s[None], b0, g, k0, window)
-        out[c, h, b0:b1] = (s @ vh[c, h, k0:b1]).reshape(b1 - b0, g, dv)
+    def task(i: int, c: int, h: int) -> None:
+        for b0, b1, k0 in blocks:
+            s = scores[i % t][: (b1 - b0) * g]  # the block's queries x key positions; it fills k0..b1-1
+            # Plain 2-D matmuls: numpy's stacked matmul leaves BLAS for strided slices like kh[..., :b1, :].T.
+            np.matmul(qh[c, h, b0:b1].reshape((b1 - b0) * g, d), kh[c, h, k0:b1].T, out=s[:, k0:b1])
+            softmax_rows(0, 1, s, b0, g, block, window)
+            out[c, h, b0:b1] = (s[:, k0:b1] @ vh[c, h, k0:b1]).reshape(b1 - b0, g, dv)
 
-    for c in range(C):
-        for h in range(hkv):
-            for b0 in range(0, T, block):
-                task(c, h, b0)
+    with fused.blas_single():
+        fused.run_tasks(task, [(i, c, h) for i, (c, h) in enumerate(pairs)])
     return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)

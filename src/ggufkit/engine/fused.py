@@ -5,9 +5,10 @@ of the imatrix observer, and attention's per-head tasks.
 Every kernel is numba `nogil` and works on a range of rows; `split_rows` runs it on `threads()` row ranges
 at once from a small Python thread pool (the main thread takes the first range). Python threads wait on a
 lock when idle, where numba's OpenMP pool spins: on 2 shared cores a spinning pool steals time from the
-BLAS threads of the matmul that follows (numerics' module doc). Attention's tasks (one chunk, one kv head,
-one block of queries) run the same way with OpenBLAS on one thread (`blas_single`), so the small products
-of attention never wait on OpenBLAS's thread hand-off.
+BLAS threads of the matmul that follows (numerics' module doc). Attention's tasks (one chunk x one kv head,
+engine/attention.py) run the same way (`run_tasks`) with OpenBLAS on one thread (`blas_single`), so the
+small products of attention never wait on OpenBLAS's thread hand-off. SwiGLU's numpy loops run on row
+ranges the same way (they release the GIL).
 
 The numbers are those of the numpy expressions they replace (numerics.rms_norm, numerics.silu, the rope
 of LlamaModel._rope, numerics.f16_round), operation for operation in float32, with two differences of
@@ -83,7 +84,9 @@ def _blas_setter():
 
 @contextmanager
 def blas_single():
-    """OpenBLAS on one thread inside the block (for products run from several Python threads at once)."""
+    """OpenBLAS on one thread inside the block (for products run from several Python threads at once). The
+    setting is process-wide: enter it from the thread that dispatches the tasks, around all of them, never
+    from the tasks (one task's exit would restore the thread count while another still multiplies)."""
     get, put = _blas_setter()
     if get is None:
         yield
@@ -198,13 +201,21 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float, *, rounded: bool = F
 
 
 def swiglu(g: np.ndarray, u: np.ndarray, *, rounded: bool = False):
-    """numerics.silu(g) * u, bit for bit (numpy's float32 exp, in place in one temporary); rounded=True:
-    (y, y through F16) instead of y."""
-    y = np.negative(g)
-    np.exp(y, out=y)
-    y += np.float32(1.0)
-    np.divide(g, y, out=y)
-    y *= u
+    """numerics.silu(g) * u, bit for bit (numpy's float32 exp, in place in one temporary), row ranges on the
+    engine's threads (numpy's loops release the GIL); rounded=True: (y, y through F16) instead of y."""
+    y = np.empty(np.broadcast_shapes(g.shape, u.shape), np.float32)
+    y2 = y.reshape(-1, y.shape[-1])
+    g2, u2 = (np.broadcast_to(a, y.shape).reshape(y2.shape) for a in (g, u))
+
+    def rows(r0: int, r1: int) -> None:
+        out = y2[r0:r1]
+        np.negative(g2[r0:r1], out=out)
+        np.exp(out, out=out)
+        out += np.float32(1.0)
+        np.divide(g2[r0:r1], out, out=out)
+        out *= u2[r0:r1]
+
+    split_rows(rows, y2.shape[0])
     return (y, f16_round(y)) if rounded else y
 
 

@@ -125,41 +125,78 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
     return _round_q8_0(x)
 
 
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471803691238  # ln 2 with the low 28 mantissa bits zero: n * _LN2_HI is exact for |n| < 2^28
+_LN2_LO = 1.9082149292705877e-10  # ln 2 - _LN2_HI
+
+
+@njit(inline="always")
+def exp32(x):
+    """exp(x) of a float32 x <= 0, as float32: computed in double (x = n ln2 + r, |r| <= ln2/2, e^r by its
+    degree-11 Taylor polynomial, relative error < 1e-14, then 2^n put in the exponent bits) and rounded once,
+    so the result is exp(x) correctly rounded but for inputs within 1e-14 of a float32 rounding boundary
+    (none in tests/test_engine_fused.py's 5e7 draws; libm's expf, which np.exp calls inside numba, misses
+    about 6 in 10^4 by one ulp). Branch-free: numba vectorizes the loops that call it. Below -120 the
+    result is 0, as float32 would round it."""
+    d = max(np.float64(x), -120.0)
+    n = np.rint(d * _LOG2E)
+    r = (d - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return np.float32(p * np.int64((np.int64(n) + 1023) << 52).view(np.float64))
+
+
 @njit(cache=True, nogil=True)
-def window_softmax(s, first_pos, group, first_key, window):
-    """In place over s [B, R, K]: row r is query position pos = first_pos + r // group (`group` query heads
-    share a kv head and sit side by side), column j is key position first_key + j; the row becomes softmax
-    over the keys it sees followed by zeros elsewhere. A query sees the keys at positions pos - window + 1 ..
-    pos (window 0: 0 .. pos, the causal mask), llama.cpp's LLAMA_SWA_TYPE_STANDARD (masked when
-    pos - key >= window). One pass per row over the visible part only. Serial, without the GIL: attention
-    runs it in its own tasks on the engine's threads (engine/attention.py)."""
-    B, R, K = s.shape
-    for x in range(B * R):
-        b, r = x // R, x % R
-        row = s[b, r]
+def softmax_rows(j0, step, s, first_pos, group, block, window):
+    """Rows j0, j0 + step, ... of s [R, K] in place, as attention (engine/attention.py) lays them out: row r
+    is query position pos = first_pos + r // group (`group` query heads share a kv head and sit side by
+    side), column j is key position j, and the row's keys were computed for its block of `block` positions
+    only: columns k0 .. b1 - 1, b0 = the block's first position, b1 its end, k0 = 0, or b0 - window + 1
+    with a window. Those columns become softmax over the keys the query sees followed by zeros; the others
+    are not touched. A query sees the keys at positions pos - window + 1 .. pos (window 0: 0 .. pos, the
+    causal mask), llama.cpp's LLAMA_SWA_TYPE_STANDARD (masked when pos - key >= window). The double sum
+    of the exps runs in 8 lanes (the order: lane by lane, then the lanes pairwise), so numba vectorizes it."""
+    R, K = s.shape
+    for r in range(j0, R, step):
         pos = first_pos + r // group
-        last = min(pos - first_key, K - 1)
-        lo = 0 if window <= 0 else max(0, pos - window + 1 - first_key)
-        for j in range(lo):
-            row[j] = 0.0
-        if lo > last:  # no visible key in this slice (callers slice keys so that this does not happen)
-            for j in range(lo, K):
-                row[j] = 0.0
-            continue
-        m = row[lo]
-        for j in range(lo + 1, last + 1):
-            if row[j] > m:
-                m = row[j]
-        tot = 0.0
-        for j in range(lo, last + 1):
-            e = np.exp(row[j] - m)
-            row[j] = e
-            tot += e
-        inv = np.float32(1.0 / tot)
-        for j in range(lo, last + 1):
+        b0 = pos - pos % block
+        b1 = min(b0 + block, K)
+        k0 = max(0, b0 - window + 1) if window > 0 else 0
+        lo = max(k0, pos - window + 1) if window > 0 else 0
+        s[r, k0:lo] = 0.0
+        s[r, pos + 1 : b1] = 0.0
+        row = s[r, lo : pos + 1]  # the keys seen; loops from 0 let numba drop the negative-index checks
+        n = row.shape[0]
+        m = row[0]
+        for j in range(1, n):
+            m = max(m, row[j])
+        for j in range(n):
+            row[j] = exp32(row[j] - m)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+        for j in range(0, n - n % 8, 8):
+            a0 += row[j]
+            a1 += row[j + 1]
+            a2 += row[j + 2]
+            a3 += row[j + 3]
+            a4 += row[j + 4]
+            a5 += row[j + 5]
+            a6 += row[j + 6]
+            a7 += row[j + 7]
+        for j in range(n - n % 8, n):
+            a0 += row[j]
+        inv = np.float32(1.0 / (((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))))
+        for j in range(n):
             row[j] *= inv
-        for j in range(last + 1, K):
-            row[j] = 0.0
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
