@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..cache import atomic_output
-from ..engine.fused import column_squares
+from ..engine.fused import blas_all, column_squares
 from ..errors import CalibrationError
 
 __all__ = ["ImatrixStats", "observed"]
@@ -79,7 +79,8 @@ class ImatrixStats:
             xtx = None
             if self.hessian:
                 x64 = rows.astype(np.float64)
-                xtx = x64.T @ x64
+                with blas_all():  # inside the forward pass's single_blas: this product is large
+                    xtx = x64.T @ x64
             self._last = (x, sq, xtx)  # holds x, so its id cannot be reused while cached
         _, sq, xtx = self._last
         sums[expert] += sq

@@ -34,30 +34,32 @@ def attention(
     C, T, H, d = q.shape
     hkv = k.shape[2]
     g = H // hkv
-    # [C, Hkv, T, g, d]: a block of positions is one contiguous [nb*g, d] matrix per kv head.
-    qh = np.ascontiguousarray(q.reshape(C, T, hkv, g, d).transpose(0, 2, 1, 3, 4))
-    if scale != 1:
-        if np.shares_memory(qh, q):  # one kv head: the transpose was already contiguous, a view of q
-            qh = qh.copy()
-        qh *= np.float32(1.0 / np.sqrt(d)) if scale is None else np.float32(scale)
-    kh = np.ascontiguousarray(k.transpose(0, 2, 1, 3))  # [C, Hkv, T, d]
-    vh = np.ascontiguousarray(v.transpose(0, 2, 1, 3))  # [C, Hkv, T, dv]
-    dv = vh.shape[-1]
-    out = np.empty((C, hkv, T, g, dv), np.float32)
+    dv = v.shape[-1]
+    mul = np.float32(1.0 / np.sqrt(d)) if scale is None else np.float32(scale)
+    out = np.empty((C, T, H * dv), np.float32)
     starts = range(0, T, block)
     blocks = [(b0, min(b0 + block, T), max(0, b0 - window + 1) if window > 0 else 0) for b0 in starts]
     pairs = [(c, h) for c in range(C) for h in range(hkv)]
     t = min(fused.threads(), len(pairs))
-    scores = [np.empty((min(block, T) * g, T), np.float32) for _ in range(t)]  # per thread: task i on i % t
+    # per thread (run_tasks runs task i on thread i % t): the kv head's queries, scaled, [T*g, d] (a block of
+    # positions is then one contiguous matrix), and a block's scores, [128*g, T]
+    queries = [np.empty((T, g, d), np.float32) for _ in range(t)]
+    scores = [np.empty((min(block, T) * g, T), np.float32) for _ in range(t)]
 
     def task(i: int, c: int, h: int) -> None:
+        qh = queries[i % t]
+        if scale != 1:
+            np.multiply(q[c, :, h * g : (h + 1) * g], mul, out=qh)
+        else:
+            qh[...] = q[c, :, h * g : (h + 1) * g]
+        qh = qh.reshape(T * g, d)
+        kh, vh = k[c, :, h], v[c, :, h]  # [T, d] and [T, dv] with the row stride of k and v: BLAS reads them
         for b0, b1, k0 in blocks:
             s = scores[i % t][: (b1 - b0) * g]  # the block's queries x key positions; it fills k0..b1-1
-            # Plain 2-D matmuls: numpy's stacked matmul leaves BLAS for strided slices like kh[..., :b1, :].T.
-            np.matmul(qh[c, h, b0:b1].reshape((b1 - b0) * g, d), kh[c, h, k0:b1].T, out=s[:, k0:b1])
+            np.matmul(qh[b0 * g : b1 * g], kh[k0:b1].T, out=s[:, k0:b1])
             softmax_rows(0, 1, s, b0, g, block, window)
-            out[c, h, b0:b1] = (s[:, k0:b1] @ vh[c, h, k0:b1]).reshape(b1 - b0, g, dv)
+            out[c, b0:b1, h * g * dv : (h + 1) * g * dv] = (s[:, k0:b1] @ vh[k0:b1]).reshape(b1 - b0, g * dv)
 
     with fused.blas_single():
         fused.run_tasks(task, [(i, c, h) for i, (c, h) in enumerate(pairs)])
-    return out.transpose(0, 2, 1, 3, 4).reshape(C * T, H * dv)
+    return out.reshape(C * T, H * dv)

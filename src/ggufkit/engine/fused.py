@@ -99,6 +99,36 @@ def blas_single():
         put(ctypes.c_int(old))
 
 
+@contextmanager
+def blas_all():
+    """OpenBLAS on the engine's threads() inside the block (a large product inside single_blas)."""
+    get, put = _blas_setter()
+    if get is None:
+        yield
+        return
+    old = get()
+    put(ctypes.c_int(threads()))
+    try:
+        yield
+    finally:
+        put(ctypes.c_int(old))
+
+
+def single_blas(method):
+    """Run `method` (a forward pass) with OpenBLAS on one thread: its products go through matmul and
+    attention's tasks, which split them between the engine's threads themselves. OpenBLAS's own threads,
+    once woken, spin for a while after each product (its THREAD_TIMEOUT) and on 2 cores took a core from
+    the threaded work between products; setting the count once per pass, rather than around each
+    product, also kept the pass's time steady (docs/benchmarks.md, "Imatrix speed")."""
+
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with blas_single():
+            return method(*args, **kwargs)
+
+    return run
+
+
 # -- kernels --------------------------------------------------------------------------------------------
 @njit(inline="always")
 def _f16rt(y):
@@ -238,6 +268,33 @@ def _split(kernel, n: int, t: int, *args) -> None:
     kernel(bounds[0], bounds[1], *args)
     for f in futures:
         f.result()
+
+
+MIN_PRODUCT_ROWS = 64  # fewer rows than this per thread: one product on BLAS's own threads
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [n, k] @ w.T (w [m, k]) as threads() single-threaded BLAS products over row ranges of x, one per
+    thread: OpenBLAS's own threads spin for a while after each product (its THREAD_TIMEOUT), and on 2 cores
+    that spinning took a core from the threaded work that follows every product (attention, the fused
+    kernels). Each output element is the same dot product in the same order as one BLAS call computes it
+    (OpenBLAS splits rows and columns between threads, never the sum), so the result does not depend on the
+    split."""
+    x = np.asarray(x)
+    n = x.shape[0]
+    t = min(threads(), n // MIN_PRODUCT_ROWS)
+    if t <= 1:
+        return x @ w.T
+    out = np.empty((n, w.shape[0]), np.result_type(x, w))
+    bounds = [n * i // t for i in range(t + 1)]
+    wt = w.T
+
+    def rows(i: int) -> None:
+        np.matmul(x[bounds[i] : bounds[i + 1]], wt, out=out[bounds[i] : bounds[i + 1]])
+
+    with blas_single():
+        run_tasks(rows, [(i,) for i in range(t)])
+    return out
 
 
 def column_squares(x: np.ndarray) -> np.ndarray:

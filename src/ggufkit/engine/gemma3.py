@@ -37,6 +37,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import EvalError
+from . import fused
 from .args import ModelArgs
 from .llama import LlamaModel
 from .numerics import f16_round, geglu, rms_norm
@@ -112,6 +113,7 @@ class Gemma3Model(LlamaModel):
         glob = self._rope_tables(n_pos)
         return [local if swa else glob for swa in a.swa_layers]
 
+    @fused.single_blas
     def hidden(
         self, tokens: np.ndarray, *, group: int = 8, start: int = 0, resid: np.ndarray | None = None,
         keep: dict | None = None,

@@ -91,7 +91,7 @@ class LlamaModel(GGUFWeights):
                 if cache is not None:
                     cache[key] = xr
                 x = xr
-        return x @ w.T
+        return fused.matmul(x, w)
 
     def _rounds_to_f16(self, wtype) -> bool:
         return self.llamacpp_numerics and wtype is not None and vec_dot(wtype) == "F16"
@@ -163,6 +163,7 @@ class LlamaModel(GGUFWeights):
             raise EvalError(f"token id out of range for a vocabulary of {self.n_vocab}")
         return tokens
 
+    @fused.single_blas
     def hidden(
         self, tokens: np.ndarray, *, group: int = 8, start: int = 0, resid: np.ndarray | None = None,
         keep: dict | None = None,

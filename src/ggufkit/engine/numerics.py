@@ -10,7 +10,7 @@ astype: docs/benchmarks.md).
 
 The round trip (and rms_norm) are engine/fused.py's: one branch-free pass that numba vectorizes, on the
 engine's threads through a Python thread pool (not numba's OpenMP pool, whose spinning against OpenBLAS's
-threads on 2 cores made the whole engine slower). The F16 -> F32 read is serial.
+threads on 2 cores made the whole engine slower), and so is the F16 -> F32 read.
 
 The conversions are ggml's (quants/fp.py), which are numpy's for every non-NaN value: round to nearest
 even, subnormals, overflow to inf (|x| >= 65520), -0.0. They differ on NaN payloads only (ggml drops the
@@ -40,11 +40,10 @@ log = logging.getLogger(__name__)
 _EXP32 = np.uint32(0x7F800000)
 
 
-@njit(cache=True)
-def _f16_to_f32_flat(h, out, out_u):
-    """out = F16 bit patterns h as float32; out_u is the uint32 view of out."""
-    n = h.shape[0]
-    for i in range(n):
+@njit(cache=True, nogil=True)
+def _f16_to_f32_flat(i0, i1, h, out, out_u):
+    """out[i0:i1] = F16 bit patterns h[i0:i1] as float32; out_u is the uint32 view of out."""
+    for i in range(i0, i1):
         b = np.uint32(h[i])
         if (b & np.uint32(0x7FFF)) > np.uint32(0x7C00):  # NaN: numpy shifts the payload, never quiets it
             out_u[i] = np.uint32(
@@ -56,19 +55,20 @@ def _f16_to_f32_flat(h, out, out_u):
             out[i] = fp16_bits_to_fp32(h[i])
 
 
+def f16_to_f32(h: np.ndarray) -> np.ndarray:
+    """F16 values h (float16 or their uint16 bit patterns) as float32, bit for bit h.astype(np.float32), in
+    ranges on the engine's threads."""
+    h = np.ascontiguousarray(h).view(np.uint16)
+    out = np.empty(h.shape, np.float32)
+    oflat = out.reshape(-1)
+    fused.split_rows(_f16_to_f32_flat, oflat.size, h.reshape(-1), oflat, oflat.view(np.uint32))
+    return out
+
+
 def f16_round(x: np.ndarray) -> np.ndarray:
     """x (float32) rounded to F16 and back: a new float32 array equal bit for bit to
     x.astype(np.float16).astype(np.float32) (engine/fused.py's kernel, on the engine's threads)."""
     return fused.f16_round(x)
-
-
-def f16_to_f32(h: np.ndarray) -> np.ndarray:
-    """F16 values h (float16 or their uint16 bit patterns) as float32, bit for bit h.astype(np.float32)."""
-    h = np.ascontiguousarray(h).view(np.uint16)
-    out = np.empty(h.shape, np.float32)
-    oflat = out.reshape(-1)
-    _f16_to_f32_flat(h.reshape(-1), oflat, oflat.view(np.uint32))
-    return out
 
 
 # -- llama.cpp's activation rounding ---------------------------------------------------------------
