@@ -174,3 +174,17 @@ def test_softmax_rows_in_the_attention_layout(window):
         assert not got[r, k0:lo].any() and not got[r, pos + 1 : min(b0 + block, T)].any()
         outside = np.r_[0:k0, min(b0 + block, T) : T]
         np.testing.assert_array_equal(_bits(got[r, outside]), _bits(s[r, outside]))
+
+
+@pytest.mark.parametrize("n", [1, 63, 130, 1000])
+def test_matmul_split_by_rows_is_one_blas_call(threads, n):
+    """fused.matmul (row ranges, one single-threaded BLAS call each) gives the bits of x @ w.T as one BLAS
+    call gives them on the engine's threads, and on one: each element is the same dot product in the same
+    order (the module's claim; a BLAS that split the sum would fail here)."""
+    for k, m in [(576, 192), (1536, 576), (64, 3000)]:
+        x = RNG.standard_normal((n, k), dtype=np.float32)
+        w = RNG.standard_normal((m, k), dtype=np.float32)
+        got = fused.matmul(x, w)
+        np.testing.assert_array_equal(_bits(got), _bits(x @ w.T))
+        with blas_threads(3 - threads):
+            np.testing.assert_array_equal(_bits(got), _bits(x @ w.T))
