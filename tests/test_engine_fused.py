@@ -188,3 +188,21 @@ def test_matmul_split_by_rows_is_one_blas_call(threads, n):
         np.testing.assert_array_equal(_bits(got), _bits(x @ w.T))
         with blas_threads(3 - threads):
             np.testing.assert_array_equal(_bits(got), _bits(x @ w.T))
+
+
+@pytest.mark.parametrize("weight_type", ["Q4_K", "Q8_0"])  # activations rounded to Q8_K and to Q8_0
+def test_activation_rounding_on_row_ranges(weight_type):
+    """numerics.round_activations splits rows between the engine's threads: the same bits as on one thread,
+    and rows that are not whole Q8_K blocks (576 wide) are rounded whole."""
+    from ggufkit.engine.numerics import round_activations
+    from ggufkit.gguf.types import GGMLQuantizationType
+
+    t = GGMLQuantizationType[weight_type]
+    for width in (576, 1536):
+        x = (RNG.standard_normal((300, width)) * RNG.uniform(0.1, 50, (300, 1))).astype(np.float32)
+        x[3, :64] = 0.0
+        with blas_threads(1):
+            one = round_activations(x, t)
+        with blas_threads(2):
+            two = round_activations(x, t)
+        np.testing.assert_array_equal(_bits(two), _bits(one))

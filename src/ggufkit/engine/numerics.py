@@ -86,9 +86,9 @@ def _round_q8_0(x: np.ndarray) -> np.ndarray:
     qk = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
     b = x.reshape(-1, qk)
     amax = np.abs(b).max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", over="ignore"):
         inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    d = f16_round(amax / np.float32(127))
+        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)  # f16_round's bits, on this thread
     return (np.rint(b * inv) * d).reshape(x.shape)
 
 
@@ -120,9 +120,24 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
         return f16_round(x)
     if kind == "BF16":
         return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
-    if kind == "Q8_K":
-        return _round_q8_k(x)
-    return _round_q8_0(x)
+    kind = "Q8_K" if kind == "Q8_K" else "Q8_0"
+    fn = _round_q8_k if kind == "Q8_K" else _round_q8_0
+    return _by_rows(fn, x, GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0])
+
+
+def _by_rows(fn, x: np.ndarray, block: int) -> np.ndarray:
+    """fn (a rounding by blocks of `block` values) on row ranges of x on the engine's threads (numpy's
+    loops release the GIL); the whole of x at once when its rows are not whole blocks."""
+    if x.ndim < 2 or x.shape[-1] % block:
+        return fn(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = np.empty(x2.shape, np.float32)
+
+    def rows(r0: int, r1: int) -> None:
+        out[r0:r1] = fn(x2[r0:r1])
+
+    fused.split_rows(rows, x2.shape[0])
+    return out.reshape(x.shape)
 
 
 _LOG2E = 1.4426950408889634
