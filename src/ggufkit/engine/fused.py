@@ -58,19 +58,39 @@ def split_rows(kernel, n_rows: int, *args) -> None:
 def run_tasks(fn, tasks) -> None:
     """fn(*task) for every task, threads() at a time (the main thread works too). The assignment is static
     (thread j runs tasks j, j + t, ...): a product's float order can depend on the thread that runs it, so
-    a dynamic queue would make the results depend on timing."""
+    a dynamic queue would make the results depend on timing. Called from inside a task or a row range, it
+    runs them all on the calling thread."""
     tasks = list(tasks)
-    t = min(threads(), len(tasks))
+    t = 1 if _busy() else min(threads(), len(tasks))
 
     def worker(j: int) -> None:
         for task in tasks[j::t]:
             fn(*task)
 
-    if t <= 1:
-        worker(0)
-        return
-    futures = [_pool(t - 1).submit(worker, j) for j in range(1, t)]
-    worker(0)
+    _fan_out(worker, [(j,) for j in range(t)])
+
+
+_local = threading.local()  # .busy: this thread is running a part of a split or of run_tasks
+
+
+def _busy() -> bool:
+    return getattr(_local, "busy", False)
+
+
+def _marked(fn, *args) -> None:
+    """fn(*args) with this thread marked busy: a split inside it runs on this thread (the pool's threads are
+    taken by the outer one; waiting on them there would deadlock)."""
+    before, _local.busy = _busy(), True
+    try:
+        fn(*args)
+    finally:
+        _local.busy = before
+
+
+def _fan_out(fn, parts: list[tuple]) -> None:
+    """fn(*part) for every part at once: the first on the calling thread, the others on the pool."""
+    futures = [_pool(len(parts) - 1).submit(_marked, fn, *p) for p in parts[1:]]
+    _marked(fn, *parts[0])
     for f in futures:
         f.result()
 
@@ -83,35 +103,30 @@ def _blas_setter():
 
 
 @contextmanager
+def _blas_count(n: int):
+    """OpenBLAS on n threads inside the block, restored after (a process-wide setting)."""
+    get, put = _blas_setter()
+    if get is None:
+        yield
+        return
+    old = get()
+    put(ctypes.c_int(n))
+    try:
+        yield
+    finally:
+        put(ctypes.c_int(old))
+
+
 def blas_single():
     """OpenBLAS on one thread inside the block (for products run from several Python threads at once). The
     setting is process-wide: enter it from the thread that dispatches the tasks, around all of them, never
     from the tasks (one task's exit would restore the thread count while another still multiplies)."""
-    get, put = _blas_setter()
-    if get is None:
-        yield
-        return
-    old = get()
-    put(ctypes.c_int(1))
-    try:
-        yield
-    finally:
-        put(ctypes.c_int(old))
+    return _blas_count(1)
 
 
-@contextmanager
 def blas_all():
     """OpenBLAS on the engine's threads() inside the block (a large product inside single_blas)."""
-    get, put = _blas_setter()
-    if get is None:
-        yield
-        return
-    old = get()
-    put(ctypes.c_int(threads()))
-    try:
-        yield
-    finally:
-        put(ctypes.c_int(old))
+    return _blas_count(threads())
 
 
 def single_blas(method):
@@ -262,12 +277,10 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_dims: int, neox: boo
 
 
 def _split(kernel, n: int, t: int, *args) -> None:
-    t = max(1, min(t, n))
+    """kernel(r0, r1, *args) over 0..n in t ranges at once (one, on this thread, inside another split)."""
+    t = 1 if _busy() else max(1, min(t, n))
     bounds = [n * i // t for i in range(t + 1)]
-    futures = [_pool(t - 1).submit(kernel, bounds[i], bounds[i + 1], *args) for i in range(1, t)]
-    kernel(bounds[0], bounds[1], *args)
-    for f in futures:
-        f.result()
+    _fan_out(kernel, [(bounds[i], bounds[i + 1], *args) for i in range(t)])
 
 
 MIN_PRODUCT_ROWS = 64  # fewer rows than this per thread: one product on BLAS's own threads
@@ -286,14 +299,12 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     if t <= 1:
         return x @ w.T
     out = np.empty((n, w.shape[0]), np.result_type(x, w))
-    bounds = [n * i // t for i in range(t + 1)]
-    wt = w.T
 
-    def rows(i: int) -> None:
-        np.matmul(x[bounds[i] : bounds[i + 1]], wt, out=out[bounds[i] : bounds[i + 1]])
+    def rows(r0: int, r1: int) -> None:
+        np.matmul(x[r0:r1], w.T, out=out[r0:r1])
 
     with blas_single():
-        run_tasks(rows, [(i,) for i in range(t)])
+        _split(rows, n, t)
     return out
 
 
@@ -301,11 +312,8 @@ def column_squares(x: np.ndarray) -> np.ndarray:
     """Column sums of x [..., D]^2: squares in float32, summed in float64 (the imatrix observer's)."""
     xr = _rows(x)
     n, d = xr.shape
-    t = min(threads(), max(1, n // MIN_ROWS))
+    t = 1 if _busy() else min(threads(), max(1, n // MIN_ROWS))
     parts = np.zeros((t, d), np.float64)
     bounds = [n * i // t for i in range(t + 1)]
-    futures = [_pool(t - 1).submit(_colsq_rows, bounds[i], bounds[i + 1], xr, parts[i]) for i in range(1, t)]
-    _colsq_rows(bounds[0], bounds[1], xr, parts[0])
-    for f in futures:
-        f.result()
+    _fan_out(_colsq_rows, [(bounds[i], bounds[i + 1], xr, parts[i]) for i in range(t)])
     return parts.sum(axis=0)

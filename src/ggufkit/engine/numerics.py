@@ -86,9 +86,9 @@ def _round_q8_0(x: np.ndarray) -> np.ndarray:
     qk = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0]
     b = x.reshape(-1, qk)
     amax = np.abs(b).max(axis=1, keepdims=True)
-    with np.errstate(divide="ignore", over="ignore"):
+    with np.errstate(divide="ignore"):
         inv = np.where(amax != 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-        d = (amax / np.float32(127)).astype(np.float16).astype(np.float32)  # f16_round's bits, on this thread
+    d = f16_round(amax / np.float32(127))
     return (np.rint(b * inv) * d).reshape(x.shape)
 
 
@@ -120,9 +120,9 @@ def round_activations(x: np.ndarray, weight_type) -> np.ndarray:
         return f16_round(x)
     if kind == "BF16":
         return dequantize(quantize(np.ascontiguousarray(x), "BF16"), "BF16", x.shape)
-    kind = "Q8_K" if kind == "Q8_K" else "Q8_0"
-    fn = _round_q8_k if kind == "Q8_K" else _round_q8_0
-    return _by_rows(fn, x, GGML_QUANT_SIZES[GGMLQuantizationType[kind]][0])
+    if kind == "Q8_K":
+        return _by_rows(_round_q8_k, x, GGML_QUANT_SIZES[GGMLQuantizationType.Q8_K][0])
+    return _by_rows(_round_q8_0, x, GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][0])
 
 
 def _by_rows(fn, x: np.ndarray, block: int) -> np.ndarray:
